@@ -1,0 +1,45 @@
+//! The whole per-batch path without I/O: decode → default bundle → verdict JSON, one thread.
+
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use riskstream_benches::{raw_batches, w1_events};
+use riskstream_common::Config;
+use riskstream_pipeline::{Pipeline, Processed};
+use riskstream_rules::{RuleCompiler, RuleTable};
+
+fn pipeline(c: &mut Criterion) {
+    let schema = Config::defaults()
+        .and_then(|c| Ok(c.event_schema()?))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../config/rules/default.yaml"
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    let bundle = RuleCompiler::new(&schema)
+        .compile_text(&text, 1)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let table = Arc::new(RuleTable::new(bundle));
+    let events = w1_events(4096 * 4, 3);
+    let batches = raw_batches(&events, 4096);
+    let mut group = c.benchmark_group("pipeline");
+    group.throughput(Throughput::Elements(events.len() as u64));
+    group.bench_function("default_bundle_w1_4096x4", |b| {
+        let mut pipeline = Pipeline::new(&schema, 4096, Arc::clone(&table), "bench")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut out = Processed::default();
+        b.iter(|| {
+            for raw in &batches {
+                pipeline
+                    .process(raw, &mut out)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(out.verdicts.len(), raw.len());
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, pipeline);
+criterion_main!(benches);

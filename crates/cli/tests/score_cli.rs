@@ -1,0 +1,166 @@
+//! `riskstream score` and `riskstream validate` end to end, through the real binary.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
+}
+
+/// `../shared/data` beside the checkout, or `RISKSTREAM_SHARED_DATA`, when present.
+fn shared_data() -> Option<PathBuf> {
+    let dir = std::env::var_os("RISKSTREAM_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo("../shared/data"));
+    dir.join("synccfd-small/transactions.jsonl")
+        .exists()
+        .then_some(dir)
+}
+
+fn riskstream() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_riskstream"));
+    cmd.env_remove("RISKSTREAM_CONFIG").env("RISKSTREAM_LOG", "warn");
+    cmd
+}
+
+fn ids_of(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["tx_id"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// Scores `input` with the default bundle and checks one verdict per event, in input order.
+fn assert_one_verdict_per_event(input: &Path) {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("verdicts.jsonl");
+    let dlq = dir.path().join("dlq.jsonl");
+    let run = riskstream()
+        .args(["score", "--bundle"])
+        .arg(repo("config/rules/default.yaml"))
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(&output)
+        .arg("--dlq")
+        .arg(&dlq)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let inputs = ids_of(input);
+    let verdicts = ids_of(&output);
+    assert_eq!(verdicts.len(), inputs.len());
+    assert_eq!(verdicts, inputs, "one verdict per event, in order");
+    assert_eq!(
+        inputs.iter().collect::<HashSet<_>>().len(),
+        inputs.len(),
+        "fixture ids are unique"
+    );
+    assert_eq!(std::fs::read_to_string(&dlq).unwrap(), "");
+    assert!(stderr.contains(&format!("events: {}", inputs.len())), "{stderr}");
+    assert!(stderr.contains("dead letters: 0"), "{stderr}");
+    assert!(stderr.contains("events/s"), "{stderr}");
+
+    // Every verdict has the fields of DESIGN.md section 6.
+    let text = std::fs::read_to_string(&output).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    for key in [
+        "tx_id",
+        "event_time",
+        "decision",
+        "score",
+        "fired",
+        "features",
+        "rules_version",
+        "late",
+        "time_corrected",
+        "processed_at",
+        "latency_ms",
+    ] {
+        assert!(first.get(key).is_some(), "verdict lacks {key}: {first}");
+    }
+    assert!(first["features"]["ship_distance_km"].is_number());
+}
+
+#[test]
+fn scores_the_committed_fixture() {
+    assert_one_verdict_per_event(&repo("testdata/synccfd-slice.jsonl"));
+}
+
+#[test]
+fn scores_the_whole_sample_when_present() {
+    match shared_data() {
+        Some(dir) => assert_one_verdict_per_event(&dir.join("synccfd-small/transactions.jsonl")),
+        None => eprintln!("shared data not found; only the committed fixture was scored"),
+    }
+}
+
+#[test]
+fn bad_records_go_to_the_dead_letter_file_and_the_rest_is_scored() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let fixture = std::fs::read_to_string(repo("testdata/synccfd-slice.jsonl")).unwrap();
+    let good: Vec<&str> = fixture.lines().take(50).collect();
+    let mut lines = Vec::new();
+    for (i, g) in good.iter().enumerate() {
+        lines.push(g.to_string());
+        if i % 10 == 3 {
+            lines.push(g.replace("\"amount\":", "\"amount\":null,\"x\":"));
+            lines.push("{not json".to_string());
+        }
+    }
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let output = dir.path().join("out.jsonl");
+    let run = riskstream()
+        .args(["score", "--bundle"])
+        .arg(repo("config/rules/default.yaml"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(ids_of(&output).len(), 50);
+    let dlq = std::fs::read_to_string(dir.path().join("out.jsonl.dlq.jsonl")).unwrap();
+    let dead: Vec<serde_json::Value> = dlq.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(dead.len(), 10);
+    assert_eq!(dead[0]["reason"], "null_field");
+    assert_eq!(dead[0]["offset"], 5, "line number of the bad record");
+    assert_eq!(dead[0]["raw"].as_str().unwrap(), lines[4]);
+    assert_eq!(dead[1]["reason"], "invalid_json");
+    assert_eq!(dead[1]["raw"], "{not json");
+}
+
+#[test]
+fn validate_reports_problems_by_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "rules:\n  - {id: typo, when: \"amout > 1\", score: 1}\ndecision: {review_at: 1, block_at: 2}\n",
+    )
+    .unwrap();
+    let run = riskstream()
+        .args(["validate", "--bundle"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(out.contains("rule `typo`: unknown column `amout`"), "{out}");
+
+    let ok = riskstream()
+        .args(["validate", "--bundle"])
+        .arg(repo("config/rules/default.yaml"))
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+}

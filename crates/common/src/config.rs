@@ -1,0 +1,137 @@
+//! Configuration: `config/default.toml` (compiled in) < `--config FILE` < `RISKSTREAM__…` env vars.
+//!
+//! Every section denies unknown keys, so a misspelt setting is an error rather than a silent
+//! default. Loading validates what can be validated without building pipeline objects; the
+//! expensive objects (compiled rules, decoders) are built from the validated values once.
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::Deserialize;
+
+use crate::schema::{EventSchema, SchemaConfig, SchemaError};
+
+/// The built-in defaults; the same file a reader finds at `config/default.toml`.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../../config/default.toml");
+
+/// Errors while loading configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The layered configuration could not be read or does not match the expected shape.
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    /// The event schema section is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Schema(#[from] SchemaError),
+    /// A value is out of its allowed range.
+    #[error("invalid configuration: {0}")]
+    Value(String),
+}
+
+/// Top-level configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The event schema (fields, event id, event time, entity keys).
+    pub schema: SchemaConfig,
+    /// Micro-batching.
+    pub pipeline: PipelineConfig,
+}
+
+/// How events are grouped into micro-batches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Maximum events per micro-batch.
+    pub batch_max_events: usize,
+    /// Longest time the first event of a batch waits for the batch to fill (streaming sources).
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+}
+
+impl Config {
+    /// Loads the defaults, then `file` if given, then `RISKSTREAM__…` environment overrides.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG_TOML));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Value(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(Env::prefixed("RISKSTREAM__").split("__"));
+        Self::from_figment(figment)
+    }
+
+    /// The compiled-in defaults alone (no file, no environment): for tests and benchmarks.
+    pub fn defaults() -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::from(Toml::string(DEFAULT_CONFIG_TOML)))
+    }
+
+    /// Parses a complete TOML document layered over the defaults (no environment).
+    pub fn from_toml_over_defaults(toml: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(
+            Figment::from(Toml::string(DEFAULT_CONFIG_TOML)).merge(Toml::string(toml)),
+        )
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.pipeline.batch_max_events == 0 {
+            return Err(ConfigError::Value(
+                "pipeline.batch_max_events must be at least 1".into(),
+            ));
+        }
+        EventSchema::new(&self.schema)?;
+        Ok(())
+    }
+
+    /// The event schema described by this configuration.
+    pub fn event_schema(&self) -> Result<EventSchema, SchemaError> {
+        EventSchema::new(&self.schema)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_describe_the_demo_schema() -> Result<(), ConfigError> {
+        let config = Config::defaults()?;
+        let schema = config.event_schema()?;
+        assert_eq!(schema.event_id_name(), "tx_id");
+        assert_eq!(schema.event_time_name(), "ts");
+        assert_eq!(schema.arrow().fields().len(), 12);
+        assert_eq!(config.pipeline.batch_max_events, 4096);
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Config::from_toml_over_defaults("[pipeline]\nbatch_max_event = 5\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("batch_max_event"), "{err}");
+    }
+
+    #[test]
+    fn zero_batch_size_is_rejected() {
+        let err = Config::from_toml_over_defaults("[pipeline]\nbatch_max_events = 0\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("batch_max_events"), "{err}");
+    }
+}

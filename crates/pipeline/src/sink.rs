@@ -1,0 +1,173 @@
+//! Sinks: where verdicts and dead letters go. A sink writes; it does not score or decide.
+//!
+//! The JSON-lines sink here writes verdicts to one file (or stdout) and dead letters to another.
+//! A Kafka sink implements the same trait with the verdicts, DLQ and late topics.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+
+use base64::Engine;
+use riskstream_common::{DeadLetter, RawBatch};
+
+use crate::verdict::VerdictBatch;
+
+/// A sink could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot write {name}: {source}")]
+    Io {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A consumer of verdicts and dead letters.
+pub trait Sink {
+    /// Emits the verdicts of one batch.
+    fn verdicts(&mut self, verdicts: &VerdictBatch) -> Result<(), SinkError>;
+
+    /// Emits dead letters; `raw` holds their original bytes and positions, `source` names the
+    /// input they came from.
+    fn dead_letters(
+        &mut self,
+        source: &str,
+        raw: &RawBatch,
+        dead: &[DeadLetter],
+    ) -> Result<(), SinkError>;
+
+    /// Makes everything emitted so far durable (or at least handed to the OS).
+    fn flush(&mut self) -> Result<(), SinkError>;
+}
+
+/// Verdicts and dead letters as JSON lines.
+pub struct JsonLinesSink {
+    verdicts_name: String,
+    verdicts: Box<dyn Write + Send>,
+    dlq_name: String,
+    dlq: Box<dyn Write + Send>,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for JsonLinesSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonLinesSink")
+            .field("verdicts", &self.verdicts_name)
+            .field("dlq", &self.dlq_name)
+            .finish()
+    }
+}
+
+impl JsonLinesSink {
+    /// Creates (truncates) the verdict file, `-` meaning stdout, and the dead-letter file.
+    pub fn create(verdicts: &Path, dlq: &Path) -> Result<Self, SinkError> {
+        Ok(Self::from_writers(
+            verdicts.display().to_string(),
+            open(verdicts)?,
+            dlq.display().to_string(),
+            open(dlq)?,
+        ))
+    }
+
+    pub fn from_writers(
+        verdicts_name: String,
+        verdicts: Box<dyn Write + Send>,
+        dlq_name: String,
+        dlq: Box<dyn Write + Send>,
+    ) -> Self {
+        Self {
+            verdicts_name,
+            verdicts,
+            dlq_name,
+            dlq,
+            scratch: Vec::new(),
+        }
+    }
+}
+
+fn open(path: &Path) -> Result<Box<dyn Write + Send>, SinkError> {
+    if path.as_os_str() == "-" {
+        return Ok(Box::new(BufWriter::with_capacity(1 << 20, io::stdout())));
+    }
+    let file = File::create(path).map_err(|source| SinkError::Io {
+        name: path.display().to_string(),
+        source,
+    })?;
+    Ok(Box::new(BufWriter::with_capacity(1 << 20, file)))
+}
+
+impl Sink for JsonLinesSink {
+    fn verdicts(&mut self, verdicts: &VerdictBatch) -> Result<(), SinkError> {
+        self.verdicts
+            .write_all(verdicts.as_json_lines())
+            .map_err(|source| SinkError::Io {
+                name: self.verdicts_name.clone(),
+                source,
+            })
+    }
+
+    fn dead_letters(
+        &mut self,
+        source: &str,
+        raw: &RawBatch,
+        dead: &[DeadLetter],
+    ) -> Result<(), SinkError> {
+        self.scratch.clear();
+        for d in dead {
+            encode_dead_letter(&mut self.scratch, source, raw, d);
+        }
+        self.dlq
+            .write_all(&self.scratch)
+            .map_err(|source| SinkError::Io {
+                name: self.dlq_name.clone(),
+                source,
+            })
+    }
+
+    fn flush(&mut self) -> Result<(), SinkError> {
+        self.verdicts.flush().map_err(|source| SinkError::Io {
+            name: self.verdicts_name.clone(),
+            source,
+        })?;
+        self.dlq.flush().map_err(|source| SinkError::Io {
+            name: self.dlq_name.clone(),
+            source,
+        })
+    }
+}
+
+/// One dead letter as a JSON line: reason, detail, origin and the original bytes (`raw` as text
+/// when it is UTF-8, otherwise `raw_base64`).
+pub fn encode_dead_letter(buf: &mut Vec<u8>, source: &str, raw: &RawBatch, dead: &DeadLetter) {
+    #[derive(serde::Serialize)]
+    struct Line<'a> {
+        reason: &'a str,
+        detail: &'a str,
+        source: &'a str,
+        partition: i32,
+        offset: i64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        raw: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        raw_base64: Option<String>,
+    }
+    let bytes = raw.record(dead.record);
+    let position = raw.position(dead.record);
+    let text = std::str::from_utf8(bytes).ok();
+    let line = Line {
+        reason: dead.reason.as_str(),
+        detail: &dead.detail,
+        source,
+        partition: position.partition,
+        offset: position.offset,
+        raw: text,
+        raw_base64: match text {
+            Some(_) => None,
+            None => Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        },
+    };
+    // Serialising plain strings and numbers into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *buf, &line);
+    buf.push(b'\n');
+}

@@ -1,0 +1,236 @@
+//! Verdicts: one JSON object per scored event (DESIGN.md section 6), keyed by the event id.
+//!
+//! ```json
+//! {"tx_id":"tx-1","event_time":"2025-01-01T00:00:23.000Z","decision":"review","score":60.0,
+//!  "fired":[{"rule_id":"high_amount","score":60.0,"mode":"active"}],"features":{…},
+//!  "rules_version":3,"late":false,"time_corrected":false,
+//!  "processed_at":"2025-01-01T00:00:23.004Z","latency_ms":4}
+//! ```
+//!
+//! Encoding writes straight into one reusable buffer per batch: no per-event allocation.
+
+use std::io::Write;
+
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Float64Type, Int64Type, TimestampMillisecondType};
+use arrow::util::display::ArrayFormatter;
+use chrono::{DateTime, SecondsFormat};
+use riskstream_common::{Position, RawBatch};
+use riskstream_rules::{CompiledBundle, Evaluated};
+
+/// The verdicts of one batch: JSON payloads and keys in two contiguous buffers.
+#[derive(Debug, Default)]
+pub struct VerdictBatch {
+    /// Newline-terminated JSON verdicts.
+    lines: Vec<u8>,
+    line_ends: Vec<usize>,
+    keys: Vec<u8>,
+    key_ends: Vec<usize>,
+    positions: Vec<Position>,
+}
+
+impl VerdictBatch {
+    pub fn clear(&mut self) {
+        self.lines.clear();
+        self.line_ends.clear();
+        self.keys.clear();
+        self.key_ends.clear();
+        self.positions.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.line_ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.line_ends.is_empty()
+    }
+
+    /// All verdicts as JSON lines, ready to append to a file.
+    pub fn as_json_lines(&self) -> &[u8] {
+        &self.lines
+    }
+
+    /// Verdict `i`: its key (the event id), its JSON payload (no newline), its source position.
+    pub fn get(&self, i: usize) -> (&[u8], &[u8], Position) {
+        let (ks, ls) = if i == 0 {
+            (0, 0)
+        } else {
+            (self.key_ends[i - 1], self.line_ends[i - 1])
+        };
+        (
+            &self.keys[ks..self.key_ends[i]],
+            &self.lines[ls..self.line_ends[i] - 1],
+            self.positions[i],
+        )
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8], Position)> {
+        (0..self.len()).map(|i| self.get(i))
+    }
+}
+
+/// Per-row time flags from the time stage.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TimeFlags<'a> {
+    /// Rows whose event time was below the watermark (scored within `allowed_lateness`).
+    pub late: Option<&'a [bool]>,
+    /// Rows whose future-skewed event time was clamped to the processing time.
+    pub time_corrected: Option<&'a [bool]>,
+}
+
+/// Writes the verdicts of a scored batch into `out` (cleared first).
+///
+/// `rows[i]` is the raw record index of row `i` (for its position and ingestion time);
+/// `id_column` and `time_column` index the event id and event time in the scoring batch.
+#[allow(clippy::too_many_arguments)]
+pub fn encode(
+    out: &mut VerdictBatch,
+    bundle: &CompiledBundle,
+    evaluated: &Evaluated,
+    raw: &RawBatch,
+    rows: &[u32],
+    id_column: usize,
+    time_column: usize,
+    flags: TimeFlags<'_>,
+    processed_at_ms: i64,
+) {
+    out.clear();
+    let batch = &evaluated.batch;
+    let scores = &evaluated.scores;
+    let processed_at = rfc3339(processed_at_ms);
+    let ids = batch.column(id_column);
+    let times = batch
+        .column(time_column)
+        .as_primitive_opt::<TimestampMillisecondType>();
+    let (first_feature, names) = bundle.feature_columns();
+    let features: Vec<(&str, &ArrayRef)> = names
+        .zip(&batch.columns()[first_feature..])
+        .collect();
+    let mut buf = std::mem::take(&mut out.lines);
+    for row in 0..batch.num_rows() {
+        let raw_index = rows[row] as usize;
+        // Key: the event id.
+        write_plain(&mut out.keys, ids, row);
+        out.key_ends.push(out.keys.len());
+        out.positions.push(raw.position(raw_index));
+
+        buf.extend_from_slice(b"{\"tx_id\":");
+        write_value(&mut buf, ids, row);
+        buf.extend_from_slice(b",\"event_time\":");
+        match times {
+            Some(t) if t.is_valid(row) => write_str(&mut buf, &rfc3339(t.value(row))),
+            _ => buf.extend_from_slice(b"null"),
+        }
+        buf.extend_from_slice(b",\"decision\":\"");
+        buf.extend_from_slice(scores.decision[row].as_str().as_bytes());
+        buf.extend_from_slice(b"\",\"score\":");
+        write_f64(&mut buf, scores.total[row]);
+        buf.extend_from_slice(b",\"fired\":[");
+        let mut first = true;
+        for hit in scores.hits.iter().filter(|h| h.fired.value(row)) {
+            if !first {
+                buf.push(b',');
+            }
+            first = false;
+            let (id, mode) = bundle.rule(hit.rule);
+            buf.extend_from_slice(b"{\"rule_id\":");
+            write_str(&mut buf, id);
+            buf.extend_from_slice(b",\"score\":");
+            write_f64(&mut buf, hit.score(row));
+            buf.extend_from_slice(b",\"mode\":\"");
+            buf.extend_from_slice(mode.as_str().as_bytes());
+            buf.extend_from_slice(b"\"}");
+        }
+        buf.extend_from_slice(b"],\"features\":{");
+        for (i, (name, column)) in features.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            write_str(&mut buf, name);
+            buf.push(b':');
+            write_value(&mut buf, column, row);
+        }
+        let _ = write!(buf, "}},\"rules_version\":{}", scores.version);
+        buf.extend_from_slice(b",\"late\":");
+        buf.extend_from_slice(flag(flags.late, row));
+        buf.extend_from_slice(b",\"time_corrected\":");
+        buf.extend_from_slice(flag(flags.time_corrected, row));
+        buf.extend_from_slice(b",\"processed_at\":");
+        write_str(&mut buf, &processed_at);
+        let latency = (processed_at_ms - raw.ingest_ms(raw_index)).max(0);
+        let _ = writeln!(buf, ",\"latency_ms\":{latency}}}");
+        out.line_ends.push(buf.len());
+    }
+    out.lines = buf;
+}
+
+fn flag(flags: Option<&[bool]>, row: usize) -> &'static [u8] {
+    match flags.and_then(|f| f.get(row)) {
+        Some(true) => b"true",
+        _ => b"false",
+    }
+}
+
+/// Epoch milliseconds as RFC 3339 UTC with millisecond precision.
+pub fn rfc3339(ms: i64) -> String {
+    DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn write_str(buf: &mut Vec<u8>, s: &str) {
+    // Writing JSON into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *buf, s);
+}
+
+fn write_f64(buf: &mut Vec<u8>, v: f64) {
+    if v.is_finite() {
+        let _ = serde_json::to_writer(&mut *buf, &v);
+    } else {
+        buf.extend_from_slice(b"null");
+    }
+}
+
+/// One array value as JSON.
+fn write_value(buf: &mut Vec<u8>, array: &ArrayRef, row: usize) {
+    if array.is_null(row) {
+        buf.extend_from_slice(b"null");
+        return;
+    }
+    match array.data_type() {
+        DataType::Utf8 => write_str(buf, array.as_string::<i32>().value(row)),
+        DataType::Int64 => {
+            let _ = write!(buf, "{}", array.as_primitive::<Int64Type>().value(row));
+        }
+        DataType::Float64 => write_f64(buf, array.as_primitive::<Float64Type>().value(row)),
+        DataType::Boolean => buf.extend_from_slice(if array.as_boolean().value(row) {
+            b"true"
+        } else {
+            b"false"
+        }),
+        DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, _) => write_str(
+            buf,
+            &rfc3339(array.as_primitive::<TimestampMillisecondType>().value(row)),
+        ),
+        _ => match ArrayFormatter::try_new(array.as_ref(), &Default::default()) {
+            Ok(f) => write_str(buf, &f.value(row).to_string()),
+            Err(_) => buf.extend_from_slice(b"null"),
+        },
+    }
+}
+
+/// One array value as plain bytes (for message keys).
+fn write_plain(buf: &mut Vec<u8>, array: &ArrayRef, row: usize) {
+    match array.data_type() {
+        DataType::Utf8 => buf.extend_from_slice(array.as_string::<i32>().value(row).as_bytes()),
+        DataType::Int64 => {
+            let _ = write!(buf, "{}", array.as_primitive::<Int64Type>().value(row));
+        }
+        _ => {
+            if let Ok(f) = ArrayFormatter::try_new(array.as_ref(), &Default::default()) {
+                let _ = write!(buf, "{}", f.value(row));
+            }
+        }
+    }
+}

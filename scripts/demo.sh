@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The main job: builds riskstream (release) and replays the sample payment stream through the
+# default rule bundle, printing the run summary. No external services are needed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+ensure_build_deps
+
+input="${1:-../shared/data/synccfd-small/transactions.jsonl}"
+[ -f "$input" ] || input=testdata/synccfd-slice.jsonl
+out="${CARGO_TARGET_DIR}/demo"
+mkdir -p "$out"
+
+echo "==> cargo build --release"
+cargo build --release --locked -p riskstream
+bin="$CARGO_TARGET_DIR/release/riskstream"
+
+echo "==> riskstream validate --bundle config/rules/default.yaml"
+"$bin" validate --bundle config/rules/default.yaml
+echo "==> riskstream score --input $input"
+"$bin" score --bundle config/rules/default.yaml --input "$input" \
+  --output "$out/verdicts.jsonl" --dlq "$out/dlq.jsonl"
+echo "==> first verdicts ($out/verdicts.jsonl)"
+head -n 3 "$out/verdicts.jsonl"
