@@ -15,16 +15,18 @@ fn decode(c: &mut Criterion) {
     let bytes: usize = batches.iter().map(|b| b.byte_len()).sum();
     let mut group = c.benchmark_group("decode");
     group.throughput(Throughput::Elements(events.len() as u64));
-    group.bench_function(format!("w1_4096x4 ({} bytes/event)", bytes / events.len()), |b| {
-        let mut decoder =
-            EventDecoder::new(&schema, 4096).unwrap_or_else(|e| panic!("{e}"));
-        b.iter(|| {
-            for raw in &batches {
-                let decoded = decoder.decode(raw).unwrap_or_else(|e| panic!("{e}"));
-                assert_eq!(decoded.batch.num_rows(), raw.len());
-            }
-        })
-    });
+    group.bench_function(
+        format!("w1_4096x4 ({} bytes/event)", bytes / events.len()),
+        |b| {
+            let mut decoder = EventDecoder::new(&schema, 4096).unwrap_or_else(|e| panic!("{e}"));
+            b.iter(|| {
+                for raw in &batches {
+                    let decoded = decoder.decode(raw).unwrap_or_else(|e| panic!("{e}"));
+                    assert_eq!(decoded.batch.num_rows(), raw.len());
+                }
+            })
+        },
+    );
     // The same with 1% malformed records: the bisecting slow path.
     let mut dirty = events.clone();
     for e in dirty.iter_mut().step_by(100) {
@@ -32,8 +34,7 @@ fn decode(c: &mut Criterion) {
     }
     let dirty_batches = raw_batches(&dirty, 4096);
     group.bench_function("w1_4096x4_1pct_malformed", |b| {
-        let mut decoder =
-            EventDecoder::new(&schema, 4096).unwrap_or_else(|e| panic!("{e}"));
+        let mut decoder = EventDecoder::new(&schema, 4096).unwrap_or_else(|e| panic!("{e}"));
         b.iter(|| {
             for raw in &dirty_batches {
                 let decoded = decoder.decode(raw).unwrap_or_else(|e| panic!("{e}"));

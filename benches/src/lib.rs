@@ -95,7 +95,11 @@ pub fn rule_bundle(n: usize) -> String {
         let when = match i % 6 {
             0 => format!("amount > {}", 100.0 + k * 7.0),
             1 => format!("tx_type = 'CNP' AND amount > {}", 50.0 + k * 3.0),
-            2 => format!("bill_lat < {} AND term_lon > {}", -25.0 + k * 0.1, -40.0 - k * 0.1),
+            2 => format!(
+                "bill_lat < {} AND term_lon > {}",
+                -25.0 + k * 0.1,
+                -40.0 - k * 0.1
+            ),
             3 => format!("amount BETWEEN {} AND {}", k, k + 5.0),
             4 => format!("customer_id = 'c{}' OR terminal_id = 't{}'", i * 13, i * 7),
             _ => format!("amount * 2 > {} AND tx_type = 'CP'", 300.0 + k),

@@ -14,7 +14,11 @@ use riskstream_pipeline::{JsonLinesSink, JsonLinesSource, Pipeline};
 use riskstream_rules::{RuleCompiler, RuleTable};
 
 #[derive(Debug, Parser)]
-#[command(name = "riskstream", version, about = "Real-time risk scoring over payment event streams")]
+#[command(
+    name = "riskstream",
+    version,
+    about = "Real-time risk scoring over payment event streams"
+)]
 struct Cli {
     /// Configuration file layered over the built-in defaults (see config/default.toml).
     #[arg(long, global = true, env = "RISKSTREAM_CONFIG")]

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
 }
 
 /// `../shared/data` beside the checkout, or `RISKSTREAM_SHARED_DATA`, when present.
@@ -21,7 +23,8 @@ fn shared_data() -> Option<PathBuf> {
 
 fn riskstream() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_riskstream"));
-    cmd.env_remove("RISKSTREAM_CONFIG").env("RISKSTREAM_LOG", "warn");
+    cmd.env_remove("RISKSTREAM_CONFIG")
+        .env("RISKSTREAM_LOG", "warn");
     cmd
 }
 
@@ -64,7 +67,10 @@ fn assert_one_verdict_per_event(input: &Path) {
         "fixture ids are unique"
     );
     assert_eq!(std::fs::read_to_string(&dlq).unwrap(), "");
-    assert!(stderr.contains(&format!("events: {}", inputs.len())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("events: {}", inputs.len())),
+        "{stderr}"
+    );
     assert!(stderr.contains("dead letters: 0"), "{stderr}");
     assert!(stderr.contains("events/s"), "{stderr}");
 
@@ -127,10 +133,17 @@ fn bad_records_go_to_the_dead_letter_file_and_the_rest_is_scored() {
         .arg(&output)
         .output()
         .unwrap();
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     assert_eq!(ids_of(&output).len(), 50);
     let dlq = std::fs::read_to_string(dir.path().join("out.jsonl.dlq.jsonl")).unwrap();
-    let dead: Vec<serde_json::Value> = dlq.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let dead: Vec<serde_json::Value> = dlq
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(dead.len(), 10);
     assert_eq!(dead[0]["reason"], "null_field");
     assert_eq!(dead[0]["offset"], 5, "line number of the bad record");
@@ -162,5 +175,9 @@ fn validate_reports_problems_by_rule() {
         .arg(repo("config/rules/default.yaml"))
         .output()
         .unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
 }

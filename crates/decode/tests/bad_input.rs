@@ -38,7 +38,11 @@ fn decoder(capacity: usize) -> EventDecoder {
 #[test]
 fn each_kind_of_bad_record_is_dead_lettered_with_its_reason() {
     let ts = r#""2025-01-01T00:00:13Z""#;
-    let oversized = good("big", ts, &format!("1.0, \"pad\":\"{}\"", "x".repeat(70_000)));
+    let oversized = good(
+        "big",
+        ts,
+        &format!("1.0, \"pad\":\"{}\"", "x".repeat(70_000)),
+    );
     let cases: Vec<(String, Option<(DeadReason, &str)>)> = vec![
         (good("ok-0", ts, "10.5"), None),
         (
@@ -91,7 +95,10 @@ fn each_kind_of_bad_record_is_dead_lettered_with_its_reason() {
             good("ok-3", ts, "13").replace(r#","ship_lon":6.0"#, r#","extra":{"a":[1]}"#),
             None,
         ),
-        (good("ok-4", r#""2025-01-01T00:00:14.250+01:00""#, "14"), None),
+        (
+            good("ok-4", r#""2025-01-01T00:00:14.250+01:00""#, "14"),
+            None,
+        ),
     ];
     let records: Vec<String> = cases.iter().map(|(r, _)| r.clone()).collect();
     let raw = batch(&records);
@@ -107,7 +114,12 @@ fn each_kind_of_bad_record_is_dead_lettered_with_its_reason() {
             .enumerate()
             .filter_map(|(i, (_, e))| e.map(|e| (i, e)))
             .collect();
-        assert_eq!(decoded.dead.len(), expected_dead.len(), "{:#?}", decoded.dead);
+        assert_eq!(
+            decoded.dead.len(),
+            expected_dead.len(),
+            "{:#?}",
+            decoded.dead
+        );
         for (dead, (index, (reason, words))) in decoded.dead.iter().zip(&expected_dead) {
             assert_eq!(dead.record, *index);
             assert_eq!(dead.reason, *reason, "record {index}: {}", dead.detail);
@@ -128,10 +140,17 @@ fn each_kind_of_bad_record_is_dead_lettered_with_its_reason() {
         let ids = decoded.batch.column(0).as_string::<i32>();
         let ids: Vec<&str> = (0..ids.len()).map(|i| ids.value(i)).collect();
         assert_eq!(ids, ["ok-0", "ok-1", "ok-2", "ok-3", "ok-4"]);
-        let ts = decoded.batch.column(1).as_primitive::<TimestampMillisecondType>();
+        let ts = decoded
+            .batch
+            .column(1)
+            .as_primitive::<TimestampMillisecondType>();
         assert_eq!(ts.value(0), 1_735_689_613_000);
         assert_eq!(ts.value(1), 1_735_689_613_000, "epoch milliseconds");
-        assert_eq!(ts.value(4), 1_735_689_614_250 - 3_600_000, "offset honoured");
+        assert_eq!(
+            ts.value(4),
+            1_735_689_614_250 - 3_600_000,
+            "offset honoured"
+        );
         let amount = decoded.batch.column(4).as_primitive::<Float64Type>();
         assert_eq!(amount.value(0), 10.5);
         let ship_lat = decoded.batch.column(10).as_primitive::<Float64Type>();

@@ -164,7 +164,9 @@ impl Pipeline {
         for (count, counter) in out.decisions.iter().zip(&self.metrics.decisions) {
             counter.increment(*count);
         }
-        self.metrics.scored.increment(evaluated.batch.num_rows() as u64);
+        self.metrics
+            .scored
+            .increment(evaluated.batch.num_rows() as u64);
         for &row in &decoded.rows {
             let ms = (processed_at - raw.ingest_ms(row as usize)).max(0);
             self.metrics.latency.record(ms as f64 / 1000.0);
@@ -217,7 +219,11 @@ impl std::fmt::Display for Summary {
             write!(f, " ({})", parts.join(", "))?;
         }
         writeln!(f)?;
-        let versions: Vec<_> = self.rules_versions.iter().map(|v| format!("v{v}")).collect();
+        let versions: Vec<_> = self
+            .rules_versions
+            .iter()
+            .map(|v| format!("v{v}"))
+            .collect();
         writeln!(f, "rules: {}", versions.join(", "))?;
         write!(
             f,

@@ -11,10 +11,10 @@
 
 use std::io::Write;
 
-use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::array::{Array, ArrayRef, AsArray};
 use arrow::datatypes::{DataType, Float64Type, Int64Type, TimestampMillisecondType};
 use arrow::util::display::ArrayFormatter;
-use chrono::{DateTime, SecondsFormat};
+use chrono::{DateTime, Datelike, Timelike};
 use riskstream_common::{Position, RawBatch};
 use riskstream_rules::{CompiledBundle, Evaluated};
 
@@ -98,18 +98,18 @@ pub fn encode(
     out.clear();
     let batch = &evaluated.batch;
     let scores = &evaluated.scores;
-    let processed_at = rfc3339(processed_at_ms);
+    let mut processed_at = Vec::with_capacity(32);
+    write_rfc3339(&mut processed_at, processed_at_ms);
     let ids = batch.column(id_column);
     let times = batch
         .column(time_column)
         .as_primitive_opt::<TimestampMillisecondType>();
     let (first_feature, names) = bundle.feature_columns();
-    let features: Vec<(&str, &ArrayRef)> = names
-        .zip(&batch.columns()[first_feature..])
-        .collect();
+    let features: Vec<(&str, &ArrayRef)> = names.zip(&batch.columns()[first_feature..]).collect();
     let mut buf = std::mem::take(&mut out.lines);
-    for row in 0..batch.num_rows() {
-        let raw_index = rows[row] as usize;
+    debug_assert_eq!(rows.len(), batch.num_rows());
+    for (row, &raw_index) in rows.iter().enumerate() {
+        let raw_index = raw_index as usize;
         // Key: the event id.
         write_plain(&mut out.keys, ids, row);
         out.key_ends.push(out.keys.len());
@@ -119,7 +119,7 @@ pub fn encode(
         write_value(&mut buf, ids, row);
         buf.extend_from_slice(b",\"event_time\":");
         match times {
-            Some(t) if t.is_valid(row) => write_str(&mut buf, &rfc3339(t.value(row))),
+            Some(t) if t.is_valid(row) => write_rfc3339(&mut buf, t.value(row)),
             _ => buf.extend_from_slice(b"null"),
         }
         buf.extend_from_slice(b",\"decision\":\"");
@@ -157,7 +157,7 @@ pub fn encode(
         buf.extend_from_slice(b",\"time_corrected\":");
         buf.extend_from_slice(flag(flags.time_corrected, row));
         buf.extend_from_slice(b",\"processed_at\":");
-        write_str(&mut buf, &processed_at);
+        buf.extend_from_slice(&processed_at);
         let latency = (processed_at_ms - raw.ingest_ms(raw_index)).max(0);
         let _ = writeln!(buf, ",\"latency_ms\":{latency}}}");
         out.line_ends.push(buf.len());
@@ -172,11 +172,27 @@ fn flag(flags: Option<&[bool]>, row: usize) -> &'static [u8] {
     }
 }
 
-/// Epoch milliseconds as RFC 3339 UTC with millisecond precision.
-pub fn rfc3339(ms: i64) -> String {
-    DateTime::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
-        .unwrap_or_else(|| ms.to_string())
+/// Epoch milliseconds as a quoted RFC 3339 UTC string with millisecond precision, written
+/// without allocating (`"2025-01-01T00:00:13.000Z"`).
+pub fn write_rfc3339(buf: &mut Vec<u8>, ms: i64) {
+    match DateTime::from_timestamp_millis(ms) {
+        Some(t) => {
+            let _ = write!(
+                buf,
+                "\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z\"",
+                t.year(),
+                t.month(),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.timestamp_subsec_millis()
+            );
+        }
+        None => {
+            let _ = write!(buf, "{ms}");
+        }
+    }
 }
 
 fn write_str(buf: &mut Vec<u8>, s: &str) {
@@ -209,9 +225,9 @@ fn write_value(buf: &mut Vec<u8>, array: &ArrayRef, row: usize) {
         } else {
             b"false"
         }),
-        DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, _) => write_str(
+        DataType::Timestamp(arrow::datatypes::TimeUnit::Millisecond, _) => write_rfc3339(
             buf,
-            &rfc3339(array.as_primitive::<TimestampMillisecondType>().value(row)),
+            array.as_primitive::<TimestampMillisecondType>().value(row),
         ),
         _ => match ArrayFormatter::try_new(array.as_ref(), &Default::default()) {
             Ok(f) => write_str(buf, &f.value(row).to_string()),
@@ -232,5 +248,20 @@ fn write_plain(buf: &mut Vec<u8>, array: &ArrayRef, row: usize) {
                 let _ = write!(buf, "{}", f.value(row));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_with_milliseconds() {
+        let mut buf = Vec::new();
+        write_rfc3339(&mut buf, 1_735_689_613_005);
+        assert_eq!(buf, b"\"2025-01-01T00:00:13.005Z\"");
+        buf.clear();
+        write_rfc3339(&mut buf, -1);
+        assert_eq!(buf, b"\"1969-12-31T23:59:59.999Z\"");
     }
 }

@@ -91,15 +91,26 @@ fn swaps_never_tear_a_batch_and_never_lose_an_event() {
                         let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
                         let version = v["rules_version"].as_u64().unwrap();
                         assert!((1..=VERSIONS).contains(&version), "unpublished v{version}");
-                        assert_eq!(v["score"].as_f64(), Some(version as f64), "scored by another bundle");
+                        assert_eq!(
+                            v["score"].as_f64(),
+                            Some(version as f64),
+                            "scored by another bundle"
+                        );
                         assert_eq!(v["fired"][0]["rule_id"], format!("v{version}"));
-                        assert_eq!(*batch_version.get_or_insert(version), version, "batch mixes versions");
+                        assert_eq!(
+                            *batch_version.get_or_insert(version),
+                            version,
+                            "batch mixes versions"
+                        );
                         assert_eq!(key, v["tx_id"].as_str().unwrap().as_bytes());
                         seen.push(v["tx_id"].as_str().unwrap().to_string());
                     }
                     let version = batch_version.unwrap();
                     assert_eq!(version, out.rules_version);
-                    assert!(version >= last_version, "version went back: {last_version} -> {version}");
+                    assert!(
+                        version >= last_version,
+                        "version went back: {last_version} -> {version}"
+                    );
                     last_version = version;
                     versions.insert(version);
                     batches += 1;

@@ -195,7 +195,10 @@ impl Agg {
 
     /// Whether the `of` field must be numeric.
     pub fn needs_numeric(self) -> bool {
-        matches!(self, Agg::Sum | Agg::Avg | Agg::Min | Agg::Max | Agg::Stddev)
+        matches!(
+            self,
+            Agg::Sum | Agg::Avg | Agg::Min | Agg::Max | Agg::Stddev
+        )
     }
 }
 
@@ -256,7 +259,10 @@ impl BundleDoc {
         let decision = decision_value.and_then(|m| parse_decision(m, &mut problems));
 
         if rules_value.is_empty() && map.contains_key("rules") {
-            problems.push(&doc, "the bundle has no rules; add at least one under `rules`");
+            problems.push(
+                &doc,
+                "the bundle has no rules; add at least one under `rules`",
+            );
         }
         let mut ids = HashSet::new();
         for r in &rules {
@@ -443,9 +449,17 @@ fn parse_feature(i: usize, value: &Value, problems: &mut Problems) -> Option<Fea
         }
         Some(Value::String(s)) if !s.is_empty() => Some(vec![s.clone()]),
         Some(Value::Array(items))
-            if !items.is_empty() && items.iter().all(|v| v.as_str().is_some_and(|s| !s.is_empty())) =>
+            if !items.is_empty()
+                && items
+                    .iter()
+                    .all(|v| v.as_str().is_some_and(|s| !s.is_empty())) =>
         {
-            Some(items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            Some(
+                items
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect(),
+            )
         }
         Some(other) => {
             f.problem(format!(
@@ -553,14 +567,14 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// Typed access to one mapping's fields, recording problems against its subject.
-struct Fields<'a> {
+struct Fields<'a, 'p> {
     subject: &'a Subject,
     map: &'a Map<String, Value>,
-    problems: &'a mut Problems,
+    problems: &'p mut Problems,
 }
 
-impl<'a> Fields<'a> {
-    fn new(subject: &'a Subject, map: &'a Map<String, Value>, problems: &'a mut Problems) -> Self {
+impl<'a, 'p> Fields<'a, 'p> {
+    fn new(subject: &'a Subject, map: &'a Map<String, Value>, problems: &'p mut Problems) -> Self {
         Self {
             subject,
             map,
@@ -629,9 +643,7 @@ impl<'a> Fields<'a> {
                 Some(v) => return Some(v),
                 None => self.problem(format!("`{key}` ({n}) is not a finite number")),
             },
-            Some(other) => {
-                self.problem(format!("`{key}` must be a number, found {}", kind(other)))
-            }
+            Some(other) => self.problem(format!("`{key}` must be a number, found {}", kind(other))),
         }
         None
     }

@@ -12,7 +12,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::{DFSchema, DataFusionError, SchemaError};
 use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::simplify::SimplifyContext;
-use datafusion::logical_expr::{Cast, Expr};
+use datafusion::logical_expr::{Cast, Expr, ExprSchemable};
 use datafusion::optimizer::simplify_expressions::ExprSimplifier;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
@@ -211,7 +211,9 @@ impl RuleCompiler {
                 .iter()
                 .map(|e| column(e, "entity", &mut problems))
                 .collect();
-            let of_column = w.of.as_deref().and_then(|of| column(of, "`of`", &mut problems));
+            let of_column =
+                w.of.as_deref()
+                    .and_then(|of| column(of, "`of`", &mut problems));
             let of_type = of_column.map(|i| event_arrow.field(i).data_type().clone());
             if let (Some(ty), true) = (&of_type, w.agg.needs_numeric()) {
                 if !ty.is_numeric() {

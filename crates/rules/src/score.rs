@@ -102,7 +102,10 @@ impl CompiledBundle {
         for (i, feature) in self.row_features.iter().enumerate() {
             let field = self.scoring_schema.field(n_input + i);
             let so_far = RecordBatch::try_new(
-                Arc::new(self.scoring_schema.project(&(0..n_input + i).collect::<Vec<_>>())?),
+                Arc::new(
+                    self.scoring_schema
+                        .project(&(0..n_input + i).collect::<Vec<_>>())?,
+                ),
                 columns.clone(),
             )?;
             debug_assert_eq!(field.name(), &feature.name);
@@ -135,7 +138,9 @@ impl CompiledBundle {
                 CompiledScore::Constant(v) => HitScore::Constant(*v),
                 CompiledScore::Expr(expr) => {
                     let values = evaluate(expr, batch, &DataType::Float64, &rule.errors);
-                    let values = values.as_primitive::<arrow::datatypes::Float64Type>().clone();
+                    let values = values
+                        .as_primitive::<arrow::datatypes::Float64Type>()
+                        .clone();
                     let usable = BooleanBuffer::collect_bool(n, |i| {
                         fired.value(i) && values.is_valid(i) && values.value(i).is_finite()
                     });

@@ -18,9 +18,10 @@ fn reject(text: &str) -> BundleError {
 
 /// Asserts that some problem is about `subject` and mentions every word of `words`.
 fn assert_problem(err: &BundleError, subject: Subject, words: &[&str]) {
-    let found = err.problems.iter().any(|p| {
-        p.subject == subject && words.iter().all(|w| p.message.contains(w))
-    });
+    let found = err
+        .problems
+        .iter()
+        .any(|p| p.subject == subject && words.iter().all(|w| p.message.contains(w)));
     assert!(
         found,
         "expected a problem about {subject} mentioning {words:?}, got:\n{err}"
@@ -47,7 +48,7 @@ fn a_valid_bundle_compiles_in_yaml_and_json() {
     let compiled = compiler().compile_text(&yaml, 7).unwrap();
     assert_eq!(compiled.version(), 7);
     assert_eq!(compiled.rule_count(), 1);
-    let json = r#"{"rules":[{"id":"big","when":"amount > 220","score":60}],
+    let json = r#"{"rules":[{"id":"big","when":"amount > 220","score":60,"tags":["amount"]}],
                   "decision":{"review_at":40,"block_at":80}}"#;
     let from_json = compiler().compile_text(json, 1).unwrap();
     assert_eq!(from_json.doc().rules, compiled.doc().rules);
@@ -76,7 +77,11 @@ fn unknown_columns_are_named() {
     let err = reject(&format!(
         "rules:\n  - {{id: typo, when: \"amout > 220\", score: 60}}\n{DECISION}"
     ));
-    assert_problem(&err, rule("typo"), &["unknown column `amout`", "`when`", "`amount`"]);
+    assert_problem(
+        &err,
+        rule("typo"),
+        &["unknown column `amout`", "`when`", "`amount`"],
+    );
     let err = reject(&format!(
         "rules:\n  - {{id: s, when: \"amount > 1\", score: \"amount * fx_rate\"}}\n{DECISION}"
     ));
@@ -96,7 +101,11 @@ fn type_errors_are_named() {
     let err = reject(&format!(
         "rules:\n  - {{id: textscore, when: \"amount > 1\", score: \"tx_type\"}}\n{DECISION}"
     ));
-    assert_problem(&err, rule("textscore"), &["`score` must be a number", "Utf8"]);
+    assert_problem(
+        &err,
+        rule("textscore"),
+        &["`score` must be a number", "Utf8"],
+    );
 }
 
 #[test]
@@ -148,13 +157,20 @@ fn empty_bundles_are_rejected() {
 
 #[test]
 fn feature_problems_are_named() {
+    // Structure: checked without the event schema.
     let err = reject(&format!(
-        "features:\n  - {{name: f1, entity: cust, agg: count, window: 1h}}\n  - {{name: f2, entity: customer_id, agg: sum, window: 1h}}\n  - {{name: f3, entity: customer_id, agg: count, window: 200d}}\n  - {{name: f4, entity: customer_id, agg: median, window: 1h}}\n  - {{name: f5, entity: customer_id, agg: avg, of: tx_type, window: 1h}}\n  - {{name: f6, entity: customer_id, agg: count, where: \"amount\", window: 1h}}\n  - {{name: f7, expr: \"haversine_km(bill_lat, bill_lon)\"}}\n  - {{name: amount, expr: \"amount * 2\"}}\nrules:\n  - {{id: a, when: \"amount > 1\", score: 1}}\n{DECISION}"
+        "features:\n  - {{name: f2, entity: customer_id, agg: sum, window: 1h}}\n  - {{name: f3, entity: customer_id, agg: count, window: 200d}}\n  - {{name: f4, entity: customer_id, agg: median, window: 1h}}\n  - {{name: f8, entity: customer_id, agg: count, window: soon}}\n  - {{name: f9, agg: count, window: 1h}}\nrules:\n  - {{id: a, when: \"amount > 1\", score: 1}}\n{DECISION}"
     ));
-    assert_problem(&err, feature("f1"), &["unknown entity field `cust`"]);
     assert_problem(&err, feature("f2"), &["`sum` needs `of`"]);
     assert_problem(&err, feature("f3"), &["out of range"]);
     assert_problem(&err, feature("f4"), &["unknown aggregation `median`"]);
+    assert_problem(&err, feature("f8"), &["window `soon` is not a duration"]);
+    assert_problem(&err, feature("f9"), &["`entity` is missing"]);
+    // Meaning: checked against the event schema.
+    let err = reject(&format!(
+        "features:\n  - {{name: f1, entity: cust, agg: count, window: 1h}}\n  - {{name: f5, entity: customer_id, agg: avg, of: tx_type, window: 1h}}\n  - {{name: f6, entity: customer_id, agg: count, where: \"amount\", window: 1h}}\n  - {{name: f7, expr: \"haversine_km(bill_lat, bill_lon)\"}}\n  - {{name: amount, expr: \"amount * 2\"}}\nrules:\n  - {{id: a, when: \"amount > 1\", score: 1}}\n{DECISION}"
+    ));
+    assert_problem(&err, feature("f1"), &["unknown entity field `cust`"]);
     assert_problem(&err, feature("f5"), &["numeric `of`", "Utf8"]);
     assert_problem(&err, feature("f6"), &["`where` must be a boolean"]);
     assert_problem(&err, feature("f7"), &["`expr`"]);

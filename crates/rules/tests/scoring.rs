@@ -43,7 +43,9 @@ struct Row {
 fn batch(bundle: &CompiledBundle, rows: &[Row]) -> RecordBatch {
     let n = rows.len();
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values((0..n).map(|i| format!("e{i}")))),
+        Arc::new(StringArray::from_iter_values(
+            (0..n).map(|i| format!("e{i}")),
+        )),
         Arc::new(TimestampMillisecondArray::from(vec![0; n]).with_timezone("UTC")),
         Arc::new(Int64Array::from_iter(rows.iter().map(|r| r.qty))),
         Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.amount))),
@@ -63,22 +65,27 @@ fn fired(e: &Evaluated, bundle: &CompiledBundle, row: usize) -> Vec<String> {
         .collect()
 }
 
-fn counter(snapshot: &[(String, u64)], name: &str, label: &str) -> u64 {
+/// The value of counter `name` whose first label has value `label`.
+fn counter(snapshot: &[(String, Vec<String>, u64)], name: &str, label: &str) -> u64 {
     snapshot
         .iter()
-        .find(|(k, _)| k.starts_with(name) && k.contains(label))
-        .map(|(_, v)| *v)
+        .find(|(n, labels, _)| n == name && labels.first().is_some_and(|l| l == label))
+        .map(|(_, _, v)| *v)
         .unwrap_or(0)
 }
 
-fn snapshot(recorder: &DebuggingRecorder) -> Vec<(String, u64)> {
+fn snapshot(recorder: &DebuggingRecorder) -> Vec<(String, Vec<String>, u64)> {
     recorder
         .snapshotter()
         .snapshot()
         .into_vec()
         .into_iter()
         .filter_map(|(key, _, _, value)| match value {
-            DebugValue::Counter(v) => Some((format!("{:?}", key.key()), v)),
+            DebugValue::Counter(v) => Some((
+                key.key().name().to_string(),
+                key.key().labels().map(|l| l.value().to_string()).collect(),
+                v,
+            )),
             _ => None,
         })
         .collect()
@@ -98,11 +105,31 @@ decision: {review_at: 40, block_at: 80}
 "#,
     );
     let rows = [
-        Row { qty: Some(1), amount: Some(5.0), kind: None },
-        Row { qty: Some(1), amount: Some(150.0), kind: Some("a") },
-        Row { qty: Some(1), amount: Some(5000.0), kind: Some("a") },
-        Row { qty: Some(1), amount: Some(5.0), kind: Some("x") },
-        Row { qty: Some(1), amount: None, kind: Some("y") },
+        Row {
+            qty: Some(1),
+            amount: Some(5.0),
+            kind: None,
+        },
+        Row {
+            qty: Some(1),
+            amount: Some(150.0),
+            kind: Some("a"),
+        },
+        Row {
+            qty: Some(1),
+            amount: Some(5000.0),
+            kind: Some("a"),
+        },
+        Row {
+            qty: Some(1),
+            amount: Some(5.0),
+            kind: Some("x"),
+        },
+        Row {
+            qty: Some(1),
+            amount: None,
+            kind: Some("y"),
+        },
     ];
     let e = bundle.evaluate(&batch(&bundle, &rows)).unwrap();
     assert_eq!(e.scores.version, 3);
@@ -137,8 +164,16 @@ decision: {review_at: 40, block_at: 80}
 "#,
     );
     let rows = [
-        Row { qty: Some(2), amount: Some(380.0), kind: None },
-        Row { qty: Some(0), amount: Some(10.0), kind: None },
+        Row {
+            qty: Some(2),
+            amount: Some(380.0),
+            kind: None,
+        },
+        Row {
+            qty: Some(0),
+            amount: Some(10.0),
+            kind: None,
+        },
     ];
     let e = bundle.evaluate(&batch(&bundle, &rows)).unwrap();
     let km = e.batch.column_by_name("km_to_london").unwrap();
@@ -166,10 +201,26 @@ decision: {review_at: 40, block_at: 80}
         )
     });
     let rows = [
-        Row { qty: Some(1), amount: Some(1.0), kind: None },
-        Row { qty: Some(0), amount: Some(1.0), kind: None },
-        Row { qty: Some(2), amount: None, kind: None },
-        Row { qty: Some(3), amount: Some(2.0), kind: None },
+        Row {
+            qty: Some(1),
+            amount: Some(1.0),
+            kind: None,
+        },
+        Row {
+            qty: Some(0),
+            amount: Some(1.0),
+            kind: None,
+        },
+        Row {
+            qty: Some(2),
+            amount: None,
+            kind: None,
+        },
+        Row {
+            qty: Some(3),
+            amount: Some(2.0),
+            kind: None,
+        },
     ];
     let e = bundle.evaluate(&batch(&bundle, &rows)).unwrap();
     // Division by zero on row 1 only: the rule still fires for the others.
@@ -184,10 +235,22 @@ decision: {review_at: 40, block_at: 80}
     assert!(per_unit.is_null(1));
 
     let snap = snapshot(&recorder);
-    assert_eq!(counter(&snap, "riskstream_rule_eval_errors_total", "ratio"), 1);
-    assert_eq!(counter(&snap, "riskstream_rule_eval_errors_total", "null_score"), 1);
-    assert_eq!(counter(&snap, "riskstream_rule_eval_errors_total", "steady"), 0);
-    assert_eq!(counter(&snap, "riskstream_feature_eval_errors_total", "per_unit"), 1);
+    assert_eq!(
+        counter(&snap, "riskstream_rule_eval_errors_total", "ratio"),
+        1
+    );
+    assert_eq!(
+        counter(&snap, "riskstream_rule_eval_errors_total", "null_score"),
+        1
+    );
+    assert_eq!(
+        counter(&snap, "riskstream_rule_eval_errors_total", "steady"),
+        0
+    );
+    assert_eq!(
+        counter(&snap, "riskstream_feature_eval_errors_total", "per_unit"),
+        1
+    );
     assert_eq!(counter(&snap, "riskstream_rule_hits_total", "steady"), 4);
     assert_eq!(counter(&snap, "riskstream_rule_hits_total", "ratio"), 3);
 }
