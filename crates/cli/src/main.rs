@@ -55,6 +55,10 @@ enum Command {
         /// `dlq.jsonl` when writing verdicts to stdout.
         #[arg(long)]
         dlq: Option<PathBuf>,
+        /// Events too late to score (below the watermark by more than `allowed_lateness`).
+        /// Default: `<output>.late.jsonl`, or `late.jsonl` when writing verdicts to stdout.
+        #[arg(long)]
+        late: Option<PathBuf>,
     },
     /// Check a rule bundle against the configured event schema and print its problems.
     Validate {
@@ -96,7 +100,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             input,
             output,
             dlq,
-        } => score(&config, &bundle, &input, &output, dlq.as_deref()),
+            late,
+        } => score(
+            &config,
+            &bundle,
+            &input,
+            &output,
+            dlq.as_deref(),
+            late.as_deref(),
+        ),
         Command::Validate { bundle } => validate(&config, &bundle),
     }
 }
@@ -126,35 +138,45 @@ fn validate(config: &Config, bundle: &Path) -> Result<ExitCode> {
     }
 }
 
+/// `explicit`, or `<output>.<suffix>` (just `<suffix>` when the output is stdout).
+fn side_output(output: &Path, explicit: Option<&Path>, suffix: &str) -> PathBuf {
+    match explicit {
+        Some(p) => p.to_path_buf(),
+        None if output.as_os_str() == "-" => PathBuf::from(suffix),
+        None => {
+            let mut name = output.as_os_str().to_owned();
+            name.push(".");
+            name.push(suffix);
+            PathBuf::from(name)
+        }
+    }
+}
+
 fn score(
     config: &Config,
     bundle: &Path,
     input: &Path,
     output: &Path,
     dlq: Option<&Path>,
+    late: Option<&Path>,
 ) -> Result<ExitCode> {
     let schema = config.event_schema()?;
     let compiled = RuleCompiler::new(&schema)
         .compile_text(&read_bundle(bundle)?, 1)
         .with_context(|| format!("in {}", bundle.display()))?;
     let rules = Arc::new(RuleTable::new(compiled));
-    let dlq = match dlq {
-        Some(p) => p.to_path_buf(),
-        None if output.as_os_str() == "-" => PathBuf::from("dlq.jsonl"),
-        None => {
-            let mut name = output.as_os_str().to_owned();
-            name.push(".dlq.jsonl");
-            PathBuf::from(name)
-        }
-    };
+    let dlq = side_output(output, dlq, "dlq.jsonl");
+    let late = side_output(output, late, "late.jsonl");
     let mut source = JsonLinesSource::open(input)?;
-    let mut sink = JsonLinesSink::create(output, &dlq)?;
-    let batch = config.pipeline.batch_max_events;
-    let mut pipeline = Pipeline::new(&schema, batch, rules, "file")?;
-    let summary = riskstream_pipeline::run(&mut source, &mut pipeline, &mut sink, batch)?;
+    let mut sink = JsonLinesSink::create(output, &dlq, &late)?;
+    let mut pipeline = Pipeline::new(config, rules, "file")?;
+    let summary = riskstream_pipeline::run(&mut source, &mut pipeline, &mut sink)?;
     eprintln!("{summary}");
     if summary.dead_letter_count() > 0 {
         eprintln!("dead letters written to {}", dlq.display());
+    }
+    if summary.late > 0 {
+        eprintln!("late events written to {}", late.display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -40,11 +40,16 @@ fn ids_of(path: &Path) -> Vec<String> {
 }
 
 /// Scores `input` with the default bundle and checks one verdict per event, in input order.
+///
+/// The sample stream holds events stamped up to four days before the newest event already seen
+/// (stolen-card transactions crammed into one day), so the replay allows that much lateness;
+/// with the default ten minutes those events go to the late output (see below).
 fn assert_one_verdict_per_event(input: &Path) {
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("verdicts.jsonl");
     let dlq = dir.path().join("dlq.jsonl");
     let run = riskstream()
+        .env("RISKSTREAM__TIME__ALLOWED_LATENESS", "5d")
         .args(["score", "--bundle"])
         .arg(repo("config/rules/default.yaml"))
         .arg("--input")
@@ -150,6 +155,75 @@ fn bad_records_go_to_the_dead_letter_file_and_the_rest_is_scored() {
     assert_eq!(dead[0]["raw"].as_str().unwrap(), lines[4]);
     assert_eq!(dead[1]["reason"], "invalid_json");
     assert_eq!(dead[1]["raw"], "{not json");
+}
+
+#[test]
+fn events_too_late_go_to_the_late_file_and_the_rest_is_scored() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let event = |id: &str, ts: &str| {
+        format!(
+            r#"{{"tx_id":"{id}","ts":"2025-01-01T{ts}Z","customer_id":"c1","terminal_id":"t1","amount":10.0,"tx_type":"CP","bill_lat":1,"bill_lon":1,"term_lat":1,"term_lon":1,"ship_lat":1,"ship_lon":1}}"#
+        )
+    };
+    let lines = [
+        event("a", "10:00:00"),
+        event("b", "10:20:00"),
+        event("c", "10:19:59"), // 1 s behind the newest event: on time
+        event("d", "10:15:00"), // 5 min behind: late, still scored
+        event("e", "10:05:00"), // 15 min behind: beyond allowed_lateness (10 min)
+        event("f", "10:21:00"),
+    ];
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let output = dir.path().join("out.jsonl");
+    let run = riskstream()
+        .args(["score", "--bundle"])
+        .arg(repo("config/rules/default.yaml"))
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let verdicts: Vec<serde_json::Value> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let scored: Vec<(&str, bool)> = verdicts
+        .iter()
+        .map(|v| (v["tx_id"].as_str().unwrap(), v["late"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        scored,
+        [
+            ("a", false),
+            ("b", false),
+            ("c", false),
+            ("d", true),
+            ("f", false)
+        ]
+    );
+    let late_text = std::fs::read_to_string(dir.path().join("out.jsonl.late.jsonl")).unwrap();
+    let late: Vec<serde_json::Value> = late_text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(late.len(), 1);
+    assert_eq!(late[0]["reason"], "too_late");
+    assert_eq!(late[0]["offset"], 5);
+    assert_eq!(late[0]["raw"].as_str().unwrap(), lines[4]);
+    assert!(
+        late[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("898000 ms behind the watermark"),
+        "{}",
+        late[0]
+    );
+    assert!(stderr.contains("too late (late output): 1"), "{stderr}");
 }
 
 #[test]

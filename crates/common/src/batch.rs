@@ -91,10 +91,12 @@ pub enum DeadReason {
     InvalidValue,
     /// The event time lies further in the future than `max_future_skew` allows (policy `dlq`).
     FutureTimestamp,
+    /// The event time is below the watermark by more than `allowed_lateness` (late output).
+    TooLate,
 }
 
 impl DeadReason {
-    pub const ALL: [DeadReason; 8] = [
+    pub const ALL: [DeadReason; 9] = [
         DeadReason::Oversized,
         DeadReason::InvalidJson,
         DeadReason::NotAnObject,
@@ -103,6 +105,7 @@ impl DeadReason {
         DeadReason::WrongType,
         DeadReason::InvalidValue,
         DeadReason::FutureTimestamp,
+        DeadReason::TooLate,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -115,6 +118,7 @@ impl DeadReason {
             DeadReason::WrongType => "wrong_type",
             DeadReason::InvalidValue => "invalid_value",
             DeadReason::FutureTimestamp => "future_timestamp",
+            DeadReason::TooLate => "too_late",
         }
     }
 }

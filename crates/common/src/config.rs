@@ -38,6 +38,38 @@ pub struct Config {
     pub schema: SchemaConfig,
     /// Micro-batching.
     pub pipeline: PipelineConfig,
+    /// Event time, watermarks, clock skew and lateness.
+    pub time: TimeConfig,
+}
+
+/// What to do with an event stamped further in the future than `max_future_skew` allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SkewPolicy {
+    /// Use the processing time instead and mark the verdict `time_corrected`.
+    Clamp,
+    /// Send the event to the dead-letter output with reason `future_timestamp`.
+    Dlq,
+}
+
+/// The `[time]` section: how event time becomes watermarks and what counts as late.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeConfig {
+    /// A partition's watermark trails the highest event time it has seen by this much.
+    #[serde(with = "humantime_serde")]
+    pub max_out_of_orderness: Duration,
+    /// A partition without events for this long (processing time) stops holding the watermark.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Events stamped more than this ahead of the processing clock are corrected by `skew_policy`.
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+    pub skew_policy: SkewPolicy,
+    /// Events below the watermark by at most this much are still scored and folded into state;
+    /// older ones go to the late output.
+    #[serde(with = "humantime_serde")]
+    pub allowed_lateness: Duration,
 }
 
 /// How events are grouped into micro-batches.

@@ -16,10 +16,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arrow::array::{AsArray, BooleanArray, RecordBatch, TimestampMillisecondArray};
+use arrow::compute::filter_record_batch;
+use arrow::datatypes::{DataType, TimestampMillisecondType};
 use metrics::Counter;
-use riskstream_common::{DeadLetter, DeadReason, EventSchema, RawBatch};
+use riskstream_common::{Config, DeadLetter, DeadReason, EventSchema, RawBatch, SchemaError};
 use riskstream_decode::{DecodeError, EventDecoder};
-use riskstream_rules::{Decision, RuleTable, ScoreError};
+use riskstream_features::{FeatureError, FeatureOperator, StateStats};
+use riskstream_rules::{CompiledBundle, Decision, RuleTable, ScoreError};
+use riskstream_time::{Rejection, TimeStage};
 
 pub use sink::{JsonLinesSink, Sink, SinkError};
 pub use source::{JsonLinesSource, Source, SourceError, SourceState};
@@ -36,11 +41,10 @@ pub enum PipelineError {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     Score(#[from] ScoreError),
-    #[error(
-        "rule bundle v{version} declares windowed feature(s) {names}; this build computes \
-         row-level `expr` features only, so it cannot score this bundle"
-    )]
-    WindowFeaturesUnsupported { version: u64, names: String },
+    #[error(transparent)]
+    Features(#[from] FeatureError),
+    #[error("invalid configuration: {0}")]
+    Config(#[from] SchemaError),
 }
 
 /// The outcome of one batch.
@@ -48,18 +52,33 @@ pub enum PipelineError {
 pub struct Processed {
     pub verdicts: VerdictBatch,
     pub dead: Vec<DeadLetter>,
+    /// Events below the watermark by more than `allowed_lateness`: not scored, not folded.
+    pub late: Vec<DeadLetter>,
     /// Verdict counts by decision (allow, review, block).
     pub decisions: [u64; 3],
     /// The rules version that scored the batch (0 when the batch had no scorable event).
     pub rules_version: u64,
 }
 
+impl Processed {
+    fn clear(&mut self) {
+        self.verdicts.clear();
+        self.dead.clear();
+        self.late.clear();
+        self.decisions = [0; 3];
+        self.rules_version = 0;
+    }
+}
+
 /// The per-batch path from raw records to verdicts.
 pub struct Pipeline {
     schema: EventSchema,
     decoder: EventDecoder,
+    time: TimeStage,
+    features: FeatureOperator,
     rules: Arc<RuleTable>,
     metrics: PipelineMetrics,
+    last_eviction: Option<i64>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -72,6 +91,7 @@ impl std::fmt::Debug for Pipeline {
 
 struct PipelineMetrics {
     scored: Counter,
+    late: Counter,
     dead: Vec<(DeadReason, Counter)>,
     decisions: [Counter; 3],
     latency: metrics::Histogram,
@@ -82,6 +102,7 @@ impl PipelineMetrics {
         let source = source.to_string();
         Self {
             scored: metrics::counter!("riskstream_events_total", "source" => source.clone(), "outcome" => "scored"),
+            late: metrics::counter!("riskstream_events_total", "source" => source.clone(), "outcome" => "late"),
             dead: DeadReason::ALL
                 .iter()
                 .map(|r| {
@@ -100,62 +121,90 @@ impl PipelineMetrics {
 }
 
 impl Pipeline {
-    /// A pipeline for events of `schema` in batches of up to `batch_max_events`, scored by
-    /// whatever `rules` holds when each batch starts. `source_name` labels its metrics.
+    /// A pipeline for `config`'s event schema, batch size and time settings, scored by whatever
+    /// `rules` holds when each batch starts. `source_name` labels its metrics.
     pub fn new(
-        schema: &EventSchema,
-        batch_max_events: usize,
+        config: &Config,
         rules: Arc<RuleTable>,
         source_name: &str,
     ) -> Result<Self, PipelineError> {
-        let decoder = EventDecoder::new(schema, batch_max_events)?;
+        let schema = config.event_schema()?;
+        let decoder = EventDecoder::new(&schema, config.pipeline.batch_max_events)?;
         Ok(Self {
-            schema: schema.clone(),
+            schema,
             decoder,
+            time: TimeStage::new(&config.time),
+            features: FeatureOperator::new(),
             rules,
             metrics: PipelineMetrics::new(source_name),
+            last_eviction: None,
         })
     }
 
-    /// Decodes, scores and encodes one batch. Bad records come back as dead letters.
-    pub fn process(&mut self, raw: &RawBatch, out: &mut Processed) -> Result<(), PipelineError> {
-        out.dead.clear();
-        out.decisions = [0; 3];
-        out.verdicts.clear();
+    /// The time stage (watermarks per partition).
+    pub fn time(&self) -> &TimeStage {
+        &self.time
+    }
+
+    /// Sizes of the windowed feature state.
+    pub fn feature_state(&self) -> StateStats {
+        self.features.stats()
+    }
+
+    /// Decodes, times, computes features, scores and encodes one batch at processing time
+    /// `now_ms`. Bad records come back as dead letters, events too late to score as late events.
+    pub fn process_at(
+        &mut self,
+        raw: &RawBatch,
+        out: &mut Processed,
+        now_ms: i64,
+    ) -> Result<(), PipelineError> {
+        out.clear();
         let decoded = self.decoder.decode(raw)?;
         out.dead = decoded.dead;
-        for d in &out.dead {
-            if let Some((_, c)) = self.metrics.dead.iter().find(|(r, _)| *r == d.reason) {
-                c.increment(1);
-            }
-        }
         if decoded.batch.num_rows() == 0 {
+            self.count_dead(&out.dead);
             return Ok(());
         }
+
+        // Time: skew correction, lateness, watermarks.
+        let time_column = self.schema.event_time();
+        let times = decoded
+            .batch
+            .column(time_column)
+            .as_primitive::<TimestampMillisecondType>()
+            .values()
+            .to_vec();
+        let partitions: Vec<i32> = decoded
+            .rows
+            .iter()
+            .map(|&r| raw.position(r as usize).partition)
+            .collect();
+        let assignment = self.time.assign(&times, &partitions, now_ms);
+        let (events, rows, event_time, late, corrected) =
+            self.apply_time(decoded.batch, decoded.rows, assignment, out)?;
+        self.count_dead(&out.dead);
+        if events.num_rows() == 0 {
+            return Ok(());
+        }
+
         // One load per batch: every event of the batch is scored by this bundle.
         let bundle = self.rules.load();
-        if !bundle.window_features().is_empty() {
-            return Err(PipelineError::WindowFeaturesUnsupported {
-                version: bundle.version(),
-                names: bundle
-                    .window_features()
-                    .iter()
-                    .map(|f| format!("`{}`", f.name))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            });
-        }
-        let evaluated = bundle.evaluate(&decoded.batch)?;
+        let with_features = self.features.compute(&bundle, &events, &event_time)?;
+        let evaluated = bundle.evaluate(&with_features)?;
         let processed_at = source::now_ms();
         verdict::encode(
             &mut out.verdicts,
             &bundle,
             &evaluated,
             raw,
-            &decoded.rows,
+            &rows,
             self.schema.event_id(),
-            self.schema.event_time(),
-            TimeFlags::default(),
+            time_column,
+            TimeFlags {
+                late: Some(&late),
+                time_corrected: Some(&corrected),
+            },
             processed_at,
         );
         for d in &evaluated.scores.decision {
@@ -164,15 +213,124 @@ impl Pipeline {
         for (count, counter) in out.decisions.iter().zip(&self.metrics.decisions) {
             counter.increment(*count);
         }
-        self.metrics
-            .scored
-            .increment(evaluated.batch.num_rows() as u64);
-        for &row in &decoded.rows {
+        self.metrics.scored.increment(rows.len() as u64);
+        for &row in &rows {
             let ms = (processed_at - raw.ingest_ms(row as usize)).max(0);
             self.metrics.latency.record(ms as f64 / 1000.0);
         }
         out.rules_version = bundle.version();
+        self.evict(&bundle, now_ms);
         Ok(())
+    }
+
+    /// [`Self::process_at`] at the current wall-clock time.
+    pub fn process(&mut self, raw: &RawBatch, out: &mut Processed) -> Result<(), PipelineError> {
+        self.process_at(raw, out, source::now_ms())
+    }
+
+    /// Applies the time stage's decisions: rejected events leave the batch (future-stamped ones
+    /// as dead letters, too-late ones as late events), clamped times replace the originals.
+    #[allow(clippy::type_complexity)]
+    fn apply_time(
+        &self,
+        batch: RecordBatch,
+        rows: Vec<u32>,
+        assignment: riskstream_time::Assignment,
+        out: &mut Processed,
+    ) -> Result<(RecordBatch, Vec<u32>, Vec<i64>, Vec<bool>, Vec<bool>), PipelineError> {
+        let time_column = self.schema.event_time();
+        let any_corrected = assignment.time_corrected.iter().any(|c| *c);
+        let mut batch = batch;
+        if any_corrected {
+            let corrected = TimestampMillisecondArray::from(assignment.event_time.clone())
+                .with_timezone_opt(timestamp_timezone(&batch, time_column));
+            let mut columns = batch.columns().to_vec();
+            columns[time_column] = Arc::new(corrected);
+            batch = RecordBatch::try_new(batch.schema(), columns).map_err(ScoreError::from)?;
+        }
+        if !assignment.has_rejections() {
+            return Ok((
+                batch,
+                rows,
+                assignment.event_time,
+                assignment.late,
+                assignment.time_corrected,
+            ));
+        }
+        let mut keep = vec![true; rows.len()];
+        for (i, rejection) in &assignment.rejected {
+            keep[*i] = false;
+            let letter = DeadLetter {
+                record: rows[*i] as usize,
+                reason: match rejection {
+                    Rejection::FutureSkew { .. } => DeadReason::FutureTimestamp,
+                    Rejection::TooLate { .. } => DeadReason::TooLate,
+                },
+                detail: rejection.describe(self.time.config()),
+            };
+            match rejection {
+                Rejection::FutureSkew { .. } => out.dead.push(letter),
+                Rejection::TooLate { .. } => out.late.push(letter),
+            }
+        }
+        out.dead.sort_by_key(|d| d.record);
+        self.metrics.late.increment(out.late.len() as u64);
+        let mask = BooleanArray::from(keep.clone());
+        let batch = filter_record_batch(&batch, &mask).map_err(ScoreError::from)?;
+        let pick = |v: Vec<bool>| -> Vec<bool> {
+            v.into_iter()
+                .zip(&keep)
+                .filter(|(_, k)| **k)
+                .map(|(x, _)| x)
+                .collect()
+        };
+        let event_time = assignment
+            .event_time
+            .into_iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(t, _)| t)
+            .collect();
+        let rows = rows
+            .into_iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(r, _)| r)
+            .collect();
+        Ok((
+            batch,
+            rows,
+            event_time,
+            pick(assignment.late),
+            pick(assignment.time_corrected),
+        ))
+    }
+
+    fn count_dead(&self, dead: &[DeadLetter]) {
+        for d in dead {
+            if let Some((_, c)) = self.metrics.dead.iter().find(|(r, _)| *r == d.reason) {
+                c.increment(1);
+            }
+        }
+    }
+
+    /// Evicts feature state behind the watermark, at most once per second of processing time.
+    fn evict(&mut self, bundle: &CompiledBundle, now_ms: i64) {
+        if self.last_eviction.is_some_and(|at| now_ms - at < 1000) {
+            return;
+        }
+        if let Some(watermark) = self.time.watermark(now_ms) {
+            let lateness = self.time.config().allowed_lateness.as_millis() as i64;
+            self.features.evict(bundle, watermark, lateness);
+            self.last_eviction = Some(now_ms);
+        }
+    }
+}
+
+fn timestamp_timezone(batch: &RecordBatch, column: usize) -> Option<Arc<str>> {
+    match batch.schema().field(column).data_type() {
+        DataType::Timestamp(_, tz) => tz.clone(),
+        _ => None,
     }
 }
 
@@ -185,6 +343,8 @@ pub struct Summary {
     /// Verdicts by decision: allow, review, block.
     pub decisions: [u64; 3],
     pub dead_letters: BTreeMap<&'static str, u64>,
+    /// Events too late to score, sent to the late output.
+    pub late: u64,
     /// Rules versions that scored at least one batch.
     pub rules_versions: Vec<u64>,
     pub elapsed: Duration,
@@ -219,6 +379,7 @@ impl std::fmt::Display for Summary {
             write!(f, " ({})", parts.join(", "))?;
         }
         writeln!(f)?;
+        writeln!(f, "too late (late output): {}", self.late)?;
         let versions: Vec<_> = self
             .rules_versions
             .iter()
@@ -239,8 +400,8 @@ pub fn run(
     source: &mut dyn Source,
     pipeline: &mut Pipeline,
     sink: &mut dyn Sink,
-    batch_max_events: usize,
 ) -> Result<Summary, PipelineError> {
+    let batch_max_events = pipeline.decoder.capacity();
     let started = Instant::now();
     let mut summary = Summary::default();
     let mut raw = RawBatch::new();
@@ -254,6 +415,10 @@ pub fn run(
             if !out.dead.is_empty() {
                 sink.dead_letters(source.name(), &raw, &out.dead)?;
             }
+            if !out.late.is_empty() {
+                sink.late(source.name(), &raw, &out.late)?;
+            }
+            summary.late += out.late.len() as u64;
             summary.events += raw.len() as u64;
             summary.verdicts += out.verdicts.len() as u64;
             for (total, n) in summary.decisions.iter_mut().zip(out.decisions) {

@@ -37,52 +37,72 @@ pub trait Sink {
         dead: &[DeadLetter],
     ) -> Result<(), SinkError>;
 
+    /// Emits events too late to score (the late output), with the same fields as dead letters.
+    fn late(&mut self, source: &str, raw: &RawBatch, late: &[DeadLetter]) -> Result<(), SinkError>;
+
     /// Makes everything emitted so far durable (or at least handed to the OS).
     fn flush(&mut self) -> Result<(), SinkError>;
 }
 
 /// Verdicts and dead letters as JSON lines.
 pub struct JsonLinesSink {
-    verdicts_name: String,
-    verdicts: Box<dyn Write + Send>,
-    dlq_name: String,
-    dlq: Box<dyn Write + Send>,
+    verdicts: Output,
+    dlq: Output,
+    late: Output,
     scratch: Vec<u8>,
+}
+
+/// One named output file.
+struct Output {
+    name: String,
+    writer: Box<dyn Write + Send>,
+}
+
+impl Output {
+    fn create(path: &Path) -> Result<Self, SinkError> {
+        Ok(Self {
+            name: path.display().to_string(),
+            writer: open(path)?,
+        })
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), SinkError> {
+        self.writer
+            .write_all(bytes)
+            .map_err(|source| SinkError::Io {
+                name: self.name.clone(),
+                source,
+            })
+    }
+
+    fn flush(&mut self) -> Result<(), SinkError> {
+        self.writer.flush().map_err(|source| SinkError::Io {
+            name: self.name.clone(),
+            source,
+        })
+    }
 }
 
 impl std::fmt::Debug for JsonLinesSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JsonLinesSink")
-            .field("verdicts", &self.verdicts_name)
-            .field("dlq", &self.dlq_name)
+            .field("verdicts", &self.verdicts.name)
+            .field("dlq", &self.dlq.name)
+            .field("late", &self.late.name)
             .finish()
     }
 }
 
 impl JsonLinesSink {
-    /// Creates (truncates) the verdict file, `-` meaning stdout, and the dead-letter file.
-    pub fn create(verdicts: &Path, dlq: &Path) -> Result<Self, SinkError> {
-        Ok(Self::from_writers(
-            verdicts.display().to_string(),
-            open(verdicts)?,
-            dlq.display().to_string(),
-            open(dlq)?,
-        ))
-    }
-
-    pub fn from_writers(
-        verdicts_name: String,
-        verdicts: Box<dyn Write + Send>,
-        dlq_name: String,
-        dlq: Box<dyn Write + Send>,
-    ) -> Self {
-        Self {
-            verdicts_name,
-            verdicts,
-            dlq_name,
-            dlq,
+    /// Creates (truncates) the verdict file (`-` meaning stdout), the dead-letter file and the
+    /// late-event file.
+    pub fn create(verdicts: &Path, dlq: &Path, late: &Path) -> Result<Self, SinkError> {
+        Ok(Self {
+            verdicts: Output::create(verdicts)?,
+            dlq: Output::create(dlq)?,
+            late: Output::create(late)?,
             scratch: Vec::new(),
-        }
+        })
     }
 }
 
@@ -99,12 +119,7 @@ fn open(path: &Path) -> Result<Box<dyn Write + Send>, SinkError> {
 
 impl Sink for JsonLinesSink {
     fn verdicts(&mut self, verdicts: &VerdictBatch) -> Result<(), SinkError> {
-        self.verdicts
-            .write_all(verdicts.as_json_lines())
-            .map_err(|source| SinkError::Io {
-                name: self.verdicts_name.clone(),
-                source,
-            })
+        self.verdicts.write(verdicts.as_json_lines())
     }
 
     fn dead_letters(
@@ -117,23 +132,21 @@ impl Sink for JsonLinesSink {
         for d in dead {
             encode_dead_letter(&mut self.scratch, source, raw, d);
         }
-        self.dlq
-            .write_all(&self.scratch)
-            .map_err(|source| SinkError::Io {
-                name: self.dlq_name.clone(),
-                source,
-            })
+        self.dlq.write(&self.scratch)
+    }
+
+    fn late(&mut self, source: &str, raw: &RawBatch, late: &[DeadLetter]) -> Result<(), SinkError> {
+        self.scratch.clear();
+        for d in late {
+            encode_dead_letter(&mut self.scratch, source, raw, d);
+        }
+        self.late.write(&self.scratch)
     }
 
     fn flush(&mut self) -> Result<(), SinkError> {
-        self.verdicts.flush().map_err(|source| SinkError::Io {
-            name: self.verdicts_name.clone(),
-            source,
-        })?;
-        self.dlq.flush().map_err(|source| SinkError::Io {
-            name: self.dlq_name.clone(),
-            source,
-        })
+        self.verdicts.flush()?;
+        self.dlq.flush()?;
+        self.late.flush()
     }
 }
 

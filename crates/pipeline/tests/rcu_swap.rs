@@ -32,7 +32,9 @@ fn event(id: &str) -> String {
 
 #[test]
 fn swaps_never_tear_a_batch_and_never_lose_an_event() {
-    let config = Config::defaults().unwrap();
+    let config =
+        Config::from_toml_over_defaults(&format!("[pipeline]\nbatch_max_events = {BATCH}\n"))
+            .unwrap();
     let schema = config.event_schema().unwrap();
     let compiler = RuleCompiler::new(&schema);
     let table = Arc::new(RuleTable::new(
@@ -56,9 +58,9 @@ fn swaps_never_tear_a_batch_and_never_lose_an_event() {
         .map(|scorer| {
             let table = Arc::clone(&table);
             let done = Arc::clone(&done);
-            let schema = schema.clone();
+            let config = config.clone();
             thread::spawn(move || {
-                let mut pipeline = Pipeline::new(&schema, BATCH, table, "test").unwrap();
+                let mut pipeline = Pipeline::new(&config, table, "test").unwrap();
                 let mut raw = RawBatch::new();
                 let mut out = Processed::default();
                 let mut sent = Vec::new();

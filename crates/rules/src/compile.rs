@@ -8,6 +8,8 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::buffer::BooleanBuffer;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::{DFSchema, DataFusionError, SchemaError};
 use datafusion::execution::context::SessionState;
@@ -73,6 +75,8 @@ pub struct CompiledWindowFeature {
     pub filter: Option<Arc<dyn PhysicalExpr>>,
     /// The type of the feature column.
     pub data_type: DataType,
+    /// Rows whose `where` filter failed at runtime (counted, treated as not passing).
+    pub filter_errors: Counter,
 }
 
 pub(crate) struct CompiledRowFeature {
@@ -94,6 +98,25 @@ pub(crate) struct CompiledRule {
     pub(crate) score: CompiledScore,
     pub(crate) hits: Counter,
     pub(crate) errors: Counter,
+}
+
+impl CompiledWindowFeature {
+    /// Rows of `events` (a batch in the event schema) that pass the feature's `where` filter; a
+    /// NULL or failing filter counts as not passing.
+    pub fn filter_mask(&self, events: &RecordBatch) -> Option<BooleanBuffer> {
+        let filter = self.filter.as_ref()?;
+        let mask = crate::score::evaluate(filter, events, &DataType::Boolean, &self.filter_errors);
+        let mask = mask.as_boolean();
+        Some(match mask.nulls() {
+            Some(valid) => mask.values() & valid.inner(),
+            None => mask.values().clone(),
+        })
+    }
+
+    /// The window length in milliseconds.
+    pub fn window_ms(&self) -> i64 {
+        self.spec.window.as_millis() as i64
+    }
 }
 
 impl CompiledBundle {
@@ -238,7 +261,6 @@ impl RuleCompiler {
             });
             let data_type = match w.agg {
                 Agg::Count | Agg::CountDistinct => DataType::Int64,
-                Agg::Last => of_type.unwrap_or(DataType::Null),
                 _ => DataType::Float64,
             };
             fields.push(Field::new(&spec.name, data_type.clone(), true));
@@ -250,6 +272,10 @@ impl RuleCompiler {
                     of_column,
                     filter,
                     data_type,
+                    filter_errors: metrics::counter!(
+                        "riskstream_feature_eval_errors_total",
+                        "feature" => spec.name.clone()
+                    ),
                 });
             }
         }

@@ -187,7 +187,7 @@ impl CompiledBundle {
 }
 
 /// Evaluates `expr` over the whole batch; on a runtime error, row by row (see module docs).
-fn evaluate(
+pub(crate) fn evaluate(
     expr: &Arc<dyn PhysicalExpr>,
     batch: &RecordBatch,
     data_type: &DataType,
