@@ -14,6 +14,9 @@ ensure_build_deps() {
   local missing=()
   command -v cc >/dev/null 2>&1 || missing+=(build-essential)
   command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+  # RocksDB's bindings are generated with bindgen, which needs libclang.
+  command -v clang >/dev/null 2>&1 || missing+=(clang)
+  dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
   if [ "${#missing[@]}" -gt 0 ]; then
     local sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"

@@ -55,6 +55,10 @@ enum Command {
         /// `dlq.jsonl` when writing verdicts to stdout.
         #[arg(long)]
         dlq: Option<PathBuf>,
+        /// RocksDB state directory; reusing one continues from its state. Default: a temporary
+        /// directory removed at exit.
+        #[arg(long)]
+        state: Option<PathBuf>,
         /// Events too late to score (below the watermark by more than `allowed_lateness`).
         /// Default: `<output>.late.jsonl`, or `late.jsonl` when writing verdicts to stdout.
         #[arg(long)]
@@ -101,8 +105,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             output,
             dlq,
             late,
+            state,
         } => score(
-            &config,
+            &Config {
+                state: riskstream_common::StateConfig {
+                    dir: state.or(config.state.dir.clone()),
+                    ..config.state.clone()
+                },
+                ..config.clone()
+            },
             &bundle,
             &input,
             &output,

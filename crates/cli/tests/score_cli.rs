@@ -255,3 +255,77 @@ fn validate_reports_problems_by_rule() {
         String::from_utf8_lossy(&ok.stdout)
     );
 }
+
+/// Verdicts of `riskstream score` by event id: (features, late flag).
+fn verdict_features(path: &Path) -> Vec<(String, serde_json::Value)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["tx_id"].as_str().unwrap().to_string(),
+                serde_json::json!({"features": v["features"], "late": v["late"]}),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_restart_with_the_same_state_directory_continues_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("bundle.yaml");
+    std::fs::write(
+        &bundle,
+        std::fs::read_to_string(repo("testdata/synccfd-features.yaml")).unwrap()
+            + "rules:\n  - {id: busy, when: \"cust_tx_count_1d > 5\", score: 50}\ndecision: {review_at: 40, block_at: 80}\n",
+    )
+    .unwrap();
+    let fixture = std::fs::read_to_string(repo("testdata/synccfd-slice.jsonl")).unwrap();
+    let lines: Vec<&str> = fixture.lines().collect();
+    let (first, second) = lines.split_at(lines.len() / 2);
+    let write = |name: &str, lines: &[&str]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        path
+    };
+    let all = write("all.jsonl", &lines);
+    let first = write("first.jsonl", first);
+    let second = write("second.jsonl", second);
+    let score = |input: &Path, output: &str, state: &Path| {
+        let output = dir.path().join(output);
+        let run = riskstream()
+            .env("RISKSTREAM__TIME__ALLOWED_LATENESS", "5d")
+            .args(["score", "--bundle"])
+            .arg(&bundle)
+            .arg("--input")
+            .arg(input)
+            .arg("--output")
+            .arg(&output)
+            .arg("--state")
+            .arg(state)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        verdict_features(&output)
+    };
+    let uninterrupted = score(&all, "all.out", &dir.path().join("state-a"));
+    let restarted = dir.path().join("state-b");
+    let mut resumed = score(&first, "first.out", &restarted);
+    resumed.extend(score(&second, "second.out", &restarted));
+    assert_eq!(resumed.len(), uninterrupted.len());
+    for (a, b) in uninterrupted.iter().zip(&resumed) {
+        assert_eq!(a, b, "restart changed the verdict of {}", a.0);
+    }
+    // The second run really started from stored state: its first customers have history.
+    let fresh = score(&second, "fresh.out", &dir.path().join("state-c"));
+    assert_ne!(fresh, resumed[first_len(&lines)..].to_vec());
+}
+
+fn first_len(lines: &[&str]) -> usize {
+    lines.len() / 2
+}

@@ -40,6 +40,19 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     /// Event time, watermarks, clock skew and lateness.
     pub time: TimeConfig,
+    /// Where keyed state lives.
+    pub state: StateConfig,
+}
+
+/// The `[state]` section: the RocksDB state directory and the cache in front of it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// State directory. Unset: a fresh temporary directory, removed when the process ends.
+    #[serde(default)]
+    pub dir: Option<std::path::PathBuf>,
+    /// Memory cap of the in-memory cache of hot feature windows, in bytes (approximate).
+    pub cache_max_bytes: usize,
 }
 
 /// What to do with an event stamped further in the future than `max_future_skew` allows.

@@ -8,7 +8,7 @@ pub mod config;
 pub mod schema;
 
 pub use batch::{DeadLetter, DeadReason, RawBatch};
-pub use config::{Config, ConfigError, PipelineConfig, SkewPolicy, TimeConfig};
+pub use config::{Config, ConfigError, PipelineConfig, SkewPolicy, StateConfig, TimeConfig};
 pub use schema::{EventSchema, FieldType, SchemaConfig, SchemaError};
 
 /// Where a raw record came from: a source partition and an offset within it.

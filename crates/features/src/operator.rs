@@ -8,13 +8,21 @@ use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBat
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use arrow::error::ArrowError;
+use metrics::Counter;
 use riskstream_rules::{Agg, CompiledBundle, CompiledWindowFeature};
+use riskstream_state::{Cf, StateError, StateStore};
 
 use crate::window::{Entry, KeyWindow, Summary};
 
 /// The operator could not compute a batch: a bug or a schema the bundle was not compiled for.
 #[derive(Debug, thiserror::Error)]
 pub enum FeatureError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("feature state for key `{key}` cannot be decoded; the state directory is corrupt or from an incompatible version")]
+    Corrupt { key: String },
+    #[error("internal error: a window vanished from the cache (please report)")]
+    CacheInvariant,
     #[error("feature `{feature}`: {source}")]
     Arrow {
         feature: String,
@@ -28,40 +36,95 @@ pub enum FeatureError {
 /// Sizes of the operator's state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StateStats {
-    /// (feature, key) windows held.
+    /// (feature, key) windows stored.
     pub windows: usize,
     /// Events held across all windows.
     pub events: usize,
 }
 
-/// Identity of a feature's state: its definition, so a changed definition starts afresh.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct FeatureId(String);
+/// Identity of a feature's state: a stable hash of its definition, so a reload that keeps a
+/// feature keeps its state and a changed definition starts afresh. It prefixes the state keys.
+fn feature_id(f: &CompiledWindowFeature) -> [u8; 8] {
+    // FNV-1a: stable across builds and platforms, unlike the std hasher.
+    let text = format!("{}|{:?}", f.name, f.spec);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h.to_be_bytes()
+}
 
-impl FeatureId {
-    fn of(f: &CompiledWindowFeature) -> Self {
-        FeatureId(format!("{}|{:?}", f.name, f.spec))
+/// A window held in the cache.
+#[derive(Debug)]
+struct Cached {
+    window: KeyWindow,
+    /// Changed since it was last written to the store.
+    dirty: bool,
+    /// The batch that last touched it (for choosing what to drop when over the memory cap).
+    last_used: u64,
+}
+
+const SEQ_KEY: &[u8] = b"features/seq";
+
+/// Computes windowed feature columns batch by batch; keeps their state in RocksDB behind a
+/// bounded cache of hot windows.
+///
+/// Every [`compute`](Self::compute) ends with one write batch holding the windows the batch
+/// changed, so the store always reflects whole batches. The cache holds windows keyed by feature
+/// id and entity key; when it grows past `cache_max_bytes` the windows least recently used are
+/// dropped (they are clean: everything was written).
+pub struct FeatureOperator {
+    store: Arc<StateStore>,
+    cache: HashMap<Box<[u8]>, Cached>,
+    cache_bytes: usize,
+    cache_max_bytes: usize,
+    /// Processing sequence: orders events with equal event time; survives restarts.
+    seq: u64,
+    batch_no: u64,
+    key: Vec<u8>,
+    scratch: Vec<u8>,
+    /// Where the next eviction sweep of the store starts.
+    sweep_cursor: Vec<u8>,
+    cache_misses: Counter,
+    windows_written: Counter,
+}
+
+impl std::fmt::Debug for FeatureOperator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FeatureOperator")
+            .field("store", &self.store)
+            .field("cached", &self.cache.len())
+            .field("cache_bytes", &self.cache_bytes)
+            .finish()
     }
 }
 
-/// State of one feature definition: a window per entity key.
-#[derive(Debug, Default)]
-struct FeatureState {
-    keys: HashMap<Box<[u8]>, KeyWindow>,
-}
-
-/// Computes windowed feature columns batch by batch and keeps their state.
-#[derive(Debug, Default)]
-pub struct FeatureOperator {
-    features: HashMap<FeatureId, FeatureState>,
-    /// Processing sequence: orders events with equal event time.
-    seq: u64,
-    key: Vec<u8>,
-}
-
 impl FeatureOperator {
-    pub fn new() -> Self {
-        Self::default()
+    /// An operator over `store`, continuing from the state it holds.
+    pub fn open(store: Arc<StateStore>, cache_max_bytes: usize) -> Result<Self, FeatureError> {
+        let seq = store
+            .get(Cf::Meta, SEQ_KEY)?
+            .and_then(|v| v.as_slice().try_into().ok().map(u64::from_le_bytes))
+            .unwrap_or(0);
+        Ok(Self {
+            store,
+            cache: HashMap::new(),
+            cache_bytes: 0,
+            cache_max_bytes,
+            seq,
+            batch_no: 0,
+            key: Vec::new(),
+            scratch: Vec::new(),
+            sweep_cursor: Vec::new(),
+            cache_misses: metrics::counter!("riskstream_state_cache_misses_total"),
+            windows_written: metrics::counter!("riskstream_state_windows_written_total"),
+        })
+    }
+
+    /// The store behind the operator.
+    pub fn store(&self) -> &Arc<StateStore> {
+        &self.store
     }
 
     /// Appends the windowed feature columns of `bundle` to `events`, in arrival order, folding
@@ -82,16 +145,105 @@ impl FeatureOperator {
                 rows: events.num_rows(),
             });
         }
+        self.batch_no += 1;
         let mut columns = events.columns().to_vec();
         for feature in features {
             columns.push(self.compute_one(feature, events, event_time)?);
         }
-        RecordBatch::try_new(Arc::clone(bundle.input_schema()), columns).map_err(|source| {
-            FeatureError::Arrow {
-                feature: "*".into(),
-                source,
+        let batch =
+            RecordBatch::try_new(Arc::clone(bundle.input_schema()), columns).map_err(|source| {
+                FeatureError::Arrow {
+                    feature: "*".into(),
+                    source,
+                }
+            })?;
+        Ok(batch)
+    }
+
+    /// Writes every changed window and `meta` entries in one write batch, then trims the cache
+    /// to its memory cap. Call once per micro-batch, after [`Self::compute`].
+    pub fn flush(&mut self, meta: &[(&[u8], &[u8])]) -> Result<(), FeatureError> {
+        let mut batch = self.store.batch();
+        let mut written = 0u64;
+        self.cache_bytes = 0;
+        for (key, cached) in &mut self.cache {
+            if cached.dirty {
+                if cached.window.is_empty() {
+                    batch.delete(Cf::Features, key)?;
+                } else {
+                    self.scratch.clear();
+                    cached.window.encode(&mut self.scratch);
+                    batch.put(Cf::Features, key, &self.scratch)?;
+                }
+                cached.dirty = false;
+                written += 1;
             }
-        })
+            self.cache_bytes += key.len() + cached.window.approx_bytes();
+        }
+        batch.put(Cf::Meta, SEQ_KEY, &self.seq.to_le_bytes())?;
+        for (k, v) in meta {
+            batch.put(Cf::Meta, k, v)?;
+        }
+        self.store.write(batch)?;
+        self.windows_written.increment(written);
+        self.trim_cache();
+        Ok(())
+    }
+
+    /// Drops the least recently used windows until the cache is at 75 % of its cap. Runs after
+    /// a flush, so every window is clean and dropping loses nothing.
+    fn trim_cache(&mut self) {
+        if self.cache_bytes <= self.cache_max_bytes {
+            return;
+        }
+        let target = self.cache_max_bytes / 4 * 3;
+        let mut by_age: Vec<(u64, usize)> = self
+            .cache
+            .iter()
+            .map(|(k, c)| (c.last_used, k.len() + c.window.approx_bytes()))
+            .collect();
+        by_age.sort_unstable();
+        let mut bytes = self.cache_bytes;
+        let mut cutoff = None;
+        for (age, size) in by_age {
+            if bytes <= target {
+                break;
+            }
+            bytes -= size;
+            cutoff = Some(age);
+        }
+        if let Some(cutoff) = cutoff {
+            self.cache.retain(|_, c| c.last_used > cutoff);
+        }
+        self.cache_bytes = self
+            .cache
+            .iter()
+            .map(|(k, c)| k.len() + c.window.approx_bytes())
+            .sum();
+    }
+
+    /// Loads the window for `key` into the cache (from the store on a miss).
+    fn load(&mut self, key: &[u8]) -> Result<(), FeatureError> {
+        if let Some(c) = self.cache.get_mut(key) {
+            c.last_used = self.batch_no;
+            return Ok(());
+        }
+        self.cache_misses.increment(1);
+        let window = match self.store.get(Cf::Features, key)? {
+            Some(bytes) => KeyWindow::decode(&bytes).ok_or_else(|| FeatureError::Corrupt {
+                key: String::from_utf8_lossy(&key[8..]).into_owned(),
+            })?,
+            None => KeyWindow::default(),
+        };
+        self.cache.insert(
+            key.into(),
+            Cached {
+                window,
+                dirty: false,
+                last_used: self.batch_no,
+            },
+        );
+        Ok(())
     }
 
     fn compute_one(
@@ -118,7 +270,7 @@ impl FeatureOperator {
             .iter()
             .map(|&i| events.column(i))
             .collect();
-        let state = self.features.entry(FeatureId::of(feature)).or_default();
+        let id = feature_id(feature);
 
         let mut ints: Vec<Option<i64>> = Vec::new();
         let mut floats: Vec<Option<f64>> = Vec::new();
@@ -130,18 +282,21 @@ impl FeatureOperator {
         }
         for (row, &t) in event_time.iter().enumerate() {
             self.seq += 1;
+            self.key.clear();
+            self.key.extend_from_slice(&id);
             if !entity_key(&keys, row, &mut self.key) {
                 // No key, no entity: the feature is NULL and nothing is folded.
                 push(&mut ints, &mut floats, int_output, None, None);
                 continue;
             }
-            let window_state = match state.keys.get_mut(self.key.as_slice()) {
-                Some(w) => w,
-                None => state
-                    .keys
-                    .entry(self.key.clone().into_boxed_slice())
-                    .or_default(),
-            };
+            let key = std::mem::take(&mut self.key);
+            self.load(&key)?;
+            let cached = self
+                .cache
+                .get_mut(key.as_slice())
+                .ok_or(FeatureError::CacheInvariant)?;
+            self.key = key;
+            let window_state = &mut cached.window;
             let previous = (agg == Agg::SecondsSinceLast)
                 .then(|| window_state.last(window, t))
                 .flatten();
@@ -152,6 +307,7 @@ impl FeatureOperator {
                 None => Some(0.0),
             };
             if let (true, Some(value)) = (passes, value) {
+                cached.dirty = true;
                 window_state.insert(
                     pane,
                     Entry {
@@ -183,34 +339,100 @@ impl FeatureOperator {
     }
 
     /// Drops state that no event still to come can reach: panes older than
-    /// `watermark − allowed_lateness − window`, and keys left without panes.
-    pub fn evict(&mut self, bundle: &CompiledBundle, watermark: i64, allowed_lateness_ms: i64) {
-        let live: HashMap<FeatureId, i64> = bundle
+    /// `watermark − allowed_lateness − window`, windows left empty, and the state of features the
+    /// running bundle no longer declares. Each call sweeps the cached windows and the next
+    /// `store_keys` windows of the store (wrapping around), so its cost is bounded however large
+    /// the state; returns the events dropped.
+    pub fn evict(
+        &mut self,
+        bundle: &CompiledBundle,
+        watermark: i64,
+        allowed_lateness_ms: i64,
+        store_keys: usize,
+    ) -> Result<usize, FeatureError> {
+        let live: HashMap<[u8; 8], i64> = bundle
             .window_features()
             .iter()
-            .map(|f| (FeatureId::of(f), f.window_ms()))
+            .map(|f| (feature_id(f), f.window_ms()))
             .collect();
-        // State of features the running bundle no longer declares is dropped too.
-        self.features.retain(|id, _| live.contains_key(id));
-        for (id, state) in &mut self.features {
-            let window = live.get(id).copied().unwrap_or_default();
-            let pane = KeyWindow::pane_ms(window);
-            let horizon = watermark - allowed_lateness_ms - window;
-            state.keys.retain(|_, w| {
-                w.evict(pane, horizon);
-                !w.is_empty()
-            });
+        let horizon = |id: &[u8]| -> Option<(i64, i64)> {
+            let id: [u8; 8] = id.get(..8)?.try_into().ok()?;
+            let window = *live.get(&id)?;
+            Some((
+                KeyWindow::pane_ms(window),
+                watermark - allowed_lateness_ms - window,
+            ))
+        };
+        let mut dropped = 0;
+        let mut batch = self.store.batch();
+        // The next slice of windows in the store (those in the cache are handled below).
+        let slice = self
+            .store
+            .scan_from(Cf::Features, &self.sweep_cursor, store_keys)?;
+        self.sweep_cursor = match slice.last() {
+            // Continue just after the last key seen; start over when the slice came up short.
+            Some((last, _)) if slice.len() == store_keys => {
+                let mut next = last.to_vec();
+                next.push(0);
+                next
+            }
+            _ => Vec::new(),
+        };
+        for (key, bytes) in slice {
+            if self.cache.contains_key(&key) {
+                continue;
+            }
+            match (horizon(&key), KeyWindow::decode(&bytes)) {
+                (Some((pane, h)), Some(mut w)) => {
+                    let n = w.evict(pane, h);
+                    if n > 0 {
+                        dropped += n;
+                        if w.is_empty() {
+                            batch.delete(Cf::Features, &key)?;
+                        } else {
+                            self.scratch.clear();
+                            w.encode(&mut self.scratch);
+                            batch.put(Cf::Features, &key, &self.scratch)?;
+                        }
+                    }
+                }
+                // A feature no longer declared (or unreadable leftovers): drop it.
+                _ => batch.delete(Cf::Features, &key)?,
+            }
         }
+        self.store.write(batch)?;
+        // Windows in the cache: evicted there, written by the next flush.
+        for (key, cached) in &mut self.cache {
+            match horizon(key) {
+                Some((pane, h)) => {
+                    let n = cached.window.evict(pane, h);
+                    if n > 0 {
+                        dropped += n;
+                        cached.dirty = true;
+                    }
+                }
+                None => {
+                    cached.window = KeyWindow::default();
+                    cached.dirty = true;
+                }
+            }
+        }
+        self.flush(&[])?;
+        self.cache.retain(|_, c| !c.window.is_empty());
+        Ok(dropped)
     }
 
-    /// How much state the operator holds.
-    pub fn stats(&self) -> StateStats {
+    /// How much state the operator holds (walks the store).
+    pub fn stats(&self) -> Result<StateStats, FeatureError> {
         let mut stats = StateStats::default();
-        for state in self.features.values() {
-            stats.windows += state.keys.len();
-            stats.events += state.keys.values().map(KeyWindow::len).sum::<usize>();
+        for (key, bytes) in self.store.scan_prefix(Cf::Features, &[])? {
+            stats.windows += 1;
+            stats.events += match self.cache.get(&key) {
+                Some(c) => c.window.len(),
+                None => KeyWindow::decode(&bytes).map_or(0, |w| w.len()),
+            };
         }
-        stats
+        Ok(stats)
     }
 }
 
@@ -260,9 +482,8 @@ fn values_of(column: &ArrayRef, agg: Agg) -> Result<Float64Array, ArrowError> {
         .collect())
 }
 
-/// Writes the entity key of `row` into `key`; false when a key field is NULL.
+/// Appends the entity key of `row` to `key`; false when a key field is NULL.
 fn entity_key(columns: &[&ArrayRef], row: usize, key: &mut Vec<u8>) -> bool {
-    key.clear();
     for (i, column) in columns.iter().enumerate() {
         if column.is_null(row) {
             return false;

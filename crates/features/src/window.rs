@@ -256,6 +256,99 @@ impl KeyWindow {
     }
 }
 
+/// Encoding of a [`KeyWindow`] for the state store (little-endian, versioned).
+impl KeyWindow {
+    const FORMAT: u8 = 1;
+
+    /// Approximate heap bytes held (for the cache's memory cap).
+    pub fn approx_bytes(&self) -> usize {
+        64 + self.panes.len() * 96 + self.len() * std::mem::size_of::<Entry>()
+    }
+
+    /// Appends the encoding of this window to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.push(Self::FORMAT);
+        out.extend_from_slice(&(self.panes.len() as u32).to_le_bytes());
+        for p in &self.panes {
+            out.extend_from_slice(&p.start.to_le_bytes());
+            let s = &p.summary;
+            out.extend_from_slice(&s.count.to_le_bytes());
+            for v in [s.sum, s.mean, s.m2, s.min, s.max] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.extend_from_slice(&(p.entries.len() as u32).to_le_bytes());
+            for e in &p.entries {
+                out.extend_from_slice(&e.ts.to_le_bytes());
+                out.extend_from_slice(&e.seq.to_le_bytes());
+                out.extend_from_slice(&e.value.to_le_bytes());
+            }
+        }
+    }
+
+    /// Decodes a window written by [`Self::encode`]; `None` if the bytes are not one.
+    pub fn decode(bytes: &[u8]) -> Option<KeyWindow> {
+        let mut r = Reader(bytes);
+        if r.u8()? != Self::FORMAT {
+            return None;
+        }
+        let panes = r.u32()? as usize;
+        let mut w = KeyWindow {
+            panes: VecDeque::with_capacity(panes),
+        };
+        for _ in 0..panes {
+            let start = r.i64()?;
+            let summary = Summary {
+                count: r.u64()?,
+                sum: r.f64()?,
+                mean: r.f64()?,
+                m2: r.f64()?,
+                min: r.f64()?,
+                max: r.f64()?,
+            };
+            let n = r.u32()? as usize;
+            let mut entries = Vec::with_capacity(n.min(r.0.len() / 24));
+            for _ in 0..n {
+                entries.push(Entry {
+                    ts: r.i64()?,
+                    seq: r.u64()?,
+                    value: r.f64()?,
+                });
+            }
+            w.panes.push_back(Pane {
+                start,
+                summary,
+                entries,
+            });
+        }
+        r.0.is_empty().then_some(w)
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take::<1>().map(|b| b[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take().map(u64::from_le_bytes)
+    }
+    fn i64(&mut self) -> Option<i64> {
+        self.take().map(i64::from_le_bytes)
+    }
+    fn f64(&mut self) -> Option<f64> {
+        self.take().map(f64::from_le_bytes)
+    }
+}
+
 /// Compares entries by time, then processing order.
 pub fn entry_order(a: &Entry, b: &Entry) -> Ordering {
     (a.ts, a.seq).cmp(&(b.ts, b.seq))
@@ -371,6 +464,33 @@ mod tests {
         assert_eq!(w.summary(pane, window, 999).count, 3);
         assert_eq!(w.summary(pane, window, 0).count, 1);
         assert_eq!(w.summary(pane, window, -1).count, 0);
+    }
+
+    #[test]
+    fn windows_survive_encoding() {
+        let pane = KeyWindow::pane_ms(60_000);
+        let mut w = KeyWindow::default();
+        for seq in 0..100u64 {
+            w.insert(
+                pane,
+                Entry {
+                    ts: (seq as i64) * 997,
+                    seq,
+                    value: seq as f64 * 1.5,
+                },
+            );
+        }
+        let mut bytes = Vec::new();
+        w.encode(&mut bytes);
+        assert_eq!(KeyWindow::decode(&bytes), Some(w.clone()));
+        assert_eq!(
+            KeyWindow::decode(&bytes[..bytes.len() - 1]),
+            None,
+            "truncated"
+        );
+        bytes.push(0);
+        assert_eq!(KeyWindow::decode(&bytes), None, "trailing bytes");
+        assert_eq!(KeyWindow::decode(&[9]), None, "unknown format");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{Float64Type, Int64Type, TimestampMillisecondType};
@@ -20,6 +21,7 @@ use riskstream_common::{Config, Position, RawBatch};
 use riskstream_decode::EventDecoder;
 use riskstream_features::FeatureOperator;
 use riskstream_rules::{Agg, RuleCompiler};
+use riskstream_state::StateStore;
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -63,7 +65,15 @@ fn reference(history: &[Seen], me: &Seen, agg: Agg, window: i64, cnp_only: bool)
     }
 }
 
-fn replay_and_compare(features_yaml: &Path, transactions: &Path, batch: usize, limit: usize) {
+/// Replays `transactions` through an operator whose hot-window cache holds `cache_bytes`; a
+/// small cache makes most lookups go through RocksDB (encode, write, read back, decode).
+fn replay_and_compare(
+    features_yaml: &Path,
+    transactions: &Path,
+    batch: usize,
+    limit: usize,
+    cache_bytes: usize,
+) {
     let config = Config::defaults().unwrap();
     let schema = config.event_schema().unwrap();
     let text = std::fs::read_to_string(features_yaml).unwrap()
@@ -72,7 +82,9 @@ fn replay_and_compare(features_yaml: &Path, transactions: &Path, batch: usize, l
     assert_eq!(bundle.window_features().len(), 10);
 
     let mut decoder = EventDecoder::new(&schema, batch).unwrap();
-    let mut operator = FeatureOperator::new();
+    let state = tempfile::tempdir().unwrap();
+    let store = Arc::new(StateStore::open(state.path()).unwrap());
+    let mut operator = FeatureOperator::open(store, cache_bytes).unwrap();
     let input = std::fs::read_to_string(transactions).unwrap();
     let lines: Vec<&str> = input.lines().take(limit).collect();
     // Reference history per (entity field, key), in arrival order.
@@ -99,6 +111,7 @@ fn replay_and_compare(features_yaml: &Path, transactions: &Path, batch: usize, l
             .values()
             .to_vec();
         let out = operator.compute(&bundle, &events, &times).unwrap();
+        operator.flush(&[]).unwrap();
         let ids = out.column(0).as_string::<i32>();
         let customers = out.column(2).as_string::<i32>();
         let terminals = out.column(3).as_string::<i32>();
@@ -173,6 +186,7 @@ fn committed_slice_follows_the_definition() {
         &repo("testdata/synccfd-slice.jsonl"),
         512,
         usize::MAX,
+        16 << 10,
     );
 }
 
@@ -186,6 +200,7 @@ fn more_of_the_sample_follows_the_definition_when_present() {
             &dir.join("transactions.jsonl"),
             4096,
             usize::MAX,
+            64 << 20,
         ),
         None => eprintln!("shared data not found; only the committed slice was compared"),
     }

@@ -24,6 +24,7 @@ use riskstream_common::{Config, DeadLetter, DeadReason, EventSchema, RawBatch, S
 use riskstream_decode::{DecodeError, EventDecoder};
 use riskstream_features::{FeatureError, FeatureOperator, StateStats};
 use riskstream_rules::{CompiledBundle, Decision, RuleTable, ScoreError};
+use riskstream_state::{Cf, StateStore};
 use riskstream_time::{Rejection, TimeStage};
 
 pub use sink::{JsonLinesSink, Sink, SinkError};
@@ -45,6 +46,11 @@ pub enum PipelineError {
     Features(#[from] FeatureError),
     #[error("invalid configuration: {0}")]
     Config(#[from] SchemaError),
+    #[error("cannot create a temporary state directory: {source}")]
+    TempState {
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The outcome of one batch.
@@ -79,6 +85,17 @@ pub struct Pipeline {
     rules: Arc<RuleTable>,
     metrics: PipelineMetrics,
     last_eviction: Option<i64>,
+    /// Keeps a temporary state directory alive (declared after `features`, which holds the
+    /// store, so the database closes before the directory is removed).
+    _temp_state: Option<tempfile::TempDir>,
+}
+
+/// Stored windows examined per eviction sweep (one sweep per second at most).
+const EVICTION_SWEEP_KEYS: usize = 65_536;
+
+/// Metadata key of a partition's highest event time.
+fn partition_key(partition: i32) -> Vec<u8> {
+    format!("time/partition/{partition}").into_bytes()
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -92,6 +109,7 @@ impl std::fmt::Debug for Pipeline {
 struct PipelineMetrics {
     scored: Counter,
     late: Counter,
+    evicted: Counter,
     dead: Vec<(DeadReason, Counter)>,
     decisions: [Counter; 3],
     latency: metrics::Histogram,
@@ -103,6 +121,7 @@ impl PipelineMetrics {
         Self {
             scored: metrics::counter!("riskstream_events_total", "source" => source.clone(), "outcome" => "scored"),
             late: metrics::counter!("riskstream_events_total", "source" => source.clone(), "outcome" => "late"),
+            evicted: metrics::counter!("riskstream_state_evicted_events_total"),
             dead: DeadReason::ALL
                 .iter()
                 .map(|r| {
@@ -130,14 +149,42 @@ impl Pipeline {
     ) -> Result<Self, PipelineError> {
         let schema = config.event_schema()?;
         let decoder = EventDecoder::new(&schema, config.pipeline.batch_max_events)?;
+        let (dir, temp) = match &config.state.dir {
+            Some(dir) => (dir.clone(), None),
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("riskstream-state-")
+                    .tempdir()
+                    .map_err(|source| PipelineError::TempState { source })?;
+                (temp.path().to_path_buf(), Some(temp))
+            }
+        };
+        let store = Arc::new(StateStore::open(&dir).map_err(FeatureError::from)?);
+        // Continue the watermarks of an earlier run over the same state.
+        let mut time = TimeStage::new(&config.time);
+        let now = source::now_ms();
+        for (key, value) in store
+            .scan_prefix(Cf::Meta, b"time/partition/")
+            .map_err(FeatureError::from)?
+        {
+            let partition = std::str::from_utf8(&key[b"time/partition/".len()..])
+                .ok()
+                .and_then(|p| p.parse::<i32>().ok());
+            let max = <[u8; 8]>::try_from(&value[..]).ok().map(i64::from_le_bytes);
+            if let (Some(partition), Some(max)) = (partition, max) {
+                time.restore_partition(partition, max, now);
+            }
+        }
+        let features = FeatureOperator::open(store, config.state.cache_max_bytes)?;
         Ok(Self {
             schema,
             decoder,
-            time: TimeStage::new(&config.time),
-            features: FeatureOperator::new(),
+            time,
+            features,
             rules,
             metrics: PipelineMetrics::new(source_name),
             last_eviction: None,
+            _temp_state: temp,
         })
     }
 
@@ -146,9 +193,9 @@ impl Pipeline {
         &self.time
     }
 
-    /// Sizes of the windowed feature state.
-    pub fn feature_state(&self) -> StateStats {
-        self.features.stats()
+    /// Sizes of the windowed feature state (walks the state store).
+    pub fn feature_state(&self) -> Result<StateStats, PipelineError> {
+        Ok(self.features.stats()?)
     }
 
     /// Decodes, times, computes features, scores and encodes one batch at processing time
@@ -191,6 +238,20 @@ impl Pipeline {
         // One load per batch: every event of the batch is scored by this bundle.
         let bundle = self.rules.load();
         let with_features = self.features.compute(&bundle, &events, &event_time)?;
+        // The batch's state changes and the partitions' progress, in one write.
+        let progress: Vec<(Vec<u8>, [u8; 8])> = self
+            .time
+            .partition_watermarks()
+            .map(|(p, wm)| {
+                let max = wm + self.time.config().max_out_of_orderness.as_millis() as i64;
+                (partition_key(p), max.to_le_bytes())
+            })
+            .collect();
+        let meta: Vec<(&[u8], &[u8])> = progress
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        self.features.flush(&meta)?;
         let evaluated = bundle.evaluate(&with_features)?;
         let processed_at = source::now_ms();
         verdict::encode(
@@ -219,7 +280,7 @@ impl Pipeline {
             self.metrics.latency.record(ms as f64 / 1000.0);
         }
         out.rules_version = bundle.version();
-        self.evict(&bundle, now_ms);
+        self.evict(&bundle, now_ms)?;
         Ok(())
     }
 
@@ -315,15 +376,19 @@ impl Pipeline {
     }
 
     /// Evicts feature state behind the watermark, at most once per second of processing time.
-    fn evict(&mut self, bundle: &CompiledBundle, now_ms: i64) {
+    fn evict(&mut self, bundle: &CompiledBundle, now_ms: i64) -> Result<(), PipelineError> {
         if self.last_eviction.is_some_and(|at| now_ms - at < 1000) {
-            return;
+            return Ok(());
         }
         if let Some(watermark) = self.time.watermark(now_ms) {
             let lateness = self.time.config().allowed_lateness.as_millis() as i64;
-            self.features.evict(bundle, watermark, lateness);
+            let dropped = self
+                .features
+                .evict(bundle, watermark, lateness, EVICTION_SWEEP_KEYS)?;
+            self.metrics.evicted.increment(dropped as u64);
             self.last_eviction = Some(now_ms);
         }
+        Ok(())
     }
 }
 

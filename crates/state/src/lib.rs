@@ -1,0 +1,242 @@
+//! State: keyed operator state in RocksDB.
+//!
+//! One RocksDB database per pipeline instance, with a column family per concern:
+//!
+//! | column family | key | value |
+//! | --- | --- | --- |
+//! | `features` | feature id (8 bytes) ++ entity key | the feature's window state for that key |
+//! | `meta` | a name | pipeline metadata: processing sequence, partition watermarks |
+//!
+//! All writes of a micro-batch go out as one [`StateBatch`] (one RocksDB `WriteBatch`), so a
+//! batch's state changes are applied entirely or not at all. This crate stores bytes: it does not
+//! know what a window is (the features crate encodes them) and it must not be called from an
+//! async runtime's worker threads — RocksDB calls block on disk.
+
+use std::path::{Path, PathBuf};
+
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
+    Options, WriteBatch, DB,
+};
+
+/// A key and its value, as read from the store.
+pub type KeyValue = (Box<[u8]>, Box<[u8]>);
+
+/// The column families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cf {
+    Features,
+    Meta,
+}
+
+impl Cf {
+    const ALL: [Cf; 2] = [Cf::Features, Cf::Meta];
+
+    fn name(self) -> &'static str {
+        match self {
+            Cf::Features => "features",
+            Cf::Meta => "meta",
+        }
+    }
+}
+
+/// RocksDB failed; the message names the state directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state store {path}: {source}")]
+    Rocks {
+        path: PathBuf,
+        #[source]
+        source: rocksdb::Error,
+    },
+    #[error("state store {path}: column family `{cf}` is missing")]
+    MissingCf { path: PathBuf, cf: &'static str },
+}
+
+/// The RocksDB database holding one pipeline's state.
+pub struct StateStore {
+    db: DB,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for StateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// State changes of one micro-batch, applied atomically by [`StateStore::write`].
+pub struct StateBatch<'a> {
+    store: &'a StateStore,
+    batch: WriteBatch,
+}
+
+impl std::fmt::Debug for StateBatch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateBatch")
+            .field("changes", &self.batch.len())
+            .finish()
+    }
+}
+
+impl StateBatch<'_> {
+    pub fn put(&mut self, cf: Cf, key: &[u8], value: &[u8]) -> Result<(), StateError> {
+        self.batch.put_cf(self.store.cf(cf)?, key, value);
+        Ok(())
+    }
+
+    pub fn delete(&mut self, cf: Cf, key: &[u8]) -> Result<(), StateError> {
+        self.batch.delete_cf(self.store.cf(cf)?, key);
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// Number of changes.
+    pub fn len(&self) -> usize {
+        self.batch.len()
+    }
+}
+
+impl StateStore {
+    /// Opens (creating if needed) the state database in `path`.
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        let err = |source| StateError::Rocks {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        options.set_compression_type(DBCompressionType::Lz4);
+        options.increase_parallelism(2);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&Cache::new_lru_cache(64 << 20));
+        options.set_block_based_table_factory(&table);
+        let cfs = Cf::ALL.map(|cf| ColumnFamilyDescriptor::new(cf.name(), options.clone()));
+        let db = DB::open_cf_descriptors(&options, path, cfs).map_err(err)?;
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The directory of the database.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cf(&self, cf: Cf) -> Result<&rocksdb::ColumnFamily, StateError> {
+        self.db
+            .cf_handle(cf.name())
+            .ok_or_else(|| StateError::MissingCf {
+                path: self.path.clone(),
+                cf: cf.name(),
+            })
+    }
+
+    fn rocks(&self, source: rocksdb::Error) -> StateError {
+        StateError::Rocks {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Reads one value.
+    pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        self.db.get_cf(self.cf(cf)?, key).map_err(|e| self.rocks(e))
+    }
+
+    /// Starts a batch of changes.
+    pub fn batch(&self) -> StateBatch<'_> {
+        StateBatch {
+            store: self,
+            batch: WriteBatch::default(),
+        }
+    }
+
+    /// Applies a batch of changes atomically (one RocksDB `WriteBatch`).
+    pub fn write(&self, batch: StateBatch<'_>) -> Result<(), StateError> {
+        self.db.write(batch.batch).map_err(|e| self.rocks(e))
+    }
+
+    /// Every key and value of a column family whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(&self, cf: Cf, prefix: &[u8]) -> Result<Vec<KeyValue>, StateError> {
+        let mut out = Vec::new();
+        let iter = self
+            .db
+            .iterator_cf(self.cf(cf)?, IteratorMode::From(prefix, Direction::Forward));
+        for item in iter {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k, v));
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` keys and values of a column family from `start` (inclusive), in key order.
+    pub fn scan_from(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<KeyValue>, StateError> {
+        let mut out = Vec::with_capacity(limit.min(4096));
+        let iter = self
+            .db
+            .iterator_cf(self.cf(cf)?, IteratorMode::From(start, Direction::Forward));
+        for item in iter.take(limit) {
+            out.push(item.map_err(|e| self.rocks(e))?);
+        }
+        Ok(out)
+    }
+
+    /// Number of keys in a column family (exact; walks the column family).
+    pub fn count(&self, cf: Cf) -> Result<usize, StateError> {
+        Ok(self.scan_prefix(cf, &[])?.len())
+    }
+
+    /// Flushes memtables to SST files (for checkpoints and size measurements).
+    pub fn flush(&self) -> Result<(), StateError> {
+        for cf in Cf::ALL {
+            self.db.flush_cf(self.cf(cf)?).map_err(|e| self.rocks(e))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_apply_atomically_and_survive_reopening() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        {
+            let store = StateStore::open(dir.path())?;
+            let mut batch = store.batch();
+            batch.put(Cf::Features, b"k1", b"v1")?;
+            batch.put(Cf::Features, b"k2", b"v2")?;
+            batch.put(Cf::Meta, b"seq", b"7")?;
+            assert_eq!(batch.len(), 3);
+            store.write(batch)?;
+            let mut batch = store.batch();
+            batch.delete(Cf::Features, b"k1")?;
+            store.write(batch)?;
+        }
+        let store = StateStore::open(dir.path())?;
+        assert_eq!(store.get(Cf::Features, b"k1")?, None);
+        assert_eq!(store.get(Cf::Features, b"k2")?.as_deref(), Some(&b"v2"[..]));
+        assert_eq!(store.get(Cf::Meta, b"seq")?.as_deref(), Some(&b"7"[..]));
+        assert_eq!(store.count(Cf::Features)?, 1);
+        let scanned = store.scan_prefix(Cf::Features, b"k")?;
+        assert_eq!(scanned.len(), 1);
+        Ok(())
+    }
+}
