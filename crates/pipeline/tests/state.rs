@@ -71,3 +71,109 @@ fn state_stops_growing_on_an_endless_stream_with_bounded_keys() {
     );
     assert_eq!(sizes[299].windows, 2 * KEYS);
 }
+
+fn run_one_batch(config_toml: &str, events: &[String], now: i64) -> Processed {
+    let config = Config::from_toml_over_defaults(config_toml).unwrap();
+    let bundle = "features:\n  - {name: since, entity: customer_id, agg: seconds_since_last, window: 1h}\n  - {name: pair, entity: [customer_id, terminal_id], agg: count, window: 1h}\nrules:\n  - {id: quick, when: \"since < 60\", score: 1}\ndecision: {review_at: 1, block_at: 2}\n";
+    let compiled = RuleCompiler::new(&config.event_schema().unwrap())
+        .compile_text(bundle, 1)
+        .unwrap();
+    let mut pipeline = Pipeline::new(&config, Arc::new(RuleTable::new(compiled)), "test").unwrap();
+    let mut raw = RawBatch::new();
+    for (i, e) in events.iter().enumerate() {
+        raw.push(
+            e.as_bytes(),
+            Position {
+                partition: 0,
+                offset: i as i64,
+            },
+            0,
+        );
+    }
+    let mut out = Processed::default();
+    pipeline.process_at(&raw, &mut out, now).unwrap();
+    out
+}
+
+fn verdicts(out: &Processed) -> Vec<serde_json::Value> {
+    out.verdicts
+        .iter()
+        .map(|(_, payload, _)| serde_json::from_slice(payload).unwrap())
+        .collect()
+}
+
+#[test]
+fn future_stamped_events_are_clamped_or_dead_lettered_by_policy() {
+    let now = 1_800_000_000_000i64;
+    let events = [
+        format!(
+            r#"{{"tx_id":"ok","ts":{},"customer_id":"c","terminal_id":"t","amount":1,"tx_type":"CP"}}"#,
+            now - 1000
+        ),
+        format!(
+            r#"{{"tx_id":"ahead","ts":{},"customer_id":"c","terminal_id":"t","amount":1,"tx_type":"CP"}}"#,
+            now + 3_600_000
+        ),
+    ];
+    let clamped = run_one_batch("[time]\nskew_policy = \"clamp\"\n", &events, now);
+    let v = verdicts(&clamped);
+    assert_eq!(v.len(), 2);
+    assert_eq!(v[1]["tx_id"], "ahead");
+    assert_eq!(v[1]["time_corrected"], true);
+    assert_eq!(v[0]["time_corrected"], false);
+    // The corrected event time is the processing time.
+    let expected_time = {
+        let mut b = Vec::new();
+        riskstream_pipeline::verdict::write_rfc3339(&mut b, now);
+        String::from_utf8(b).unwrap()
+    };
+    assert_eq!(
+        format!("\"{}\"", v[1]["event_time"].as_str().unwrap()),
+        expected_time
+    );
+    assert!(clamped.dead.is_empty());
+
+    let rejected = run_one_batch("[time]\nskew_policy = \"dlq\"\n", &events, now);
+    assert_eq!(verdicts(&rejected).len(), 1);
+    assert_eq!(rejected.dead.len(), 1);
+    assert_eq!(rejected.dead[0].record, 1);
+    assert_eq!(
+        rejected.dead[0].reason,
+        riskstream_common::DeadReason::FutureTimestamp
+    );
+    assert!(rejected.dead[0]
+        .detail
+        .contains("ahead of the processing clock"));
+}
+
+#[test]
+fn seconds_since_last_and_composite_keys() {
+    let now = 1_800_000_000_000i64;
+    let e = |id: &str, s: i64, c: &str, t: &str| {
+        format!(
+            r#"{{"tx_id":"{id}","ts":{},"customer_id":"{c}","terminal_id":"{t}","amount":1,"tx_type":"CP"}}"#,
+            1_735_689_600_000 + s * 1000
+        )
+    };
+    let events = [
+        e("a", 0, "c1", "t1"),
+        e("b", 30, "c1", "t2"),
+        e("c", 100, "c1", "t1"),
+        e("d", 100, "c2", "t1"),
+        e("e", 4000, "c1", "t1"), // more than an hour after the previous one
+    ];
+    let out = run_one_batch("", &events, now);
+    let v = verdicts(&out);
+    let since: Vec<Option<f64>> = v.iter().map(|x| x["features"]["since"].as_f64()).collect();
+    assert_eq!(since, [None, Some(30.0), Some(70.0), None, None]);
+    let pair: Vec<i64> = v
+        .iter()
+        .map(|x| x["features"]["pair"].as_i64().unwrap())
+        .collect();
+    assert_eq!(pair, [1, 1, 2, 1, 1]);
+    let quick: Vec<bool> = v
+        .iter()
+        .map(|x| !x["fired"].as_array().unwrap().is_empty())
+        .collect();
+    assert_eq!(quick, [false, true, false, false, false]);
+}

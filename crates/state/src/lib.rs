@@ -116,6 +116,8 @@ impl StateStore {
         options.increase_parallelism(2);
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&Cache::new_lru_cache(64 << 20));
+        // Most lookups of new keys find nothing: a bloom filter answers them without disk reads.
+        table.set_bloom_filter(10.0, false);
         options.set_block_based_table_factory(&table);
         let cfs = Cf::ALL.map(|cf| ColumnFamilyDescriptor::new(cf.name(), options.clone()));
         let db = DB::open_cf_descriptors(&options, path, cfs).map_err(err)?;
