@@ -28,6 +28,18 @@ fn riskstream() -> Command {
     cmd
 }
 
+/// `riskstream score --bundle BUNDLE --input INPUT --output OUTPUT`, ready for more arguments.
+fn score(bundle: &Path, input: &Path, output: &Path) -> Command {
+    let mut cmd = riskstream();
+    cmd.args(["score", "--bundle"])
+        .arg(bundle)
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(output);
+    cmd
+}
+
 fn ids_of(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -48,14 +60,8 @@ fn assert_one_verdict_per_event(input: &Path) {
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("verdicts.jsonl");
     let dlq = dir.path().join("dlq.jsonl");
-    let run = riskstream()
+    let run = score(&repo("config/rules/default.yaml"), input, &output)
         .env("RISKSTREAM__TIME__ALLOWED_LATENESS", "5d")
-        .args(["score", "--bundle"])
-        .arg(repo("config/rules/default.yaml"))
-        .arg("--input")
-        .arg(input)
-        .arg("--output")
-        .arg(&output)
         .arg("--dlq")
         .arg(&dlq)
         .output()
@@ -129,13 +135,7 @@ fn bad_records_go_to_the_dead_letter_file_and_the_rest_is_scored() {
     }
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let output = dir.path().join("out.jsonl");
-    let run = riskstream()
-        .args(["score", "--bundle"])
-        .arg(repo("config/rules/default.yaml"))
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&output)
+    let run = score(&repo("config/rules/default.yaml"), &input, &output)
         .output()
         .unwrap();
     assert!(
@@ -176,13 +176,7 @@ fn events_too_late_go_to_the_late_file_and_the_rest_is_scored() {
     ];
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let output = dir.path().join("out.jsonl");
-    let run = riskstream()
-        .args(["score", "--bundle"])
-        .arg(repo("config/rules/default.yaml"))
-        .arg("--input")
-        .arg(&input)
-        .arg("--output")
-        .arg(&output)
+    let run = score(&repo("config/rules/default.yaml"), &input, &output)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
@@ -292,16 +286,10 @@ fn a_restart_with_the_same_state_directory_continues_where_it_stopped() {
     let all = write("all.jsonl", &lines);
     let first = write("first.jsonl", first);
     let second = write("second.jsonl", second);
-    let score = |input: &Path, output: &str, state: &Path| {
+    let run_with_state = |input: &Path, output: &str, state: &Path| {
         let output = dir.path().join(output);
-        let run = riskstream()
+        let run = score(&bundle, input, &output)
             .env("RISKSTREAM__TIME__ALLOWED_LATENESS", "5d")
-            .args(["score", "--bundle"])
-            .arg(&bundle)
-            .arg("--input")
-            .arg(input)
-            .arg("--output")
-            .arg(&output)
             .arg("--state")
             .arg(state)
             .output()
@@ -313,16 +301,16 @@ fn a_restart_with_the_same_state_directory_continues_where_it_stopped() {
         );
         verdict_features(&output)
     };
-    let uninterrupted = score(&all, "all.out", &dir.path().join("state-a"));
+    let uninterrupted = run_with_state(&all, "all.out", &dir.path().join("state-a"));
     let restarted = dir.path().join("state-b");
-    let mut resumed = score(&first, "first.out", &restarted);
-    resumed.extend(score(&second, "second.out", &restarted));
+    let mut resumed = run_with_state(&first, "first.out", &restarted);
+    resumed.extend(run_with_state(&second, "second.out", &restarted));
     assert_eq!(resumed.len(), uninterrupted.len());
     for (a, b) in uninterrupted.iter().zip(&resumed) {
         assert_eq!(a, b, "restart changed the verdict of {}", a.0);
     }
     // The second run really started from stored state: its first customers have history.
-    let fresh = score(&second, "fresh.out", &dir.path().join("state-c"));
+    let fresh = run_with_state(&second, "fresh.out", &dir.path().join("state-c"));
     assert_ne!(fresh, resumed[first_len(&lines)..].to_vec());
 }
 
