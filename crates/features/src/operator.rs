@@ -59,10 +59,18 @@ fn feature_id(f: &CompiledWindowFeature) -> [u8; 8] {
 #[derive(Debug)]
 struct Cached {
     window: KeyWindow,
-    /// Changed since it was last written to the store.
+    /// Changed since it was last written to the store (its key is then in `dirty`).
     dirty: bool,
     /// The batch that last touched it (for choosing what to drop when over the memory cap).
     last_used: u64,
+    /// What this entry counts for in `cache_bytes`, as of the last flush.
+    bytes: usize,
+}
+
+impl Cached {
+    fn size(key: &[u8], window: &KeyWindow) -> usize {
+        key.len() + window.approx_bytes()
+    }
 }
 
 const SEQ_KEY: &[u8] = b"features/seq";
@@ -77,6 +85,9 @@ const SEQ_KEY: &[u8] = b"features/seq";
 pub struct FeatureOperator {
     store: Arc<StateStore>,
     cache: HashMap<Box<[u8]>, Cached>,
+    /// Keys of the windows changed since the last flush: a flush costs what the batch changed,
+    /// not what the cache holds.
+    dirty: Vec<Box<[u8]>>,
     cache_bytes: usize,
     cache_max_bytes: usize,
     /// Processing sequence: orders events with equal event time; survives restarts.
@@ -110,6 +121,7 @@ impl FeatureOperator {
         Ok(Self {
             store,
             cache: HashMap::new(),
+            dirty: Vec::new(),
             cache_bytes: 0,
             cache_max_bytes,
             seq,
@@ -164,21 +176,22 @@ impl FeatureOperator {
     /// to its memory cap. Call once per micro-batch, after [`Self::compute`].
     pub fn flush(&mut self, meta: &[(&[u8], &[u8])]) -> Result<(), FeatureError> {
         let mut batch = self.store.batch();
-        let mut written = 0u64;
-        self.cache_bytes = 0;
-        for (key, cached) in &mut self.cache {
-            if cached.dirty {
-                if cached.window.is_empty() {
-                    batch.delete(Cf::Features, key)?;
-                } else {
-                    self.scratch.clear();
-                    cached.window.encode(&mut self.scratch);
-                    batch.put(Cf::Features, key, &self.scratch)?;
-                }
-                cached.dirty = false;
-                written += 1;
+        let written = self.dirty.len() as u64;
+        for key in self.dirty.drain(..) {
+            let Some(cached) = self.cache.get_mut(&key) else {
+                continue;
+            };
+            if cached.window.is_empty() {
+                batch.delete(Cf::Features, &key)?;
+            } else {
+                self.scratch.clear();
+                cached.window.encode(&mut self.scratch);
+                batch.put(Cf::Features, &key, &self.scratch)?;
             }
-            self.cache_bytes += key.len() + cached.window.approx_bytes();
+            cached.dirty = false;
+            let size = Cached::size(&key, &cached.window);
+            self.cache_bytes = self.cache_bytes + size - cached.bytes;
+            cached.bytes = size;
         }
         batch.put(Cf::Meta, SEQ_KEY, &self.seq.to_le_bytes())?;
         for (k, v) in meta {
@@ -199,8 +212,8 @@ impl FeatureOperator {
         let target = self.cache_max_bytes / 4 * 3;
         let mut by_age: Vec<(u64, usize)> = self
             .cache
-            .iter()
-            .map(|(k, c)| (c.last_used, k.len() + c.window.approx_bytes()))
+            .values()
+            .map(|c| (c.last_used, c.bytes))
             .collect();
         by_age.sort_unstable();
         let mut bytes = self.cache_bytes;
@@ -215,11 +228,7 @@ impl FeatureOperator {
         if let Some(cutoff) = cutoff {
             self.cache.retain(|_, c| c.last_used > cutoff);
         }
-        self.cache_bytes = self
-            .cache
-            .iter()
-            .map(|(k, c)| k.len() + c.window.approx_bytes())
-            .sum();
+        self.cache_bytes = self.cache.values().map(|c| c.bytes).sum();
     }
 
     /// Loads the window for `key` into the cache (from the store on a miss).
@@ -235,12 +244,15 @@ impl FeatureOperator {
             })?,
             None => KeyWindow::default(),
         };
+        let bytes = Cached::size(key, &window);
+        self.cache_bytes += bytes;
         self.cache.insert(
             key.into(),
             Cached {
                 window,
                 dirty: false,
                 last_used: self.batch_no,
+                bytes,
             },
         );
         Ok(())
@@ -307,7 +319,10 @@ impl FeatureOperator {
                 None => Some(0.0),
             };
             if let (true, Some(value)) = (passes, value) {
-                cached.dirty = true;
+                if !cached.dirty {
+                    cached.dirty = true;
+                    self.dirty.push(self.key.as_slice().into());
+                }
                 window_state.insert(
                     pane,
                     Entry {
@@ -401,24 +416,27 @@ impl FeatureOperator {
             }
         }
         self.store.write(batch)?;
-        // Windows in the cache: evicted there, written by the next flush.
+        // Windows in the cache: evicted there, written by the flush below.
         for (key, cached) in &mut self.cache {
-            match horizon(key) {
+            let changed = match horizon(key) {
                 Some((pane, h)) => {
                     let n = cached.window.evict(pane, h);
-                    if n > 0 {
-                        dropped += n;
-                        cached.dirty = true;
-                    }
+                    dropped += n;
+                    n > 0
                 }
                 None => {
                     cached.window = KeyWindow::default();
-                    cached.dirty = true;
+                    true
                 }
+            };
+            if changed && !cached.dirty {
+                cached.dirty = true;
+                self.dirty.push(key.clone());
             }
         }
         self.flush(&[])?;
         self.cache.retain(|_, c| !c.window.is_empty());
+        self.cache_bytes = self.cache.values().map(|c| c.bytes).sum();
         Ok(dropped)
     }
 
