@@ -1,7 +1,6 @@
 //! The feature operator: one pass over a batch, one column per windowed feature.
 
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch};
@@ -45,14 +44,18 @@ pub struct StateStats {
 /// Identity of a feature's state: a stable hash of its definition, so a reload that keeps a
 /// feature keeps its state and a changed definition starts afresh. It prefixes the state keys.
 fn feature_id(f: &CompiledWindowFeature) -> [u8; 8] {
-    // FNV-1a: stable across builds and platforms, unlike the std hasher.
-    let text = format!("{}|{:?}", f.name, f.spec);
+    fnv1a(format!("{}|{:?}", f.name, f.spec).as_bytes()).to_be_bytes()
+}
+
+/// FNV-1a: stable across builds, platforms and Rust versions (unlike the std hasher), which
+/// matters for anything persisted in the state store.
+fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in text.bytes() {
-        h ^= b as u64;
+    for b in bytes {
+        h ^= *b as u64;
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    h.to_be_bytes()
+    h
 }
 
 /// A window held in the cache.
@@ -491,11 +494,8 @@ fn values_of(column: &ArrayRef, agg: Agg) -> Result<Float64Array, ArrowError> {
     let text = text.as_string::<i32>();
     Ok((0..text.len())
         .map(|i| {
-            text.is_valid(i).then(|| {
-                let mut h = DefaultHasher::new();
-                text.value(i).hash(&mut h);
-                f64::from_bits(h.finish())
-            })
+            text.is_valid(i)
+                .then(|| f64::from_bits(fnv1a(text.value(i).as_bytes())))
         })
         .collect())
 }
