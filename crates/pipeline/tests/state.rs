@@ -74,7 +74,7 @@ fn state_stops_growing_on_an_endless_stream_with_bounded_keys() {
 
 fn run_one_batch(config_toml: &str, events: &[String], now: i64) -> Processed {
     let config = Config::from_toml_over_defaults(config_toml).unwrap();
-    let bundle = "features:\n  - {name: since, entity: customer_id, agg: seconds_since_last, window: 1h}\n  - {name: pair, entity: [customer_id, terminal_id], agg: count, window: 1h}\nrules:\n  - {id: quick, when: \"since < 60\", score: 1}\ndecision: {review_at: 1, block_at: 2}\n";
+    let bundle = "features:\n  - {name: since, entity: customer_id, agg: seconds_since_last, window: 1h}\n  - {name: pair, entity: [customer_id, terminal_id], agg: count, window: 1h}\n  - {name: terms, entity: customer_id, agg: count_distinct, of: terminal_id, window: 1h}\nrules:\n  - {id: quick, when: \"since < 60\", score: 1}\ndecision: {review_at: 1, block_at: 2}\n";
     let compiled = RuleCompiler::new(&config.event_schema().unwrap())
         .compile_text(bundle, 1)
         .unwrap();
@@ -147,7 +147,7 @@ fn future_stamped_events_are_clamped_or_dead_lettered_by_policy() {
 }
 
 #[test]
-fn seconds_since_last_and_composite_keys() {
+fn seconds_since_last_count_distinct_and_composite_keys() {
     let now = 1_800_000_000_000i64;
     let e = |id: &str, s: i64, c: &str, t: &str| {
         format!(
@@ -171,6 +171,11 @@ fn seconds_since_last_and_composite_keys() {
         .map(|x| x["features"]["pair"].as_i64().unwrap())
         .collect();
     assert_eq!(pair, [1, 1, 2, 1, 1]);
+    let terms: Vec<i64> = v
+        .iter()
+        .map(|x| x["features"]["terms"].as_i64().unwrap())
+        .collect();
+    assert_eq!(terms, [1, 2, 2, 1, 1]);
     let quick: Vec<bool> = v
         .iter()
         .map(|x| !x["fired"].as_array().unwrap().is_empty())
