@@ -6,8 +6,11 @@
 //! folds each event into its keys' state and reads the feature values, producing one column per
 //! windowed feature of the running bundle.
 //!
-//! State is kept per (feature definition, entity key) as time panes ([`window`]), so a bundle
-//! reload that keeps a feature keeps its state, and a new or changed definition starts empty.
+//! State is kept per (feature definition, entity key) as time panes ([`window`]) in RocksDB
+//! (through `riskstream-state`), behind a bounded cache of hot windows; every batch ends with one
+//! write batch of the windows it changed ([`FeatureOperator::flush`]). A bundle reload that keeps
+//! a feature keeps its state; a new or changed definition starts empty. The operator blocks on
+//! RocksDB: run it on a thread where blocking is allowed, never on an async runtime's workers.
 //! This crate computes; it must not decode, score, or decide anything about time other than what
 //! the time stage hands it (corrected event times and the watermark for eviction).
 
