@@ -88,9 +88,10 @@ const SEQ_KEY: &[u8] = b"features/seq";
 pub struct FeatureOperator {
     store: Arc<StateStore>,
     cache: HashMap<Box<[u8]>, Cached>,
-    /// Keys of the windows changed since the last flush: a flush costs what the batch changed,
-    /// not what the cache holds.
-    dirty: Vec<Box<[u8]>>,
+    /// Keys of the windows changed since the last flush, back to back in one buffer: a flush
+    /// costs what the batch changed, not what the cache holds.
+    dirty: Vec<u8>,
+    dirty_ends: Vec<usize>,
     cache_bytes: usize,
     cache_max_bytes: usize,
     /// Processing sequence: orders events with equal event time; survives restarts.
@@ -125,6 +126,7 @@ impl FeatureOperator {
             store,
             cache: HashMap::new(),
             dirty: Vec::new(),
+            dirty_ends: Vec::new(),
             cache_bytes: 0,
             cache_max_bytes,
             seq,
@@ -179,23 +181,28 @@ impl FeatureOperator {
     /// to its memory cap. Call once per micro-batch, after [`Self::compute`].
     pub fn flush(&mut self, meta: &[(&[u8], &[u8])]) -> Result<(), FeatureError> {
         let mut batch = self.store.batch();
-        let written = self.dirty.len() as u64;
-        for key in self.dirty.drain(..) {
-            let Some(cached) = self.cache.get_mut(&key) else {
+        let written = self.dirty_ends.len() as u64;
+        let mut start = 0;
+        for &end in &self.dirty_ends {
+            let key = &self.dirty[start..end];
+            start = end;
+            let Some(cached) = self.cache.get_mut(key) else {
                 continue;
             };
             if cached.window.is_empty() {
-                batch.delete(Cf::Features, &key)?;
+                batch.delete(Cf::Features, key)?;
             } else {
                 self.scratch.clear();
                 cached.window.encode(&mut self.scratch);
-                batch.put(Cf::Features, &key, &self.scratch)?;
+                batch.put(Cf::Features, key, &self.scratch)?;
             }
             cached.dirty = false;
-            let size = Cached::size(&key, &cached.window);
+            let size = Cached::size(key, &cached.window);
             self.cache_bytes = self.cache_bytes + size - cached.bytes;
             cached.bytes = size;
         }
+        self.dirty.clear();
+        self.dirty_ends.clear();
         batch.put(Cf::Meta, SEQ_KEY, &self.seq.to_le_bytes())?;
         for (k, v) in meta {
             batch.put(Cf::Meta, k, v)?;
@@ -241,10 +248,13 @@ impl FeatureOperator {
             return Ok(());
         }
         self.cache_misses.increment(1);
-        let window = match self.store.get(Cf::Features, key)? {
-            Some(bytes) => KeyWindow::decode(&bytes).ok_or_else(|| FeatureError::Corrupt {
-                key: String::from_utf8_lossy(&key[8..]).into_owned(),
-            })?,
+        let window = match self.store.get_with(Cf::Features, key, KeyWindow::decode)? {
+            Some(Some(window)) => window,
+            Some(None) => {
+                return Err(FeatureError::Corrupt {
+                    key: String::from_utf8_lossy(&key[8..]).into_owned(),
+                })
+            }
             None => KeyWindow::default(),
         };
         let bytes = Cached::size(key, &window);
@@ -324,7 +334,8 @@ impl FeatureOperator {
             if let (true, Some(value)) = (passes, value) {
                 if !cached.dirty {
                     cached.dirty = true;
-                    self.dirty.push(self.key.as_slice().into());
+                    self.dirty.extend_from_slice(&self.key);
+                    self.dirty_ends.push(self.dirty.len());
                 }
                 window_state.insert(
                     pane,
@@ -434,7 +445,8 @@ impl FeatureOperator {
             };
             if changed && !cached.dirty {
                 cached.dirty = true;
-                self.dirty.push(key.clone());
+                self.dirty.extend_from_slice(key);
+                self.dirty_ends.push(self.dirty.len());
             }
         }
         self.flush(&[])?;

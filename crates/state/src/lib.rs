@@ -161,6 +161,20 @@ impl StateStore {
         }
     }
 
+    /// Reads one value in place (no copy out of RocksDB) and maps it with `f`.
+    pub fn get_with<T>(
+        &self,
+        cf: Cf,
+        key: &[u8],
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<Option<T>, StateError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(cf)?, key)
+            .map_err(|e| self.rocks(e))?
+            .map(|v| f(&v)))
+    }
+
     /// Applies a batch of changes atomically (one RocksDB `WriteBatch`).
     pub fn write(&self, batch: StateBatch<'_>) -> Result<(), StateError> {
         self.db.write(batch.batch).map_err(|e| self.rocks(e))
