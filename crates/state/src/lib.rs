@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
-    Options, WriteBatch, DB,
+    Options, WriteBatch, WriteOptions, DB,
 };
 
 /// A key and its value, as read from the store.
@@ -119,6 +119,10 @@ impl StateStore {
         // Most lookups of new keys find nothing: a bloom filter answers them without disk reads.
         table.set_bloom_filter(10.0, false);
         options.set_block_based_table_factory(&table);
+        // Most lookups are for keys never seen: a whole-key bloom filter on the memtable answers
+        // them without walking the skip list.
+        options.set_memtable_whole_key_filtering(true);
+        options.set_memtable_prefix_bloom_ratio(0.1);
         let cfs = Cf::ALL.map(|cf| ColumnFamilyDescriptor::new(cf.name(), options.clone()));
         let db = DB::open_cf_descriptors(&options, path, cfs).map_err(err)?;
         Ok(Self {
@@ -176,8 +180,16 @@ impl StateStore {
     }
 
     /// Applies a batch of changes atomically (one RocksDB `WriteBatch`).
+    ///
+    /// The write-ahead log is off: state is made durable by flushes (checkpoints, and
+    /// [`Drop`] on a clean shutdown), and a crash falls back to the last durable state, which
+    /// the source offsets recorded with it replay forward.
     pub fn write(&self, batch: StateBatch<'_>) -> Result<(), StateError> {
-        self.db.write(batch.batch).map_err(|e| self.rocks(e))
+        let mut options = WriteOptions::default();
+        options.disable_wal(true);
+        self.db
+            .write_opt(batch.batch, &options)
+            .map_err(|e| self.rocks(e))
     }
 
     /// Every key and value of a column family whose key starts with `prefix`, in key order.
@@ -224,6 +236,15 @@ impl StateStore {
             self.db.flush_cf(self.cf(cf)?).map_err(|e| self.rocks(e))?;
         }
         Ok(())
+    }
+}
+
+impl Drop for StateStore {
+    fn drop(&mut self) {
+        // Without a write-ahead log, unflushed memtables would be lost on close.
+        if let Err(e) = self.flush() {
+            eprintln!("warning: {e}: state written since the last flush is lost");
+        }
     }
 }
 
