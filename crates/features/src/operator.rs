@@ -99,6 +99,8 @@ pub struct FeatureOperator {
     batch_no: u64,
     key: Vec<u8>,
     scratch: Vec<u8>,
+    /// Reused by `count_distinct` queries.
+    distinct: Vec<u64>,
     /// Where the next eviction sweep of the store starts.
     sweep_cursor: Vec<u8>,
     cache_misses: Counter,
@@ -133,6 +135,7 @@ impl FeatureOperator {
             batch_no: 0,
             key: Vec::new(),
             scratch: Vec::new(),
+            distinct: Vec::new(),
             sweep_cursor: Vec::new(),
             cache_misses: metrics::counter!("riskstream_state_cache_misses_total"),
             windows_written: metrics::counter!("riskstream_state_windows_written_total"),
@@ -349,7 +352,9 @@ impl FeatureOperator {
             match agg {
                 Agg::Count => ints.push(Some(window_state.summary(pane, window, t).count as i64)),
                 Agg::CountDistinct => {
-                    ints.push(Some(window_state.count_distinct(pane, window, t) as i64))
+                    ints.push(Some(
+                        window_state.count_distinct(pane, window, t, &mut self.distinct) as i64,
+                    ))
                 }
                 Agg::Sum => floats.push(sum(&window_state.summary(pane, window, t))),
                 Agg::Avg => floats.push(window_state.summary(pane, window, t).avg()),

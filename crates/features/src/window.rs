@@ -224,21 +224,29 @@ impl KeyWindow {
         None
     }
 
-    /// Number of distinct values among the events with `t − window < ts <= t`.
-    pub fn count_distinct(&self, pane_ms: i64, window_ms: i64, t: i64) -> u64 {
+    /// Number of distinct values among the events with `t − window < ts <= t`. `scratch` is a
+    /// reusable buffer, so a query allocates nothing once it has grown.
+    pub fn count_distinct(
+        &self,
+        pane_ms: i64,
+        window_ms: i64,
+        t: i64,
+        scratch: &mut Vec<u64>,
+    ) -> u64 {
         let lo = t - window_ms;
         let first = self.panes.partition_point(|p| p.start + pane_ms <= lo + 1);
-        let mut values: Vec<u64> = self
-            .panes
-            .range(first..)
-            .take_while(|p| p.start <= t)
-            .flat_map(|p| p.entries.iter())
-            .filter(|e| e.ts > lo && e.ts <= t)
-            .map(|e| e.value.to_bits())
-            .collect();
-        values.sort_unstable();
-        values.dedup();
-        values.len() as u64
+        scratch.clear();
+        scratch.extend(
+            self.panes
+                .range(first..)
+                .take_while(|p| p.start <= t)
+                .flat_map(|p| p.entries.iter())
+                .filter(|e| e.ts > lo && e.ts <= t)
+                .map(|e| e.value.to_bits()),
+        );
+        scratch.sort_unstable();
+        scratch.dedup();
+        scratch.len() as u64
     }
 
     /// Drops panes that end at or before `horizon` (no event still to come can reach them).
@@ -438,7 +446,10 @@ mod tests {
                     .collect();
                 distinct.sort_unstable();
                 distinct.dedup();
-                assert_eq!(w.count_distinct(pane, window, ts), distinct.len() as u64);
+                assert_eq!(
+                    w.count_distinct(pane, window, ts, &mut Vec::new()),
+                    distinct.len() as u64
+                );
             }
         }
     }
