@@ -228,8 +228,13 @@ impl Pipeline {
             .map(|&r| raw.position(r as usize).partition)
             .collect();
         let assignment = self.time.assign(&times, &partitions, now_ms);
-        let (events, rows, event_time, late, corrected) =
-            self.apply_time(decoded.batch, decoded.rows, assignment, out)?;
+        let Timed {
+            batch: events,
+            rows,
+            event_time,
+            late,
+            corrected,
+        } = self.apply_time(decoded.batch, decoded.rows, assignment, out)?;
         self.count_dead(&out.dead);
         if events.num_rows() == 0 {
             return Ok(());
@@ -291,38 +296,37 @@ impl Pipeline {
 
     /// Applies the time stage's decisions: rejected events leave the batch (future-stamped ones
     /// as dead letters, too-late ones as late events), clamped times replace the originals.
-    #[allow(clippy::type_complexity)]
     fn apply_time(
         &self,
         batch: RecordBatch,
         rows: Vec<u32>,
         assignment: riskstream_time::Assignment,
         out: &mut Processed,
-    ) -> Result<(RecordBatch, Vec<u32>, Vec<i64>, Vec<bool>, Vec<bool>), PipelineError> {
+    ) -> Result<Timed, PipelineError> {
         let time_column = self.schema.event_time();
-        let any_corrected = assignment.time_corrected.iter().any(|c| *c);
         let mut batch = batch;
-        if any_corrected {
+        if assignment.time_corrected.iter().any(|c| *c) {
             let corrected = TimestampMillisecondArray::from(assignment.event_time.clone())
                 .with_timezone_opt(timestamp_timezone(&batch, time_column));
             let mut columns = batch.columns().to_vec();
             columns[time_column] = Arc::new(corrected);
             batch = RecordBatch::try_new(batch.schema(), columns).map_err(ScoreError::from)?;
         }
-        if !assignment.has_rejections() {
-            return Ok((
-                batch,
-                rows,
-                assignment.event_time,
-                assignment.late,
-                assignment.time_corrected,
-            ));
+        let mut timed = Timed {
+            batch,
+            rows,
+            event_time: assignment.event_time,
+            late: assignment.late,
+            corrected: assignment.time_corrected,
+        };
+        if assignment.rejected.is_empty() {
+            return Ok(timed);
         }
-        let mut keep = vec![true; rows.len()];
+        let mut keep = vec![true; timed.rows.len()];
         for (i, rejection) in &assignment.rejected {
             keep[*i] = false;
             let letter = DeadLetter {
-                record: rows[*i] as usize,
+                record: timed.rows[*i] as usize,
                 reason: match rejection {
                     Rejection::FutureSkew { .. } => DeadReason::FutureTimestamp,
                     Rejection::TooLate { .. } => DeadReason::TooLate,
@@ -336,35 +340,13 @@ impl Pipeline {
         }
         out.dead.sort_by_key(|d| d.record);
         self.metrics.late.increment(out.late.len() as u64);
-        let mask = BooleanArray::from(keep.clone());
-        let batch = filter_record_batch(&batch, &mask).map_err(ScoreError::from)?;
-        let pick = |v: Vec<bool>| -> Vec<bool> {
-            v.into_iter()
-                .zip(&keep)
-                .filter(|(_, k)| **k)
-                .map(|(x, _)| x)
-                .collect()
-        };
-        let event_time = assignment
-            .event_time
-            .into_iter()
-            .zip(&keep)
-            .filter(|(_, k)| **k)
-            .map(|(t, _)| t)
-            .collect();
-        let rows = rows
-            .into_iter()
-            .zip(&keep)
-            .filter(|(_, k)| **k)
-            .map(|(r, _)| r)
-            .collect();
-        Ok((
-            batch,
-            rows,
-            event_time,
-            pick(assignment.late),
-            pick(assignment.time_corrected),
-        ))
+        timed.batch = filter_record_batch(&timed.batch, &BooleanArray::from(keep.clone()))
+            .map_err(ScoreError::from)?;
+        retain_kept(&mut timed.rows, &keep);
+        retain_kept(&mut timed.event_time, &keep);
+        retain_kept(&mut timed.late, &keep);
+        retain_kept(&mut timed.corrected, &keep);
+        Ok(timed)
     }
 
     fn count_dead(&self, dead: &[DeadLetter]) {
@@ -390,6 +372,22 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// The events the time stage kept, with their per-event time decisions aligned to the rows.
+struct Timed {
+    batch: RecordBatch,
+    /// Raw record index of each row.
+    rows: Vec<u32>,
+    event_time: Vec<i64>,
+    late: Vec<bool>,
+    corrected: Vec<bool>,
+}
+
+/// Keeps the elements of `v` whose flag in `keep` is set.
+fn retain_kept<T>(v: &mut Vec<T>, keep: &[bool]) {
+    let mut flags = keep.iter();
+    v.retain(|_| flags.next().copied().unwrap_or(false));
 }
 
 fn timestamp_timezone(batch: &RecordBatch, column: usize) -> Option<Arc<str>> {

@@ -68,13 +68,6 @@ pub struct Assignment {
     pub watermark: Option<i64>,
 }
 
-impl Assignment {
-    /// Whether any event of the batch was rejected.
-    pub fn has_rejections(&self) -> bool {
-        !self.rejected.is_empty()
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 struct PartitionClock {
     max_event_time: i64,
