@@ -40,14 +40,19 @@ fn score(bundle: &Path, input: &Path, output: &Path) -> Command {
     cmd
 }
 
-fn ids_of(path: &Path) -> Vec<String> {
+/// Every line of a JSON-lines file, parsed.
+fn json_lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap()
         .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v["tx_id"].as_str().unwrap().to_string()
-        })
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn ids_of(path: &Path) -> Vec<String> {
+    json_lines(path)
+        .iter()
+        .map(|v| v["tx_id"].as_str().unwrap().to_string())
         .collect()
 }
 
@@ -144,11 +149,7 @@ fn bad_records_go_to_the_dead_letter_file_and_the_rest_is_scored() {
         String::from_utf8_lossy(&run.stderr)
     );
     assert_eq!(ids_of(&output).len(), 50);
-    let dlq = std::fs::read_to_string(dir.path().join("out.jsonl.dlq.jsonl")).unwrap();
-    let dead: Vec<serde_json::Value> = dlq
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let dead = json_lines(&dir.path().join("out.jsonl.dlq.jsonl"));
     assert_eq!(dead.len(), 10);
     assert_eq!(dead[0]["reason"], "null_field");
     assert_eq!(dead[0]["offset"], 5, "line number of the bad record");
@@ -181,11 +182,7 @@ fn events_too_late_go_to_the_late_file_and_the_rest_is_scored() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
-    let verdicts: Vec<serde_json::Value> = std::fs::read_to_string(&output)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let verdicts = json_lines(&output);
     let scored: Vec<(&str, bool)> = verdicts
         .iter()
         .map(|v| (v["tx_id"].as_str().unwrap(), v["late"].as_bool().unwrap()))
@@ -200,11 +197,7 @@ fn events_too_late_go_to_the_late_file_and_the_rest_is_scored() {
             ("f", false)
         ]
     );
-    let late_text = std::fs::read_to_string(dir.path().join("out.jsonl.late.jsonl")).unwrap();
-    let late: Vec<serde_json::Value> = late_text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let late = json_lines(&dir.path().join("out.jsonl.late.jsonl"));
     assert_eq!(late.len(), 1);
     assert_eq!(late[0]["reason"], "too_late");
     assert_eq!(late[0]["offset"], 5);
@@ -252,11 +245,9 @@ fn validate_reports_problems_by_rule() {
 
 /// Verdicts of `riskstream score` by event id: (features, late flag).
 fn verdict_features(path: &Path) -> Vec<(String, serde_json::Value)> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+    json_lines(path)
+        .into_iter()
+        .map(|v| {
             (
                 v["tx_id"].as_str().unwrap().to_string(),
                 serde_json::json!({"features": v["features"], "late": v["late"]}),
