@@ -13,6 +13,11 @@ use riskstream_common::Config;
 use riskstream_pipeline::{JsonLinesSink, JsonLinesSource, Pipeline};
 use riskstream_rules::{RuleCompiler, RuleTable};
 
+/// Feature state is hundreds of thousands of small long-lived allocations; mimalloc allocates
+/// and frees them several times faster than glibc's malloc, with less fragmentation.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "riskstream",

@@ -51,8 +51,12 @@ pub struct StateConfig {
     /// State directory. Unset: a fresh temporary directory, removed when the process ends.
     #[serde(default)]
     pub dir: Option<std::path::PathBuf>,
-    /// Memory cap of the in-memory cache of hot feature windows, in bytes (approximate).
+    /// Memory cap of the in-memory write-back cache of feature state, in bytes (approximate).
     pub cache_max_bytes: usize,
+    /// Changed state in the cache is written to the store at least this often (processing
+    /// time), besides when the cache makes room and at shutdown.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
 }
 
 /// What to do with an event stamped further in the future than `max_future_skew` allows.

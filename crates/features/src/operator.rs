@@ -1,15 +1,23 @@
 //! The feature operator: one pass over a batch, one column per windowed feature.
+//!
+//! Features that share an entity (the same key fields) are kept together: for one key, the
+//! windows of all of them form one record, found with one cache lookup and stored as one RocksDB
+//! value. The cache in front of the store is write-back: a batch changes windows in memory, and
+//! changed records go to the store, one write batch at a time, when the cache must make room,
+//! when [`FeatureOperator::flush`] is called (the pipeline does so periodically, before a
+//! checkpoint and at shutdown), never record by record.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch};
+use arrow::buffer::BooleanBuffer;
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use arrow::error::ArrowError;
+use hashbrown::HashMap;
 use metrics::Counter;
 use riskstream_rules::{Agg, CompiledBundle, CompiledWindowFeature};
-use riskstream_state::{Cf, StateError, StateStore};
+use riskstream_state::{Cf, StateBatch, StateError, StateStore};
 
 use crate::window::{Entry, KeyWindow, Summary};
 
@@ -20,8 +28,6 @@ pub enum FeatureError {
     State(#[from] StateError),
     #[error("feature state for key `{key}` cannot be decoded; the state directory is corrupt or from an incompatible version")]
     Corrupt { key: String },
-    #[error("internal error: a window vanished from the cache (please report)")]
-    CacheInvariant,
     #[error("feature `{feature}`: {source}")]
     Arrow {
         feature: String,
@@ -35,16 +41,25 @@ pub enum FeatureError {
 /// Sizes of the operator's state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StateStats {
-    /// (feature, key) windows stored.
-    pub windows: usize,
+    /// Entity keys with state (one record per entity field set and key).
+    pub keys: usize,
     /// Events held across all windows.
     pub events: usize,
+    /// Records held in the cache.
+    pub cached: usize,
+    /// Of those, records changed since they were last written to the store.
+    pub dirty: usize,
 }
 
 /// Identity of a feature's state: a stable hash of its definition, so a reload that keeps a
-/// feature keeps its state and a changed definition starts afresh. It prefixes the state keys.
+/// feature keeps its state and a changed definition starts afresh.
 fn feature_id(f: &CompiledWindowFeature) -> [u8; 8] {
     fnv1a(format!("{}|{:?}", f.name, f.spec).as_bytes()).to_be_bytes()
+}
+
+/// Identity of an entity field set: prefixes the state keys of its records.
+fn group_id(entity: &[String]) -> [u8; 8] {
+    fnv1a(format!("entity|{}", entity.join("\u{1f}")).as_bytes()).to_be_bytes()
 }
 
 /// FNV-1a: stable across builds, platforms and Rust versions (unlike the std hasher), which
@@ -58,40 +73,108 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
-/// A window held in the cache.
+/// The state of one entity key: a window per feature over that entity, each tagged with its
+/// feature id (a reload may add, drop or reorder features).
+#[derive(Debug, Default, PartialEq)]
+struct Record {
+    windows: Vec<([u8; 8], KeyWindow)>,
+}
+
+impl Record {
+    const FORMAT: u8 = 2;
+
+    /// The window of feature `id`, expected at `slot` (where the current bundle puts it).
+    fn window(&mut self, slot: usize, id: [u8; 8]) -> &mut KeyWindow {
+        let at = match self.windows.get(slot) {
+            Some((have, _)) if *have == id => slot,
+            _ => match self.windows.iter().position(|(have, _)| *have == id) {
+                Some(at) => at,
+                None => {
+                    self.windows.push((id, KeyWindow::default()));
+                    self.windows.len() - 1
+                }
+            },
+        };
+        &mut self.windows[at].1
+    }
+
+    fn is_empty(&self) -> bool {
+        self.windows.iter().all(|(_, w)| w.is_empty())
+    }
+
+    fn events(&self) -> usize {
+        self.windows.iter().map(|(_, w)| w.len()).sum()
+    }
+
+    fn approx_bytes(&self) -> usize {
+        self.windows.capacity() * std::mem::size_of::<([u8; 8], KeyWindow)>()
+            + self
+                .windows
+                .iter()
+                .map(|(_, w)| w.approx_bytes())
+                .sum::<usize>()
+    }
+
+    /// Format byte, window count, then per window its feature id and encoding. Empty windows
+    /// are left out.
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.push(Self::FORMAT);
+        let live = self.windows.iter().filter(|(_, w)| !w.is_empty());
+        out.extend_from_slice(&(live.clone().count() as u16).to_le_bytes());
+        for (id, window) in live {
+            out.extend_from_slice(id);
+            window.encode(out);
+        }
+    }
+
+    fn decode(mut bytes: &[u8]) -> Option<Record> {
+        let (&format, rest) = bytes.split_first()?;
+        let (count, rest) = rest.split_first_chunk::<2>()?;
+        if format != Self::FORMAT {
+            return None;
+        }
+        bytes = rest;
+        let count = u16::from_le_bytes(*count) as usize;
+        let mut windows = Vec::with_capacity(count.min(bytes.len() / 12));
+        for _ in 0..count {
+            let (id, rest) = bytes.split_first_chunk::<8>()?;
+            bytes = rest;
+            windows.push((*id, KeyWindow::decode_from(&mut bytes)?));
+        }
+        bytes.is_empty().then_some(Record { windows })
+    }
+}
+
+/// A record held in the cache.
 #[derive(Debug)]
 struct Cached {
-    window: KeyWindow,
-    /// Changed since it was last written to the store (its key is then in `dirty`).
+    record: Record,
+    /// Changed since it was last written to the store.
     dirty: bool,
     /// The batch that last touched it (for choosing what to drop when over the memory cap).
     last_used: u64,
-    /// What this entry counts for in `cache_bytes`, as of the last flush.
+    /// What this entry counts for in `cache_bytes`.
     bytes: usize,
 }
 
-impl Cached {
-    fn size(key: &[u8], window: &KeyWindow) -> usize {
-        key.len() + window.approx_bytes()
-    }
+fn entry_bytes(key: &[u8], record: &Record) -> usize {
+    // Key, map slot and record, roughly.
+    key.len() + 64 + record.approx_bytes()
 }
 
 const SEQ_KEY: &[u8] = b"features/seq";
 
 /// Computes windowed feature columns batch by batch; keeps their state in RocksDB behind a
-/// bounded cache of hot windows.
+/// bounded write-back cache of hot records.
 ///
-/// Every [`compute`](Self::compute) ends with one write batch holding the windows the batch
-/// changed, so the store always reflects whole batches. The cache holds windows keyed by feature
-/// id and entity key; when it grows past `cache_max_bytes` the windows least recently used are
-/// dropped (they are clean: everything was written).
+/// The store reflects whole batches: records are written only between batches, a cache trim
+/// writes the records it drops in one write batch, and [`flush`](Self::flush) writes every
+/// changed record together with the caller's progress metadata in one write batch. What the
+/// store holds after a flush is exactly the state after the last computed batch.
 pub struct FeatureOperator {
     store: Arc<StateStore>,
     cache: HashMap<Box<[u8]>, Cached>,
-    /// Keys of the windows changed since the last flush, back to back in one buffer: a flush
-    /// costs what the batch changed, not what the cache holds.
-    dirty: Vec<u8>,
-    dirty_ends: Vec<usize>,
     cache_bytes: usize,
     cache_max_bytes: usize,
     /// Processing sequence: orders events with equal event time; survives restarts.
@@ -103,8 +186,10 @@ pub struct FeatureOperator {
     distinct: Vec<u64>,
     /// Where the next eviction sweep of the store starts.
     sweep_cursor: Vec<u8>,
+    /// Where the next eviction sweep of the cache starts (a position in iteration order).
+    cache_cursor: usize,
     cache_misses: Counter,
-    windows_written: Counter,
+    records_written: Counter,
 }
 
 impl std::fmt::Debug for FeatureOperator {
@@ -114,6 +199,45 @@ impl std::fmt::Debug for FeatureOperator {
             .field("cached", &self.cache.len())
             .field("cache_bytes", &self.cache_bytes)
             .finish()
+    }
+}
+
+/// What a feature reads from a batch, prepared once per batch.
+struct FeatureInput<'a> {
+    feature: &'a CompiledWindowFeature,
+    id: [u8; 8],
+    window_ms: i64,
+    pane_ms: i64,
+    filter: Option<BooleanBuffer>,
+    values: Option<Float64Array>,
+}
+
+/// A feature's output column under construction.
+enum Column {
+    Ints(Vec<Option<i64>>),
+    Floats(Vec<Option<f64>>),
+}
+
+impl Column {
+    fn new(agg: Agg, rows: usize) -> Self {
+        match agg {
+            Agg::Count | Agg::CountDistinct => Column::Ints(Vec::with_capacity(rows)),
+            _ => Column::Floats(Vec::with_capacity(rows)),
+        }
+    }
+
+    fn push_null(&mut self) {
+        match self {
+            Column::Ints(v) => v.push(None),
+            Column::Floats(v) => v.push(None),
+        }
+    }
+
+    fn finish(self) -> ArrayRef {
+        match self {
+            Column::Ints(v) => Arc::new(Int64Array::from(v)),
+            Column::Floats(v) => Arc::new(Float64Array::from(v)),
+        }
     }
 }
 
@@ -127,8 +251,6 @@ impl FeatureOperator {
         Ok(Self {
             store,
             cache: HashMap::new(),
-            dirty: Vec::new(),
-            dirty_ends: Vec::new(),
             cache_bytes: 0,
             cache_max_bytes,
             seq,
@@ -137,8 +259,9 @@ impl FeatureOperator {
             scratch: Vec::new(),
             distinct: Vec::new(),
             sweep_cursor: Vec::new(),
+            cache_cursor: 0,
             cache_misses: metrics::counter!("riskstream_state_cache_misses_total"),
-            windows_written: metrics::counter!("riskstream_state_windows_written_total"),
+            records_written: metrics::counter!("riskstream_state_records_written_total"),
         })
     }
 
@@ -149,6 +272,7 @@ impl FeatureOperator {
 
     /// Appends the windowed feature columns of `bundle` to `events`, in arrival order, folding
     /// every event into state. `event_time[i]` is the (possibly corrected) time of row `i`.
+    /// Changes stay in the cache until [`Self::end_batch`] or [`Self::flush`] writes them.
     pub fn compute(
         &mut self,
         bundle: &CompiledBundle,
@@ -159,68 +283,93 @@ impl FeatureOperator {
         if features.is_empty() {
             return Ok(events.clone());
         }
-        if event_time.len() != events.num_rows() {
+        let rows = events.num_rows();
+        if event_time.len() != rows {
             return Err(FeatureError::TimesMismatch {
                 times: event_time.len(),
-                rows: events.num_rows(),
+                rows,
             });
         }
         self.batch_no += 1;
-        let mut columns = events.columns().to_vec();
-        for feature in features {
-            columns.push(self.compute_one(feature, events, event_time)?);
-        }
-        let batch =
-            RecordBatch::try_new(Arc::clone(bundle.input_schema()), columns).map_err(|source| {
-                FeatureError::Arrow {
-                    feature: "*".into(),
-                    source,
-                }
-            })?;
-        Ok(batch)
-    }
+        let first_seq = self.seq;
+        self.seq += rows as u64;
 
-    /// Writes every changed window and `meta` entries in one write batch, then trims the cache
-    /// to its memory cap. Call once per micro-batch, after [`Self::compute`].
-    pub fn flush(&mut self, meta: &[(&[u8], &[u8])]) -> Result<(), FeatureError> {
-        let mut batch = self.store.batch();
-        let written = self.dirty_ends.len() as u64;
-        let mut start = 0;
-        for &end in &self.dirty_ends {
-            let key = &self.dirty[start..end];
-            start = end;
-            let Some(cached) = self.cache.get_mut(key) else {
-                continue;
-            };
-            if cached.window.is_empty() {
-                batch.delete(Cf::Features, key)?;
-            } else {
-                self.scratch.clear();
-                cached.window.encode(&mut self.scratch);
-                batch.put(Cf::Features, key, &self.scratch)?;
+        let inputs = features
+            .iter()
+            .map(|f| FeatureInput::new(f, events))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut columns: Vec<Column> = features
+            .iter()
+            .map(|f| Column::new(f.spec.agg, rows))
+            .collect();
+        // Features over the same key fields share one record per key.
+        let mut groups: Vec<(&[usize], &[String], Vec<usize>)> = Vec::new();
+        for (i, f) in features.iter().enumerate() {
+            match groups.iter_mut().find(|(c, _, _)| *c == f.entity_columns) {
+                Some((_, _, members)) => members.push(i),
+                None => groups.push((&f.entity_columns, &f.spec.entity, vec![i])),
             }
-            cached.dirty = false;
-            let size = Cached::size(key, &cached.window);
-            self.cache_bytes = self.cache_bytes + size - cached.bytes;
-            cached.bytes = size;
         }
-        self.dirty.clear();
-        self.dirty_ends.clear();
-        batch.put(Cf::Meta, SEQ_KEY, &self.seq.to_le_bytes())?;
-        for (k, v) in meta {
-            batch.put(Cf::Meta, k, v)?;
+        for (entity_columns, entity, members) in &groups {
+            let keys: Vec<&ArrayRef> = entity_columns.iter().map(|&i| events.column(i)).collect();
+            let group = group_id(entity);
+            for (row, &t) in event_time.iter().enumerate() {
+                self.key.clear();
+                self.key.extend_from_slice(&group);
+                if !entity_key(&keys, row, &mut self.key) {
+                    // No key, no entity: the features are NULL and nothing is folded.
+                    for &m in members {
+                        columns[m].push_null();
+                    }
+                    continue;
+                }
+                let cached = load(
+                    &mut self.cache,
+                    &self.store,
+                    &self.key,
+                    self.batch_no,
+                    &self.cache_misses,
+                    &mut self.cache_bytes,
+                )?;
+                let seq = first_seq + row as u64 + 1;
+                for (slot, &m) in members.iter().enumerate() {
+                    let input = &inputs[m];
+                    let window = cached.record.window(slot, input.id);
+                    // `seconds_since_last` looks at the events before this one; every other
+                    // aggregate includes it.
+                    let before = input.feature.spec.agg == Agg::SecondsSinceLast;
+                    if before {
+                        input.read(window, t, &mut self.distinct, &mut columns[m]);
+                    }
+                    if input.fold(window, row, t, seq) {
+                        cached.dirty = true;
+                    }
+                    if !before {
+                        input.read(window, t, &mut self.distinct, &mut columns[m]);
+                    }
+                }
+                let bytes = entry_bytes(&self.key, &cached.record);
+                self.cache_bytes = self.cache_bytes + bytes - cached.bytes;
+                cached.bytes = bytes;
+            }
         }
-        self.store.write(batch)?;
-        self.windows_written.increment(written);
-        self.trim_cache();
-        Ok(())
+
+        let mut all = events.columns().to_vec();
+        all.extend(columns.into_iter().map(Column::finish));
+        RecordBatch::try_new(Arc::clone(bundle.input_schema()), all).map_err(|source| {
+            FeatureError::Arrow {
+                feature: "*".into(),
+                source,
+            }
+        })
     }
 
-    /// Drops the least recently used windows until the cache is at 75 % of its cap. Runs after
-    /// a flush, so every window is clean and dropping loses nothing.
-    fn trim_cache(&mut self) {
+    /// Ends a batch: when the cache is over its memory cap, writes the least recently used
+    /// records that changed (one write batch) and drops them until the cache is at 75 % of
+    /// its cap.
+    pub fn end_batch(&mut self) -> Result<(), FeatureError> {
         if self.cache_bytes <= self.cache_max_bytes {
-            return;
+            return Ok(());
         }
         let target = self.cache_max_bytes / 4 * 3;
         let mut by_age: Vec<(u64, usize)> = self
@@ -238,145 +387,55 @@ impl FeatureOperator {
             bytes -= size;
             cutoff = Some(age);
         }
-        if let Some(cutoff) = cutoff {
-            self.cache.retain(|_, c| c.last_used > cutoff);
-        }
-        self.cache_bytes = self.cache.values().map(|c| c.bytes).sum();
-    }
-
-    /// Loads the window for `key` into the cache (from the store on a miss).
-    fn load(&mut self, key: &[u8]) -> Result<(), FeatureError> {
-        if let Some(c) = self.cache.get_mut(key) {
-            c.last_used = self.batch_no;
+        let Some(cutoff) = cutoff else {
             return Ok(());
-        }
-        self.cache_misses.increment(1);
-        let window = match self.store.get_with(Cf::Features, key, KeyWindow::decode)? {
-            Some(Some(window)) => window,
-            Some(None) => {
-                return Err(FeatureError::Corrupt {
-                    key: String::from_utf8_lossy(&key[8..]).into_owned(),
-                })
-            }
-            None => KeyWindow::default(),
         };
-        let bytes = Cached::size(key, &window);
-        self.cache_bytes += bytes;
-        self.cache.insert(
-            key.into(),
-            Cached {
-                window,
-                dirty: false,
-                last_used: self.batch_no,
-                bytes,
-            },
-        );
+        let mut batch = self.store.batch();
+        let mut written = 0;
+        for (key, cached) in self.cache.iter_mut() {
+            if cached.last_used <= cutoff && cached.dirty {
+                write_record(&mut batch, key, cached, &mut self.scratch)?;
+                written += 1;
+            }
+        }
+        self.store.write(batch)?;
+        self.records_written.increment(written);
+        self.cache.retain(|_, c| c.last_used > cutoff);
+        self.cache_bytes = self.cache.values().map(|c| c.bytes).sum();
         Ok(())
     }
 
-    fn compute_one(
-        &mut self,
-        feature: &CompiledWindowFeature,
-        events: &RecordBatch,
-        event_time: &[i64],
-    ) -> Result<ArrayRef, FeatureError> {
-        let arrow_err = |source| FeatureError::Arrow {
-            feature: feature.name.clone(),
-            source,
-        };
-        let n = events.num_rows();
-        let window = feature.window_ms();
-        let pane = KeyWindow::pane_ms(window);
-        let agg = feature.spec.agg;
-        let filter = feature.filter_mask(events);
-        let values = match feature.of_column {
-            Some(i) => Some(values_of(events.column(i), agg).map_err(arrow_err)?),
-            None => None,
-        };
-        let keys: Vec<&ArrayRef> = feature
-            .entity_columns
-            .iter()
-            .map(|&i| events.column(i))
-            .collect();
-        let id = feature_id(feature);
-
-        let mut ints: Vec<Option<i64>> = Vec::new();
-        let mut floats: Vec<Option<f64>> = Vec::new();
-        let int_output = matches!(agg, Agg::Count | Agg::CountDistinct);
-        if int_output {
-            ints.reserve(n);
-        } else {
-            floats.reserve(n);
-        }
-        for (row, &t) in event_time.iter().enumerate() {
-            self.seq += 1;
-            self.key.clear();
-            self.key.extend_from_slice(&id);
-            if !entity_key(&keys, row, &mut self.key) {
-                // No key, no entity: the feature is NULL and nothing is folded.
-                push(&mut ints, &mut floats, int_output, None, None);
-                continue;
-            }
-            let key = std::mem::take(&mut self.key);
-            self.load(&key)?;
-            let cached = self
-                .cache
-                .get_mut(key.as_slice())
-                .ok_or(FeatureError::CacheInvariant)?;
-            self.key = key;
-            let window_state = &mut cached.window;
-            let previous = (agg == Agg::SecondsSinceLast)
-                .then(|| window_state.last(window, t))
-                .flatten();
-            let passes = filter.as_ref().is_none_or(|m| m.value(row));
-            let value = match &values {
-                Some(v) if v.is_null(row) => None,
-                Some(v) => Some(v.value(row)),
-                None => Some(0.0),
-            };
-            if let (true, Some(value)) = (passes, value) {
-                if !cached.dirty {
-                    cached.dirty = true;
-                    self.dirty.extend_from_slice(&self.key);
-                    self.dirty_ends.push(self.dirty.len());
-                }
-                window_state.insert(
-                    pane,
-                    Entry {
-                        ts: t,
-                        seq: self.seq,
-                        value,
-                    },
-                );
-            }
-            match agg {
-                Agg::Count => ints.push(Some(window_state.summary(pane, window, t).count as i64)),
-                Agg::CountDistinct => {
-                    ints.push(Some(
-                        window_state.count_distinct(pane, window, t, &mut self.distinct) as i64,
-                    ))
-                }
-                Agg::Sum => floats.push(sum(&window_state.summary(pane, window, t))),
-                Agg::Avg => floats.push(window_state.summary(pane, window, t).avg()),
-                Agg::Min => floats.push(window_state.summary(pane, window, t).min()),
-                Agg::Max => floats.push(window_state.summary(pane, window, t).max()),
-                Agg::Stddev => floats.push(window_state.summary(pane, window, t).stddev()),
-                Agg::Last => floats.push(window_state.last(window, t).map(|e| e.value)),
-                Agg::SecondsSinceLast => floats.push(previous.map(|e| (t - e.ts) as f64 / 1000.0)),
+    /// Writes every changed record and `meta` entries in one write batch: afterwards the store
+    /// holds the state after the last computed batch. Call between batches.
+    pub fn flush(&mut self, meta: &[(&[u8], &[u8])]) -> Result<(), FeatureError> {
+        let mut batch = self.store.batch();
+        let mut written = 0;
+        for (key, cached) in self.cache.iter_mut() {
+            if cached.dirty {
+                write_record(&mut batch, key, cached, &mut self.scratch)?;
+                written += 1;
             }
         }
-        Ok(if int_output {
-            Arc::new(Int64Array::from(ints))
-        } else {
-            Arc::new(Float64Array::from(floats))
-        })
+        batch.put(Cf::Meta, SEQ_KEY, &self.seq.to_le_bytes())?;
+        for (k, v) in meta {
+            batch.put(Cf::Meta, k, v)?;
+        }
+        self.store.write(batch)?;
+        self.records_written.increment(written);
+        let before = self.cache.len();
+        self.cache.retain(|_, c| !c.record.is_empty());
+        if self.cache.len() != before {
+            self.cache_bytes = self.cache.values().map(|c| c.bytes).sum();
+        }
+        Ok(())
     }
 
     /// Drops state that no event still to come can reach: panes older than
-    /// `watermark − allowed_lateness − window`, windows left empty, and the state of features the
-    /// running bundle no longer declares. Each call sweeps the cached windows and the next
-    /// `store_keys` windows of the store (wrapping around), so its cost is bounded however large
-    /// the state; returns the events dropped.
+    /// `watermark − allowed_lateness − window`, records left empty, and the state of features
+    /// the running bundle no longer declares. Each call walks the next `store_keys` records of
+    /// the store and of the cache (each wrapping around), so its cost is bounded however large
+    /// the state; returns the events dropped. Records in the cache are changed there (written
+    /// by the next trim or flush); records only in the store are rewritten in one write batch.
     pub fn evict(
         &mut self,
         bundle: &CompiledBundle,
@@ -384,22 +443,38 @@ impl FeatureOperator {
         allowed_lateness_ms: i64,
         store_keys: usize,
     ) -> Result<usize, FeatureError> {
-        let live: HashMap<[u8; 8], i64> = bundle
+        let live: HashMap<[u8; 8], (i64, i64)> = bundle
             .window_features()
             .iter()
-            .map(|f| (feature_id(f), f.window_ms()))
+            .map(|f| {
+                let window = f.window_ms();
+                (
+                    feature_id(f),
+                    (
+                        KeyWindow::pane_ms(window),
+                        watermark - allowed_lateness_ms - window,
+                    ),
+                )
+            })
             .collect();
-        let horizon = |id: &[u8]| -> Option<(i64, i64)> {
-            let id: [u8; 8] = id.get(..8)?.try_into().ok()?;
-            let window = *live.get(&id)?;
-            Some((
-                KeyWindow::pane_ms(window),
-                watermark - allowed_lateness_ms - window,
-            ))
+        let evict_record = |record: &mut Record| -> (usize, bool) {
+            let before = record.windows.len();
+            record.windows.retain(|(id, _)| live.contains_key(id));
+            let mut changed = record.windows.len() != before;
+            let mut dropped = 0;
+            for (id, window) in &mut record.windows {
+                if let Some(&(pane, horizon)) = live.get(id) {
+                    let n = window.evict(pane, horizon);
+                    dropped += n;
+                    changed |= n > 0;
+                }
+            }
+            (dropped, changed)
         };
+
         let mut dropped = 0;
         let mut batch = self.store.batch();
-        // The next slice of windows in the store (those in the cache are handled below).
+        // The next slice of records in the store (those in the cache are handled below).
         let slice = self
             .store
             .scan_from(Cf::Features, &self.sweep_cursor, store_keys)?;
@@ -413,78 +488,183 @@ impl FeatureOperator {
             _ => Vec::new(),
         };
         for (key, bytes) in slice {
-            if self.cache.contains_key(&key) {
+            if self.cache.contains_key(&key[..]) {
                 continue;
             }
-            match (horizon(&key), KeyWindow::decode(&bytes)) {
-                (Some((pane, h)), Some(mut w)) => {
-                    let n = w.evict(pane, h);
-                    if n > 0 {
-                        dropped += n;
-                        if w.is_empty() {
-                            batch.delete(Cf::Features, &key)?;
-                        } else {
-                            self.scratch.clear();
-                            w.encode(&mut self.scratch);
-                            batch.put(Cf::Features, &key, &self.scratch)?;
-                        }
+            match Record::decode(&bytes) {
+                Some(mut record) => {
+                    let (n, changed) = evict_record(&mut record);
+                    dropped += n;
+                    if record.is_empty() {
+                        batch.delete(Cf::Features, &key)?;
+                    } else if changed {
+                        record.encode(&mut self.scratch);
+                        batch.put(Cf::Features, &key, &self.scratch)?;
                     }
                 }
-                // A feature no longer declared (or unreadable leftovers): drop it.
-                _ => batch.delete(Cf::Features, &key)?,
+                // Unreadable leftovers (an older format): drop them.
+                None => batch.delete(Cf::Features, &key)?,
             }
         }
         self.store.write(batch)?;
-        // Windows in the cache: evicted there, written by the flush below.
-        for (key, cached) in &mut self.cache {
-            let changed = match horizon(key) {
-                Some((pane, h)) => {
-                    let n = cached.window.evict(pane, h);
-                    dropped += n;
-                    n > 0
-                }
-                None => {
-                    cached.window = KeyWindow::default();
-                    true
-                }
-            };
-            if changed && !cached.dirty {
+        // The next slice of the cache (positions shift as records come and go, so a record
+        // may wait an extra round; none waits forever).
+        if self.cache_cursor >= self.cache.len() {
+            self.cache_cursor = 0;
+        }
+        let from = self.cache_cursor;
+        self.cache_cursor += store_keys;
+        for (key, cached) in self.cache.iter_mut().skip(from).take(store_keys) {
+            let (n, changed) = evict_record(&mut cached.record);
+            dropped += n;
+            if changed {
                 cached.dirty = true;
-                self.dirty.extend_from_slice(key);
-                self.dirty_ends.push(self.dirty.len());
+                let bytes = entry_bytes(key, &cached.record);
+                self.cache_bytes = self.cache_bytes + bytes - cached.bytes;
+                cached.bytes = bytes;
             }
         }
-        self.flush(&[])?;
-        self.cache.retain(|_, c| !c.window.is_empty());
-        self.cache_bytes = self.cache.values().map(|c| c.bytes).sum();
         Ok(dropped)
     }
 
-    /// How much state the operator holds (walks the store).
+    /// How much state the operator holds: the cache plus the records only in the store (walks
+    /// the store).
     pub fn stats(&self) -> Result<StateStats, FeatureError> {
-        let mut stats = StateStats::default();
+        let mut stats = StateStats {
+            cached: self.cache.len(),
+            dirty: self.cache.values().filter(|c| c.dirty).count(),
+            ..StateStats::default()
+        };
+        for cached in self.cache.values() {
+            if !cached.record.is_empty() {
+                stats.keys += 1;
+                stats.events += cached.record.events();
+            }
+        }
         for (key, bytes) in self.store.scan_prefix(Cf::Features, &[])? {
-            stats.windows += 1;
-            stats.events += match self.cache.get(&key) {
-                Some(c) => c.window.len(),
-                None => KeyWindow::decode(&bytes).map_or(0, |w| w.len()),
-            };
+            if !self.cache.contains_key(&key[..]) {
+                stats.keys += 1;
+                stats.events += Record::decode(&bytes).map_or(0, |r| r.events());
+            }
         }
         Ok(stats)
     }
 }
 
-fn push(
-    ints: &mut Vec<Option<i64>>,
-    floats: &mut Vec<Option<f64>>,
-    int_output: bool,
-    i: Option<i64>,
-    f: Option<f64>,
-) {
-    if int_output {
-        ints.push(i);
+/// The cached record for `key`, loaded from the store on a miss.
+fn load<'c>(
+    cache: &'c mut HashMap<Box<[u8]>, Cached>,
+    store: &StateStore,
+    key: &[u8],
+    batch_no: u64,
+    misses: &Counter,
+    cache_bytes: &mut usize,
+) -> Result<&'c mut Cached, FeatureError> {
+    use hashbrown::hash_map::EntryRef;
+    match cache.entry_ref(key) {
+        EntryRef::Occupied(entry) => {
+            let cached = entry.into_mut();
+            cached.last_used = batch_no;
+            Ok(cached)
+        }
+        EntryRef::Vacant(entry) => {
+            misses.increment(1);
+            let record = match store.get_with(Cf::Features, key, Record::decode)? {
+                Some(Some(record)) => record,
+                Some(None) => {
+                    return Err(FeatureError::Corrupt {
+                        key: String::from_utf8_lossy(&key[8..]).into_owned(),
+                    })
+                }
+                None => Record::default(),
+            };
+            let bytes = entry_bytes(key, &record);
+            *cache_bytes += bytes;
+            Ok(entry.insert(Cached {
+                record,
+                dirty: false,
+                last_used: batch_no,
+                bytes,
+            }))
+        }
+    }
+}
+
+/// Puts (or, when empty, deletes) `cached` under `key` and marks it clean.
+fn write_record(
+    batch: &mut StateBatch<'_>,
+    key: &[u8],
+    cached: &mut Cached,
+    scratch: &mut Vec<u8>,
+) -> Result<(), FeatureError> {
+    if cached.record.is_empty() {
+        batch.delete(Cf::Features, key)?;
     } else {
-        floats.push(f);
+        cached.record.encode(scratch);
+        batch.put(Cf::Features, key, scratch)?;
+    }
+    cached.dirty = false;
+    Ok(())
+}
+
+impl<'a> FeatureInput<'a> {
+    fn new(feature: &'a CompiledWindowFeature, events: &RecordBatch) -> Result<Self, FeatureError> {
+        let window_ms = feature.window_ms();
+        let values =
+            match feature.of_column {
+                Some(i) => Some(values_of(events.column(i), feature.spec.agg).map_err(
+                    |source| FeatureError::Arrow {
+                        feature: feature.name.clone(),
+                        source,
+                    },
+                )?),
+                None => None,
+            };
+        Ok(Self {
+            feature,
+            id: feature_id(feature),
+            window_ms,
+            pane_ms: KeyWindow::pane_ms(window_ms),
+            filter: feature.filter_mask(events),
+            values,
+        })
+    }
+
+    /// Folds row `row` into `window` when it passes the filter and has a value; true if it did.
+    fn fold(&self, window: &mut KeyWindow, row: usize, ts: i64, seq: u64) -> bool {
+        if self.filter.as_ref().is_some_and(|m| !m.value(row)) {
+            return false;
+        }
+        let value = match &self.values {
+            Some(v) if v.is_null(row) => return false,
+            Some(v) => v.value(row),
+            None => 0.0,
+        };
+        window.insert(self.pane_ms, Entry { ts, seq, value });
+        true
+    }
+
+    /// Appends the feature's value at time `t` to `column`.
+    fn read(&self, window: &KeyWindow, t: i64, distinct: &mut Vec<u64>, column: &mut Column) {
+        let (pane, len) = (self.pane_ms, self.window_ms);
+        match (self.feature.spec.agg, column) {
+            (Agg::Count, Column::Ints(c)) => {
+                c.push(Some(window.summary(pane, len, t).count as i64))
+            }
+            (Agg::CountDistinct, Column::Ints(c)) => {
+                c.push(Some(window.count_distinct(len, t, distinct) as i64))
+            }
+            (Agg::Sum, Column::Floats(c)) => c.push(sum(&window.summary(pane, len, t))),
+            (Agg::Avg, Column::Floats(c)) => c.push(window.summary(pane, len, t).avg()),
+            (Agg::Min, Column::Floats(c)) => c.push(window.summary(pane, len, t).min()),
+            (Agg::Max, Column::Floats(c)) => c.push(window.summary(pane, len, t).max()),
+            (Agg::Stddev, Column::Floats(c)) => c.push(window.summary(pane, len, t).stddev()),
+            (Agg::Last, Column::Floats(c)) => c.push(window.last(len, t).map(|e| e.value)),
+            (Agg::SecondsSinceLast, Column::Floats(c)) => {
+                c.push(window.last(len, t).map(|e| (t - e.ts) as f64 / 1000.0))
+            }
+            (_, column) => column.push_null(),
+        }
     }
 }
 

@@ -2,13 +2,13 @@
 //!
 //! The window of an event at time `t` is `(t − W, t]` over the events processed so far. Events
 //! are bucketed into panes of `P = W / PANES_PER_WINDOW`; each pane keeps a pre-aggregated
-//! [`Summary`] and its events sorted by time. A query combines the summaries of the panes fully
-//! inside the window (at most `PANES_PER_WINDOW + 1` of them, whatever the window length) and
-//! looks inside only the pane cut by the left edge (binary search to the edge, then its events up
-//! to the pane end), so the result is exact to the millisecond while the number of panes touched
-//! does not grow with the window.
-//! The pane cut by the right edge needs a look inside only when the event is out of order (some
-//! events of that pane are newer than it).
+//! [`Summary`], and the events themselves are kept once, sorted by time, in one buffer. A query
+//! combines the summaries of the panes fully inside the window (at most `PANES_PER_WINDOW + 1`
+//! of them, whatever the window length) and looks at single events only in the pane cut by the
+//! left edge (binary search to the edge, then up to the pane end), so the result is exact to the
+//! millisecond while the number of panes touched does not grow with the window or the key's
+//! event rate. The pane cut by the right edge needs a look inside only when the event is out of
+//! order (some events of that pane are newer than it).
 //!
 //! Panes entirely older than a horizon are evicted as the watermark passes it.
 
@@ -90,7 +90,7 @@ impl Summary {
     }
 }
 
-/// One event in a pane: event time, processing sequence (ties: later processed wins), value.
+/// One event of a window: event time, processing sequence (ties: later processed wins), value.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Entry {
     pub ts: i64,
@@ -98,47 +98,29 @@ pub struct Entry {
     pub value: f64,
 }
 
-/// A time bucket `[start, start + P)`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Pane {
-    pub start: i64,
-    pub summary: Summary,
-    /// Sorted by `(ts, seq)`.
-    pub entries: Vec<Entry>,
-}
-
-impl Pane {
-    fn insert(&mut self, e: Entry) {
-        self.summary.add(e.value);
-        let at = match self.entries.last() {
-            Some(last) if (last.ts, last.seq) > (e.ts, e.seq) => self
-                .entries
-                .partition_point(|x| (x.ts, x.seq) <= (e.ts, e.seq)),
-            _ => self.entries.len(),
-        };
-        self.entries.insert(at, e);
-    }
-
-    fn max_ts(&self) -> i64 {
-        self.entries.last().map_or(i64::MIN, |e| e.ts)
-    }
-
-    /// Summary of the entries with `lo < ts <= hi`.
-    fn partial(&self, lo: i64, hi: i64) -> Summary {
-        let from = self.entries.partition_point(|e| e.ts <= lo);
-        let to = self.entries.partition_point(|e| e.ts <= hi);
-        let mut s = Summary::default();
-        for e in &self.entries[from..to] {
-            s.add(e.value);
-        }
-        s
+impl Entry {
+    fn order(&self) -> (i64, u64) {
+        (self.ts, self.seq)
     }
 }
 
-/// The panes of one feature for one entity key.
+/// A time bucket `[start, start + P)`: its summary and the newest event time in it. Its events
+/// are the `summary.count` entries of the window that fall in the bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Pane {
+    start: i64,
+    max_ts: i64,
+    summary: Summary,
+}
+
+/// The state of one feature for one entity key: pane summaries plus the events themselves, all
+/// in two flat buffers (one allocation each, whatever the number of panes).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KeyWindow {
-    pub panes: VecDeque<Pane>,
+    /// Sorted by `start`.
+    panes: VecDeque<Pane>,
+    /// Every event of every pane, sorted by `(ts, seq)`.
+    entries: VecDeque<Entry>,
 }
 
 impl KeyWindow {
@@ -153,23 +135,29 @@ impl KeyWindow {
 
     /// Number of stored events.
     pub fn len(&self) -> usize {
-        self.panes.iter().map(|p| p.entries.len()).sum()
+        self.entries.len()
     }
 
     pub fn insert(&mut self, pane_ms: i64, e: Entry) {
+        // Entries: in order, an append; out of order, an insert near the end.
+        match self.entries.back() {
+            Some(last) if last.order() > e.order() => {
+                let at = self.entries.partition_point(|x| x.order() <= e.order());
+                self.entries.insert(at, e);
+            }
+            _ => self.entries.push_back(e),
+        }
         let start = e.ts.div_euclid(pane_ms) * pane_ms;
-        let at = match self.panes.back() {
+        let at = match self.panes.back_mut() {
             Some(last) if last.start == start => {
-                if let Some(p) = self.panes.back_mut() {
-                    p.insert(e);
-                }
+                last.add(e);
                 return;
             }
             Some(last) if last.start < start => self.panes.len(),
             None => 0,
             Some(_) => match self.panes.binary_search_by(|p| p.start.cmp(&start)) {
                 Ok(i) => {
-                    self.panes[i].insert(e);
+                    self.panes[i].add(e);
                     return;
                 }
                 Err(i) => i,
@@ -177,11 +165,21 @@ impl KeyWindow {
         };
         let mut pane = Pane {
             start,
+            max_ts: i64::MIN,
             summary: Summary::default(),
-            entries: Vec::with_capacity(4),
         };
-        pane.insert(e);
+        pane.add(e);
         self.panes.insert(at, pane);
+    }
+
+    /// Summary of the entries with `lo < ts <= hi`.
+    fn partial(&self, lo: i64, hi: i64) -> Summary {
+        let from = self.entries.partition_point(|e| e.ts <= lo);
+        let mut s = Summary::default();
+        for e in self.entries.range(from..).take_while(|e| e.ts <= hi) {
+            s.add(e.value);
+        }
+        s
     }
 
     /// Summary of the events with `t − window < ts <= t`.
@@ -194,11 +192,13 @@ impl KeyWindow {
             if pane.start > t {
                 break;
             }
-            let fully_inside = pane.start > lo && pane.max_ts() <= t;
-            if fully_inside {
+            if pane.start > lo && pane.max_ts <= t {
                 s.merge(&pane.summary);
             } else {
-                s.merge(&pane.partial(lo, t));
+                // Cut by an edge: the pane's own events inside the window.
+                let pane_lo = lo.max(pane.start - 1);
+                let pane_hi = t.min(pane.start + pane_ms - 1);
+                s.merge(&self.partial(pane_lo, pane_hi));
             }
         }
         s
@@ -206,42 +206,21 @@ impl KeyWindow {
 
     /// The latest entry with `t − window < ts <= t` (ties: the one processed last).
     pub fn last(&self, window_ms: i64, t: i64) -> Option<Entry> {
-        let lo = t - window_ms;
-        for pane in self.panes.iter().rev() {
-            if pane.start > t {
-                continue;
-            }
-            let to = pane.entries.partition_point(|e| e.ts <= t);
-            match to.checked_sub(1).map(|i| pane.entries[i]) {
-                Some(e) if e.ts > lo => return Some(e),
-                Some(_) => return None,
-                None => {}
-            }
-            if pane.start <= lo {
-                return None;
-            }
-        }
-        None
+        let to = self.entries.partition_point(|e| e.ts <= t);
+        let e = *self.entries.get(to.checked_sub(1)?)?;
+        (e.ts > t - window_ms).then_some(e)
     }
 
     /// Number of distinct values among the events with `t − window < ts <= t`. `scratch` is a
     /// reusable buffer, so a query allocates nothing once it has grown.
-    pub fn count_distinct(
-        &self,
-        pane_ms: i64,
-        window_ms: i64,
-        t: i64,
-        scratch: &mut Vec<u64>,
-    ) -> u64 {
+    pub fn count_distinct(&self, window_ms: i64, t: i64, scratch: &mut Vec<u64>) -> u64 {
         let lo = t - window_ms;
-        let first = self.panes.partition_point(|p| p.start + pane_ms <= lo + 1);
+        let from = self.entries.partition_point(|e| e.ts <= lo);
         scratch.clear();
         scratch.extend(
-            self.panes
-                .range(first..)
-                .take_while(|p| p.start <= t)
-                .flat_map(|p| p.entries.iter())
-                .filter(|e| e.ts > lo && e.ts <= t)
+            self.entries
+                .range(from..)
+                .take_while(|e| e.ts <= t)
                 .map(|e| e.value.to_bits()),
         );
         scratch.sort_unstable();
@@ -253,82 +232,105 @@ impl KeyWindow {
     pub fn evict(&mut self, pane_ms: i64, horizon: i64) -> usize {
         let mut dropped = 0;
         while let Some(p) = self.panes.front() {
-            if p.start + pane_ms <= horizon {
-                dropped += p.entries.len();
-                self.panes.pop_front();
-            } else {
+            if p.start + pane_ms > horizon {
                 break;
             }
+            dropped += p.summary.count as usize;
+            self.panes.pop_front();
+        }
+        self.entries.drain(..dropped.min(self.entries.len()));
+        // Keep small buffers for the key's next events; give large ones back.
+        if self.entries.capacity() > 64 && self.entries.len() < self.entries.capacity() / 4 {
+            self.entries.shrink_to(self.entries.len() * 2);
+            self.panes.shrink_to(self.panes.len() * 2);
         }
         dropped
     }
 }
 
-/// Encoding of a [`KeyWindow`] for the state store (little-endian, versioned).
-impl KeyWindow {
-    const FORMAT: u8 = 1;
+impl Pane {
+    fn add(&mut self, e: Entry) {
+        self.summary.add(e.value);
+        self.max_ts = self.max_ts.max(e.ts);
+    }
+}
 
+/// Encoding of a [`KeyWindow`] for the state store (little-endian).
+impl KeyWindow {
     /// Approximate heap bytes held (for the cache's memory cap).
     pub fn approx_bytes(&self) -> usize {
-        64 + self.panes.len() * 96 + self.len() * std::mem::size_of::<Entry>()
+        2 * std::mem::size_of::<VecDeque<()>>()
+            + self.panes.capacity() * std::mem::size_of::<Pane>()
+            + self.entries.capacity() * std::mem::size_of::<Entry>()
     }
 
     /// Appends the encoding of this window to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.push(Self::FORMAT);
+        out.reserve(8 + self.panes.len() * 64 + self.entries.len() * 24);
         out.extend_from_slice(&(self.panes.len() as u32).to_le_bytes());
         for p in &self.panes {
             out.extend_from_slice(&p.start.to_le_bytes());
+            out.extend_from_slice(&p.max_ts.to_le_bytes());
             let s = &p.summary;
             out.extend_from_slice(&s.count.to_le_bytes());
             for v in [s.sum, s.mean, s.m2, s.min, s.max] {
                 out.extend_from_slice(&v.to_le_bytes());
             }
-            out.extend_from_slice(&(p.entries.len() as u32).to_le_bytes());
-            for e in &p.entries {
-                out.extend_from_slice(&e.ts.to_le_bytes());
-                out.extend_from_slice(&e.seq.to_le_bytes());
-                out.extend_from_slice(&e.value.to_le_bytes());
-            }
+        }
+        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        for e in &self.entries {
+            out.extend_from_slice(&e.ts.to_le_bytes());
+            out.extend_from_slice(&e.seq.to_le_bytes());
+            out.extend_from_slice(&e.value.to_le_bytes());
         }
     }
 
-    /// Decodes a window written by [`Self::encode`]; `None` if the bytes are not one.
-    pub fn decode(bytes: &[u8]) -> Option<KeyWindow> {
+    /// Decodes a window written by [`Self::encode`] from the front of `bytes`, advancing it;
+    /// `None` if the bytes are not one (or the panes and entries disagree).
+    pub fn decode_from(bytes: &mut &[u8]) -> Option<KeyWindow> {
         let mut r = Reader(bytes);
-        if r.u8()? != Self::FORMAT {
-            return None;
-        }
         let panes = r.u32()? as usize;
         let mut w = KeyWindow {
-            panes: VecDeque::with_capacity(panes),
+            panes: VecDeque::with_capacity(panes.min(r.0.len() / 64)),
+            entries: VecDeque::new(),
         };
+        let mut counted = 0u64;
         for _ in 0..panes {
-            let start = r.i64()?;
-            let summary = Summary {
-                count: r.u64()?,
-                sum: r.f64()?,
-                mean: r.f64()?,
-                m2: r.f64()?,
-                min: r.f64()?,
-                max: r.f64()?,
+            let pane = Pane {
+                start: r.i64()?,
+                max_ts: r.i64()?,
+                summary: Summary {
+                    count: r.u64()?,
+                    sum: r.f64()?,
+                    mean: r.f64()?,
+                    m2: r.f64()?,
+                    min: r.f64()?,
+                    max: r.f64()?,
+                },
             };
-            let n = r.u32()? as usize;
-            let mut entries = Vec::with_capacity(n.min(r.0.len() / 24));
-            for _ in 0..n {
-                entries.push(Entry {
-                    ts: r.i64()?,
-                    seq: r.u64()?,
-                    value: r.f64()?,
-                });
-            }
-            w.panes.push_back(Pane {
-                start,
-                summary,
-                entries,
+            counted = counted.checked_add(pane.summary.count)?;
+            w.panes.push_back(pane);
+        }
+        let n = r.u32()? as usize;
+        if n as u64 != counted {
+            return None;
+        }
+        w.entries.reserve_exact(n.min(r.0.len() / 24));
+        for _ in 0..n {
+            w.entries.push_back(Entry {
+                ts: r.i64()?,
+                seq: r.u64()?,
+                value: r.f64()?,
             });
         }
-        r.0.is_empty().then_some(w)
+        *bytes = r.0;
+        Some(w)
+    }
+
+    /// Decodes exactly one window.
+    pub fn decode(mut bytes: &[u8]) -> Option<KeyWindow> {
+        let w = Self::decode_from(&mut bytes)?;
+        bytes.is_empty().then_some(w)
     }
 }
 
@@ -339,9 +341,6 @@ impl Reader<'_> {
         let (head, rest) = self.0.split_first_chunk::<N>()?;
         self.0 = rest;
         Some(*head)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take::<1>().map(|b| b[0])
     }
     fn u32(&mut self) -> Option<u32> {
         self.take().map(u32::from_le_bytes)
@@ -447,7 +446,7 @@ mod tests {
                 distinct.sort_unstable();
                 distinct.dedup();
                 assert_eq!(
-                    w.count_distinct(pane, window, ts, &mut Vec::new()),
+                    w.count_distinct(window, ts, &mut Vec::new()),
                     distinct.len() as u64
                 );
             }
@@ -501,7 +500,7 @@ mod tests {
         );
         bytes.push(0);
         assert_eq!(KeyWindow::decode(&bytes), None, "trailing bytes");
-        assert_eq!(KeyWindow::decode(&[9]), None, "unknown format");
+        assert_eq!(KeyWindow::decode(&[9]), None, "not a window");
     }
 
     #[test]

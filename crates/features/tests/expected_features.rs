@@ -90,7 +90,7 @@ fn replay_and_compare(
     // Reference history per (entity field, key), in arrival order.
     let mut history: HashMap<(&str, String), Vec<Seen>> = HashMap::new();
     let mut compared = 0;
-    for chunk in lines.chunks(batch) {
+    for (n, chunk) in lines.chunks(batch).enumerate() {
         let mut raw = RawBatch::new();
         for (i, l) in chunk.iter().enumerate() {
             raw.push(
@@ -111,7 +111,12 @@ fn replay_and_compare(
             .values()
             .to_vec();
         let out = operator.compute(&bundle, &events, &times).unwrap();
-        operator.flush(&[]).unwrap();
+        // Write-back cache: trimmed to its cap after every batch (records dropped and later
+        // reloaded), everything written out now and then.
+        operator.end_batch().unwrap();
+        if n % 3 == 0 {
+            operator.flush(&[]).unwrap();
+        }
         let ids = out.column(0).as_string::<i32>();
         let customers = out.column(2).as_string::<i32>();
         let terminals = out.column(3).as_string::<i32>();

@@ -21,7 +21,7 @@ use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, TimestampMillisecondType};
 use metrics::Counter;
 use riskstream_common::{Config, DeadLetter, DeadReason, EventSchema, RawBatch, SchemaError};
-use riskstream_decode::{DecodeError, EventDecoder};
+use riskstream_decode::{DecodeError, Decoded, EventDecoder};
 use riskstream_features::{FeatureError, FeatureOperator, StateStats};
 use riskstream_rules::{CompiledBundle, Decision, RuleTable, ScoreError};
 use riskstream_state::{Cf, StateStore};
@@ -85,13 +85,16 @@ pub struct Pipeline {
     rules: Arc<RuleTable>,
     metrics: PipelineMetrics,
     last_eviction: Option<i64>,
+    /// Processing time of the last state flush.
+    last_flush: Option<i64>,
+    flush_interval_ms: i64,
     /// Keeps a temporary state directory alive (declared after `features`, which holds the
     /// store, so the database closes before the directory is removed).
     _temp_state: Option<tempfile::TempDir>,
 }
 
 /// Stored windows examined per eviction sweep (one sweep per second at most).
-const EVICTION_SWEEP_KEYS: usize = 65_536;
+const EVICTION_SWEEP_KEYS: usize = 16_384;
 
 /// Metadata key of a partition's highest event time.
 fn partition_key(partition: i32) -> Vec<u8> {
@@ -184,6 +187,8 @@ impl Pipeline {
             rules,
             metrics: PipelineMetrics::new(source_name),
             last_eviction: None,
+            last_flush: None,
+            flush_interval_ms: config.state.flush_interval.as_millis() as i64,
             _temp_state: temp,
         })
     }
@@ -206,8 +211,25 @@ impl Pipeline {
         out: &mut Processed,
         now_ms: i64,
     ) -> Result<(), PipelineError> {
-        out.clear();
         let decoded = self.decoder.decode(raw)?;
+        self.process_decoded(raw, decoded, out, now_ms)
+    }
+
+    /// A decoder like the pipeline's own, for decoding on another thread ahead of
+    /// [`Self::process_decoded`].
+    pub fn decoder(&self) -> Result<EventDecoder, PipelineError> {
+        Ok(EventDecoder::new(&self.schema, self.decoder.capacity())?)
+    }
+
+    /// [`Self::process_at`] for a batch already decoded (by a decoder from [`Self::decoder`]).
+    pub fn process_decoded(
+        &mut self,
+        raw: &RawBatch,
+        decoded: Decoded,
+        out: &mut Processed,
+        now_ms: i64,
+    ) -> Result<(), PipelineError> {
+        out.clear();
         out.dead = decoded.dead;
         if decoded.batch.num_rows() == 0 {
             self.count_dead(&out.dead);
@@ -243,20 +265,7 @@ impl Pipeline {
         // One load per batch: every event of the batch is scored by this bundle.
         let bundle = self.rules.load();
         let with_features = self.features.compute(&bundle, &events, &event_time)?;
-        // The batch's state changes and the partitions' progress, in one write.
-        let progress: Vec<(Vec<u8>, [u8; 8])> = self
-            .time
-            .partition_watermarks()
-            .map(|(p, wm)| {
-                let max = wm + self.time.config().max_out_of_orderness.as_millis() as i64;
-                (partition_key(p), max.to_le_bytes())
-            })
-            .collect();
-        let meta: Vec<(&[u8], &[u8])> = progress
-            .iter()
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
-            .collect();
-        self.features.flush(&meta)?;
+        self.features.end_batch()?;
         let evaluated = bundle.evaluate(&with_features)?;
         let processed_at = source::now_ms();
         verdict::encode(
@@ -286,6 +295,34 @@ impl Pipeline {
         }
         out.rules_version = bundle.version();
         self.evict(&bundle, now_ms)?;
+        match self.last_flush {
+            Some(at) if now_ms - at >= self.flush_interval_ms => {
+                self.flush_state()?;
+                self.last_flush = Some(now_ms);
+            }
+            Some(_) => {}
+            None => self.last_flush = Some(now_ms),
+        }
+        Ok(())
+    }
+
+    /// Writes the feature state changed since the last flush and the partitions' progress to
+    /// the state store in one write batch. Afterwards the store holds exactly the state after
+    /// the last processed batch: a restart over it continues from there.
+    pub fn flush_state(&mut self) -> Result<(), PipelineError> {
+        let progress: Vec<(Vec<u8>, [u8; 8])> = self
+            .time
+            .partition_watermarks()
+            .map(|(p, wm)| {
+                let max = wm + self.time.config().max_out_of_orderness.as_millis() as i64;
+                (partition_key(p), max.to_le_bytes())
+            })
+            .collect();
+        let meta: Vec<(&[u8], &[u8])> = progress
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        self.features.flush(&meta)?;
         Ok(())
     }
 
@@ -458,47 +495,101 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// Runs `pipeline` over `source` into `sink` until the source is exhausted.
+/// Runs `pipeline` over `source` into `sink` until the source is exhausted, then writes the
+/// feature state out ([`Pipeline::flush_state`]).
+///
+/// Three threads, each owning one end: a reader fills and decodes raw batches, the calling
+/// thread runs time, features and rules, a writer hands the results to the sink. Bounded
+/// channels between them keep at most a few batches in flight, so memory stays bounded and a
+/// slow sink slows the reader down. The first error stops all three and is returned.
 pub fn run(
-    source: &mut dyn Source,
+    source: &mut (dyn Source + Send),
     pipeline: &mut Pipeline,
-    sink: &mut dyn Sink,
+    sink: &mut (dyn Sink + Send),
 ) -> Result<Summary, PipelineError> {
+    use std::sync::mpsc::sync_channel;
+
+    /// Batches in flight between two stages.
+    const IN_FLIGHT: usize = 2;
     let batch_max_events = pipeline.decoder.capacity();
+    let mut decoder = pipeline.decoder()?;
+    let source_name = source.name().to_string();
     let started = Instant::now();
     let mut summary = Summary::default();
-    let mut raw = RawBatch::new();
-    let mut out = Processed::default();
-    loop {
-        raw.clear();
-        let state = source.fill(&mut raw, batch_max_events)?;
-        if !raw.is_empty() {
-            pipeline.process(&raw, &mut out)?;
-            sink.verdicts(&out.verdicts)?;
-            if !out.dead.is_empty() {
-                sink.dead_letters(source.name(), &raw, &out.dead)?;
+    let (to_score, decoded) = sync_channel::<(RawBatch, Decoded)>(IN_FLIGHT);
+    let (to_write, scored) = sync_channel::<(RawBatch, Processed)>(IN_FLIGHT);
+
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || -> Result<(), PipelineError> {
+            loop {
+                let mut raw = RawBatch::new();
+                let state = source.fill(&mut raw, batch_max_events)?;
+                if !raw.is_empty() {
+                    let batch = decoder.decode(&raw)?;
+                    if to_score.send((raw, batch)).is_err() {
+                        return Ok(()); // the scorer stopped; its error is reported
+                    }
+                }
+                if state == SourceState::Exhausted {
+                    return Ok(());
+                }
             }
-            if !out.late.is_empty() {
-                sink.late(source.name(), &raw, &out.late)?;
+        });
+        let source_name = &source_name;
+        let writer = scope.spawn(move || -> Result<(), PipelineError> {
+            for (raw, out) in scored {
+                sink.verdicts(&out.verdicts)?;
+                if !out.dead.is_empty() {
+                    sink.dead_letters(source_name, &raw, &out.dead)?;
+                }
+                if !out.late.is_empty() {
+                    sink.late(source_name, &raw, &out.late)?;
+                }
             }
-            summary.late += out.late.len() as u64;
-            summary.events += raw.len() as u64;
-            summary.verdicts += out.verdicts.len() as u64;
-            for (total, n) in summary.decisions.iter_mut().zip(out.decisions) {
-                *total += n;
+            sink.flush()?;
+            Ok(())
+        });
+
+        let scoring = (|| -> Result<(), PipelineError> {
+            for (raw, batch) in decoded {
+                let mut out = Processed::default();
+                pipeline.process_decoded(&raw, batch, &mut out, source::now_ms())?;
+                summary.add(&raw, &out);
+                if to_write.send((raw, out)).is_err() {
+                    // The writer stopped (its error is reported): keep the stored state at the
+                    // last flush rather than claim batches whose verdicts were not written.
+                    return Ok(());
+                }
             }
-            for d in &out.dead {
-                *summary.dead_letters.entry(d.reason.as_str()).or_default() += 1;
-            }
-            if out.rules_version != 0 && summary.rules_versions.last() != Some(&out.rules_version) {
-                summary.rules_versions.push(out.rules_version);
-            }
-        }
-        if state == SourceState::Exhausted {
-            break;
-        }
-    }
-    sink.flush()?;
+            drop(to_write);
+            pipeline.flush_state()
+        })();
+        let read = reader
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let written = writer
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        // The root cause first: a failing sink or source makes the scorer stop too.
+        written.and(read).and(scoring)
+    })?;
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+impl Summary {
+    fn add(&mut self, raw: &RawBatch, out: &Processed) {
+        self.late += out.late.len() as u64;
+        self.events += raw.len() as u64;
+        self.verdicts += out.verdicts.len() as u64;
+        for (total, n) in self.decisions.iter_mut().zip(out.decisions) {
+            *total += n;
+        }
+        for d in &out.dead {
+            *self.dead_letters.entry(d.reason.as_str()).or_default() += 1;
+        }
+        if out.rules_version != 0 && self.rules_versions.last() != Some(&out.rules_version) {
+            self.rules_versions.push(out.rules_version);
+        }
+    }
 }
