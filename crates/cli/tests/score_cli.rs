@@ -197,6 +197,13 @@ fn events_too_late_go_to_the_late_file_and_the_rest_is_scored() {
             ("f", false)
         ]
     );
+    // The late event is folded into state, the too-late one is not: `c` and `d` see `a` and
+    // themselves (the others are newer); `f` sees a, b, c, d and itself, not `e`.
+    let day_counts: Vec<i64> = verdicts
+        .iter()
+        .map(|v| v["features"]["cust_tx_count_1d"].as_i64().unwrap())
+        .collect();
+    assert_eq!(day_counts, [1, 2, 2, 2, 5]);
     let late = json_lines(&dir.path().join("out.jsonl.late.jsonl"));
     assert_eq!(late.len(), 1);
     assert_eq!(late[0]["reason"], "too_late");
