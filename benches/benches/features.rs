@@ -90,7 +90,7 @@ fn run(c: &mut Criterion, group: &str, cases: &[(&str, u64)]) {
                 |(dir, mut operator)| {
                     for (batch, times) in &input {
                         operator
-                            .compute(&bundle, batch, times)
+                            .compute(&bundle, batch, times, None)
                             .unwrap_or_else(|e| panic!("{e}"));
                         operator.flush(&[]).unwrap_or_else(|e| panic!("{e}"));
                     }

@@ -19,7 +19,7 @@ use metrics::Counter;
 use riskstream_rules::{Agg, CompiledBundle, CompiledWindowFeature};
 use riskstream_state::{Cf, StateBatch, StateError, StateStore};
 
-use crate::window::{Entry, KeyWindow, Summary};
+use crate::window::{Entry, KeyWindow, Shape};
 
 /// The operator could not compute a batch: a bug or a schema the bundle was not compiled for.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +81,7 @@ struct Record {
 }
 
 impl Record {
-    const FORMAT: u8 = 2;
+    const FORMAT: u8 = 3;
 
     /// The window of feature `id`, expected at `slot` (where the current bundle puts it).
     fn window(&mut self, slot: usize, id: [u8; 8]) -> &mut KeyWindow {
@@ -163,8 +163,6 @@ fn entry_bytes(key: &[u8], record: &Record) -> usize {
     key.len() + 64 + record.approx_bytes()
 }
 
-const SEQ_KEY: &[u8] = b"features/seq";
-
 /// Computes windowed feature columns batch by batch; keeps their state in RocksDB behind a
 /// bounded write-back cache of hot records.
 ///
@@ -177,8 +175,6 @@ pub struct FeatureOperator {
     cache: HashMap<Box<[u8]>, Cached>,
     cache_bytes: usize,
     cache_max_bytes: usize,
-    /// Processing sequence: orders events with equal event time; survives restarts.
-    seq: u64,
     batch_no: u64,
     key: Vec<u8>,
     scratch: Vec<u8>,
@@ -190,6 +186,7 @@ pub struct FeatureOperator {
     cache_cursor: usize,
     cache_misses: Counter,
     records_written: Counter,
+    evicted: Counter,
 }
 
 impl std::fmt::Debug for FeatureOperator {
@@ -206,8 +203,7 @@ impl std::fmt::Debug for FeatureOperator {
 struct FeatureInput<'a> {
     feature: &'a CompiledWindowFeature,
     id: [u8; 8],
-    window_ms: i64,
-    pane_ms: i64,
+    shape: Shape,
     filter: Option<BooleanBuffer>,
     values: Option<Float64Array>,
 }
@@ -244,16 +240,11 @@ impl Column {
 impl FeatureOperator {
     /// An operator over `store`, continuing from the state it holds.
     pub fn open(store: Arc<StateStore>, cache_max_bytes: usize) -> Result<Self, FeatureError> {
-        let seq = store
-            .get(Cf::Meta, SEQ_KEY)?
-            .and_then(|v| v.as_slice().try_into().ok().map(u64::from_le_bytes))
-            .unwrap_or(0);
         Ok(Self {
             store,
             cache: HashMap::new(),
             cache_bytes: 0,
             cache_max_bytes,
-            seq,
             batch_no: 0,
             key: Vec::new(),
             scratch: Vec::new(),
@@ -262,6 +253,7 @@ impl FeatureOperator {
             cache_cursor: 0,
             cache_misses: metrics::counter!("riskstream_state_cache_misses_total"),
             records_written: metrics::counter!("riskstream_state_records_written_total"),
+            evicted: metrics::counter!("riskstream_state_evicted_events_total"),
         })
     }
 
@@ -272,12 +264,18 @@ impl FeatureOperator {
 
     /// Appends the windowed feature columns of `bundle` to `events`, in arrival order, folding
     /// every event into state. `event_time[i]` is the (possibly corrected) time of row `i`.
-    /// Changes stay in the cache until [`Self::end_batch`] or [`Self::flush`] writes them.
+    ///
+    /// `horizon` is the lowest event time this batch or any later one may carry (the watermark
+    /// when the batch began, minus `allowed_lateness`; `None` before the first watermark): the
+    /// windows a batch touches drop their events older than `horizon − window` on the way, so a
+    /// busy key's state stays within its window however rarely the sweeps of [`Self::evict`]
+    /// reach it. Changes stay in the cache until [`Self::end_batch`] or [`Self::flush`].
     pub fn compute(
         &mut self,
         bundle: &CompiledBundle,
         events: &RecordBatch,
         event_time: &[i64],
+        horizon: Option<i64>,
     ) -> Result<RecordBatch, FeatureError> {
         let features = bundle.window_features();
         if features.is_empty() {
@@ -291,8 +289,6 @@ impl FeatureOperator {
             });
         }
         self.batch_no += 1;
-        let first_seq = self.seq;
-        self.seq += rows as u64;
 
         let inputs = features
             .iter()
@@ -310,6 +306,7 @@ impl FeatureOperator {
                 None => groups.push((&f.entity_columns, &f.spec.entity, vec![i])),
             }
         }
+        let mut evicted = 0;
         for (entity_columns, entity, members) in &groups {
             let keys: Vec<&ArrayRef> = entity_columns.iter().map(|&i| events.column(i)).collect();
             let group = group_id(entity);
@@ -331,17 +328,23 @@ impl FeatureOperator {
                     &self.cache_misses,
                     &mut self.cache_bytes,
                 )?;
-                let seq = first_seq + row as u64 + 1;
                 for (slot, &m) in members.iter().enumerate() {
                     let input = &inputs[m];
                     let window = cached.record.window(slot, input.id);
+                    if let Some(horizon) = horizon {
+                        let dropped = window.evict(horizon - input.shape.window_ms);
+                        if dropped > 0 {
+                            evicted += dropped as u64;
+                            cached.dirty = true;
+                        }
+                    }
                     // `seconds_since_last` looks at the events before this one; every other
                     // aggregate includes it.
                     let before = input.feature.spec.agg == Agg::SecondsSinceLast;
                     if before {
                         input.read(window, t, &mut self.distinct, &mut columns[m]);
                     }
-                    if input.fold(window, row, t, seq) {
+                    if input.fold(window, row, t) {
                         cached.dirty = true;
                     }
                     if !before {
@@ -353,6 +356,8 @@ impl FeatureOperator {
                 cached.bytes = bytes;
             }
         }
+
+        self.evicted.increment(evicted);
 
         let mut all = events.columns().to_vec();
         all.extend(columns.into_iter().map(Column::finish));
@@ -416,7 +421,6 @@ impl FeatureOperator {
                 written += 1;
             }
         }
-        batch.put(Cf::Meta, SEQ_KEY, &self.seq.to_le_bytes())?;
         for (k, v) in meta {
             batch.put(Cf::Meta, k, v)?;
         }
@@ -443,17 +447,14 @@ impl FeatureOperator {
         allowed_lateness_ms: i64,
         store_keys: usize,
     ) -> Result<usize, FeatureError> {
-        let live: HashMap<[u8; 8], (i64, i64)> = bundle
+        // Per live feature, the time at or before which no event can be reached again.
+        let live: HashMap<[u8; 8], i64> = bundle
             .window_features()
             .iter()
             .map(|f| {
-                let window = f.window_ms();
                 (
                     feature_id(f),
-                    (
-                        KeyWindow::pane_ms(window),
-                        watermark - allowed_lateness_ms - window,
-                    ),
+                    watermark - allowed_lateness_ms - f.window_ms(),
                 )
             })
             .collect();
@@ -463,8 +464,8 @@ impl FeatureOperator {
             let mut changed = record.windows.len() != before;
             let mut dropped = 0;
             for (id, window) in &mut record.windows {
-                if let Some(&(pane, horizon)) = live.get(id) {
-                    let n = window.evict(pane, horizon);
+                if let Some(&horizon) = live.get(id) {
+                    let n = window.evict(horizon);
                     dropped += n;
                     changed |= n > 0;
                 }
@@ -524,6 +525,7 @@ impl FeatureOperator {
                 cached.bytes = bytes;
             }
         }
+        self.evicted.increment(dropped as u64);
         Ok(dropped)
     }
 
@@ -609,7 +611,6 @@ fn write_record(
 
 impl<'a> FeatureInput<'a> {
     fn new(feature: &'a CompiledWindowFeature, events: &RecordBatch) -> Result<Self, FeatureError> {
-        let window_ms = feature.window_ms();
         let values =
             match feature.of_column {
                 Some(i) => Some(values_of(events.column(i), feature.spec.agg).map_err(
@@ -623,15 +624,14 @@ impl<'a> FeatureInput<'a> {
         Ok(Self {
             feature,
             id: feature_id(feature),
-            window_ms,
-            pane_ms: KeyWindow::pane_ms(window_ms),
+            shape: Shape::new(feature.window_ms(), feature.spec.agg == Agg::Stddev),
             filter: feature.filter_mask(events),
             values,
         })
     }
 
     /// Folds row `row` into `window` when it passes the filter and has a value; true if it did.
-    fn fold(&self, window: &mut KeyWindow, row: usize, ts: i64, seq: u64) -> bool {
+    fn fold(&self, window: &mut KeyWindow, row: usize, ts: i64) -> bool {
         if self.filter.as_ref().is_some_and(|m| !m.value(row)) {
             return false;
         }
@@ -640,25 +640,23 @@ impl<'a> FeatureInput<'a> {
             Some(v) => v.value(row),
             None => 0.0,
         };
-        window.insert(self.pane_ms, Entry { ts, seq, value });
+        window.insert(self.shape, Entry { ts, value });
         true
     }
 
     /// Appends the feature's value at time `t` to `column`.
     fn read(&self, window: &KeyWindow, t: i64, distinct: &mut Vec<u64>, column: &mut Column) {
-        let (pane, len) = (self.pane_ms, self.window_ms);
+        let (shape, len) = (self.shape, self.shape.window_ms);
         match (self.feature.spec.agg, column) {
-            (Agg::Count, Column::Ints(c)) => {
-                c.push(Some(window.summary(pane, len, t).count as i64))
-            }
+            (Agg::Count, Column::Ints(c)) => c.push(Some(window.summary(shape, t).count as i64)),
             (Agg::CountDistinct, Column::Ints(c)) => {
                 c.push(Some(window.count_distinct(len, t, distinct) as i64))
             }
-            (Agg::Sum, Column::Floats(c)) => c.push(sum(&window.summary(pane, len, t))),
-            (Agg::Avg, Column::Floats(c)) => c.push(window.summary(pane, len, t).avg()),
-            (Agg::Min, Column::Floats(c)) => c.push(window.summary(pane, len, t).min()),
-            (Agg::Max, Column::Floats(c)) => c.push(window.summary(pane, len, t).max()),
-            (Agg::Stddev, Column::Floats(c)) => c.push(window.summary(pane, len, t).stddev()),
+            (Agg::Sum, Column::Floats(c)) => c.push(window.summary(shape, t).sum()),
+            (Agg::Avg, Column::Floats(c)) => c.push(window.summary(shape, t).avg()),
+            (Agg::Min, Column::Floats(c)) => c.push(window.summary(shape, t).min()),
+            (Agg::Max, Column::Floats(c)) => c.push(window.summary(shape, t).max()),
+            (Agg::Stddev, Column::Floats(c)) => c.push(window.summary(shape, t).stddev()),
             (Agg::Last, Column::Floats(c)) => c.push(window.last(len, t).map(|e| e.value)),
             (Agg::SecondsSinceLast, Column::Floats(c)) => {
                 c.push(window.last(len, t).map(|e| (t - e.ts) as f64 / 1000.0))
@@ -666,11 +664,6 @@ impl<'a> FeatureInput<'a> {
             (_, column) => column.push_null(),
         }
     }
-}
-
-/// SQL `SUM`: NULL over an empty set.
-fn sum(s: &Summary) -> Option<f64> {
-    (s.count > 0).then_some(s.sum)
 }
 
 /// The aggregated values as f64: numbers as they are; for `count_distinct` over other types a

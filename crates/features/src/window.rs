@@ -1,32 +1,66 @@
-//! Exact sliding-window state for one feature and one entity key, kept as time panes.
+//! Exact sliding-window state for one feature and one entity key.
 //!
-//! The window of an event at time `t` is `(t − W, t]` over the events processed so far. Events
-//! are bucketed into panes of `P = W / PANES_PER_WINDOW`; each pane keeps a pre-aggregated
-//! [`Summary`], and the events themselves are kept once, sorted by time, in one buffer. A query
-//! combines the summaries of the panes fully inside the window (at most `PANES_PER_WINDOW + 1`
-//! of them, whatever the window length) and looks at single events only in the pane cut by the
-//! left edge (binary search to the edge, then up to the pane end), so the result is exact to the
-//! millisecond while the number of panes touched does not grow with the window or the key's
-//! event rate. The pane cut by the right edge needs a look inside only when the event is out of
-//! order (some events of that pane are newer than it).
+//! The window of an event at time `t` is `(t − W, t]` over the events processed so far. A window
+//! keeps its events once, sorted by time (equal times in arrival order), as 16-byte [`Entry`]s.
+//! A window of at most [`SPLIT_ABOVE`] events answers a query by scanning them. A larger one
+//! also keeps an index of pre-aggregated time buckets: panes of `W / 16`, and inside any pane
+//! (or sub-pane) that holds more than [`SPLIT_ABOVE`] events, sixteen sub-panes, recursively.
 //!
-//! Panes entirely older than a horizon are evicted as the watermark passes it.
+//! A query merges the summaries of the buckets entirely inside the window and descends only
+//! into the buckets cut by its two edges, down to a leaf of at most [`SPLIT_ABOVE`] events (or
+//! one millisecond, which an edge cannot cut). So a query is exact to the millisecond while it
+//! touches about `16 × depth` summaries and scans at most `2 × SPLIT_ABOVE` events, whatever
+//! the window length or the key's event rate; the depth grows only logarithmically with the
+//! number of events in one pane. Keys with few events (most of them) carry no index at all.
+//!
+//! Eviction drops whole panes that end at or before a horizon. Persisted windows hold their
+//! events only ([`KeyWindow::encode`]); the index is rebuilt when needed.
 
-use std::cmp::Ordering;
 use std::collections::VecDeque;
 
-/// Panes per window length: the cost of a query is about this many summary merges.
+/// Panes per window length.
 pub const PANES_PER_WINDOW: i64 = 16;
+/// Sub-buckets per bucket when a bucket is split.
+const FANOUT: i64 = 16;
+/// A window or bucket with more events than this is indexed or split; queries scan at most this
+/// many events at each edge.
+pub const SPLIT_ABOVE: usize = 32;
 
-/// Mergeable statistics of a set of values (Chan et al. for the variance).
+/// One event of a window: event time (epoch ms) and the aggregated value (0 for counts).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Entry {
+    pub ts: i64,
+    pub value: f64,
+}
+
+/// How a feature looks at its windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub window_ms: i64,
+    pub pane_ms: i64,
+    /// Keep the second moment in summaries (only `stddev` needs it).
+    pub moments: bool,
+}
+
+impl Shape {
+    pub fn new(window_ms: i64, moments: bool) -> Self {
+        Self {
+            window_ms,
+            pane_ms: (window_ms / PANES_PER_WINDOW).max(1),
+            moments,
+        }
+    }
+}
+
+/// Mergeable statistics of a set of values (Chan et al. for the second moment).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Summary {
     pub count: u64,
     pub sum: f64,
-    mean: f64,
-    m2: f64,
     pub min: f64,
     pub max: f64,
+    /// Sum of squared deviations from the mean; maintained only with `moments`.
+    m2: f64,
 }
 
 impl Default for Summary {
@@ -34,26 +68,27 @@ impl Default for Summary {
         Self {
             count: 0,
             sum: 0.0,
-            mean: 0.0,
-            m2: 0.0,
             min: f64::INFINITY,
             max: f64::NEG_INFINITY,
+            m2: 0.0,
         }
     }
 }
 
 impl Summary {
-    pub fn add(&mut self, v: f64) {
+    pub fn add(&mut self, v: f64, moments: bool) {
+        if moments && self.count > 0 {
+            let before = self.sum / self.count as f64;
+            let after = (self.sum + v) / (self.count + 1) as f64;
+            self.m2 += (v - before) * (v - after);
+        }
         self.count += 1;
         self.sum += v;
-        let delta = v - self.mean;
-        self.mean += delta / self.count as f64;
-        self.m2 += delta * (v - self.mean);
         self.min = self.min.min(v);
         self.max = self.max.max(v);
     }
 
-    pub fn merge(&mut self, o: &Summary) {
+    pub fn merge(&mut self, o: &Summary, moments: bool) {
         if o.count == 0 {
             return;
         }
@@ -61,14 +96,20 @@ impl Summary {
             *self = *o;
             return;
         }
-        let n = (self.count + o.count) as f64;
-        let delta = o.mean - self.mean;
-        self.m2 += o.m2 + delta * delta * (self.count as f64) * (o.count as f64) / n;
-        self.mean += delta * o.count as f64 / n;
+        if moments {
+            let (na, nb) = (self.count as f64, o.count as f64);
+            let delta = o.sum / nb - self.sum / na;
+            self.m2 += o.m2 + delta * delta * na * nb / (na + nb);
+        }
         self.count += o.count;
         self.sum += o.sum;
         self.min = self.min.min(o.min);
         self.max = self.max.max(o.max);
+    }
+
+    /// SQL `SUM`: `None` for an empty set.
+    pub fn sum(&self) -> Option<f64> {
+        (self.count > 0).then_some(self.sum)
     }
 
     /// `sum / count`, or `None` for an empty set.
@@ -76,7 +117,7 @@ impl Summary {
         (self.count > 0).then(|| self.sum / self.count as f64)
     }
 
-    /// Sample standard deviation (n − 1), or `None` below two values.
+    /// Sample standard deviation (n − 1), or `None` below two values. Needs `moments`.
     pub fn stddev(&self) -> Option<f64> {
         (self.count > 1).then(|| (self.m2.max(0.0) / (self.count - 1) as f64).sqrt())
     }
@@ -90,47 +131,166 @@ impl Summary {
     }
 }
 
-/// One event of a window: event time, processing sequence (ties: later processed wins), value.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Entry {
-    pub ts: i64,
-    pub seq: u64,
-    pub value: f64,
+/// A time bucket `[start, end)` (its end follows from its parent): the summary of its events,
+/// their time range, and — once it held more than [`SPLIT_ABOVE`] events — its non-empty
+/// sub-buckets, sorted by start.
+#[derive(Debug, Clone, PartialEq)]
+struct Bucket {
+    start: i64,
+    min_ts: i64,
+    max_ts: i64,
+    summary: Summary,
+    children: Vec<Bucket>,
 }
 
-impl Entry {
-    fn order(&self) -> (i64, u64) {
-        (self.ts, self.seq)
+/// Width of the sub-buckets of a bucket `width` long.
+fn child_width(width: i64) -> i64 {
+    (width + FANOUT - 1) / FANOUT
+}
+
+/// The start of the bucket of width `width`, aligned at `origin`, that holds `ts`.
+fn bucket_start(origin: i64, width: i64, ts: i64) -> i64 {
+    origin + (ts - origin).div_euclid(width) * width
+}
+
+impl Bucket {
+    fn new(start: i64) -> Self {
+        Self {
+            start,
+            min_ts: i64::MAX,
+            max_ts: i64::MIN,
+            summary: Summary::default(),
+            children: Vec::new(),
+        }
+    }
+
+    fn take(&mut self, e: Entry, moments: bool) {
+        self.summary.add(e.value, moments);
+        self.min_ts = self.min_ts.min(e.ts);
+        self.max_ts = self.max_ts.max(e.ts);
+    }
+
+    /// Buckets in this subtree.
+    fn size(&self) -> usize {
+        1 + self.children.iter().map(Bucket::size).sum::<usize>()
+    }
+
+    /// Adds `e` (already in `entries`) to this bucket `[start, end)` and the sub-buckets it
+    /// falls in, splitting a leaf that grows past [`SPLIT_ABOVE`]. Returns buckets created.
+    fn add(&mut self, end: i64, e: Entry, moments: bool, entries: &VecDeque<Entry>) -> usize {
+        self.take(e, moments);
+        let width = end - self.start;
+        if width <= 1 {
+            return 0;
+        }
+        if self.children.is_empty() {
+            return if self.summary.count as usize > SPLIT_ABOVE {
+                self.split(end, moments, entries)
+            } else {
+                0
+            };
+        }
+        let cw = child_width(width);
+        let start = bucket_start(self.start, cw, e.ts);
+        let child_end = (start + cw).min(end);
+        let (at, created) = match self.children.binary_search_by_key(&start, |c| c.start) {
+            Ok(at) => (at, 0),
+            Err(at) => {
+                self.children.insert(at, Bucket::new(start));
+                (at, 1)
+            }
+        };
+        created + self.children[at].add(child_end, e, moments, entries)
+    }
+
+    /// Builds the sub-buckets of this bucket `[start, end)` from its events in `entries`,
+    /// splitting those that are still too large. Returns buckets created.
+    fn split(&mut self, end: i64, moments: bool, entries: &VecDeque<Entry>) -> usize {
+        let cw = child_width(end - self.start);
+        let from = entries.partition_point(|x| x.ts < self.start);
+        self.children.clear();
+        for e in entries.range(from..).take_while(|x| x.ts < end) {
+            let start = bucket_start(self.start, cw, e.ts);
+            match self.children.last_mut() {
+                Some(last) if last.start == start => last.take(*e, moments),
+                _ => {
+                    let mut child = Bucket::new(start);
+                    child.take(*e, moments);
+                    self.children.push(child);
+                }
+            }
+        }
+        let mut created = self.children.len();
+        for child in &mut self.children {
+            let child_end = (child.start + cw).min(end);
+            if child.summary.count as usize > SPLIT_ABOVE && child_end - child.start > 1 {
+                created += child.split(child_end, moments, entries);
+            }
+        }
+        created
+    }
+
+    /// Merges into `out` the events of this bucket `[start, end)` with `lo < ts <= hi`.
+    fn query(
+        &self,
+        end: i64,
+        lo: i64,
+        hi: i64,
+        moments: bool,
+        entries: &VecDeque<Entry>,
+        out: &mut Summary,
+    ) {
+        if self.max_ts <= lo || self.min_ts > hi {
+            return;
+        }
+        if self.min_ts > lo && self.max_ts <= hi {
+            out.merge(&self.summary, moments);
+            return;
+        }
+        if self.children.is_empty() {
+            // A leaf: at most SPLIT_ABOVE events (a one-millisecond bucket is never cut).
+            scan(
+                entries,
+                lo.max(self.start - 1),
+                hi.min(end - 1),
+                moments,
+                out,
+            );
+            return;
+        }
+        let cw = child_width(end - self.start);
+        let first = self.children.partition_point(|c| c.max_ts <= lo);
+        for child in &self.children[first..] {
+            if child.min_ts > hi {
+                break;
+            }
+            child.query((child.start + cw).min(end), lo, hi, moments, entries, out);
+        }
     }
 }
 
-/// A time bucket `[start, start + P)`: its summary and the newest event time in it. Its events
-/// are the `summary.count` entries of the window that fall in the bucket.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Pane {
-    start: i64,
-    max_ts: i64,
-    summary: Summary,
+/// Merges into `out` the entries with `lo < ts <= hi`.
+fn scan(entries: &VecDeque<Entry>, lo: i64, hi: i64, moments: bool, out: &mut Summary) {
+    let from = entries.partition_point(|e| e.ts <= lo);
+    for e in entries.range(from..).take_while(|e| e.ts <= hi) {
+        out.add(e.value, moments);
+    }
 }
 
-/// The state of one feature for one entity key: pane summaries plus the events themselves, all
-/// in two flat buffers (one allocation each, whatever the number of panes).
+/// The state of one feature for one entity key.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KeyWindow {
-    /// Sorted by `start`.
-    panes: VecDeque<Pane>,
-    /// Every event of every pane, sorted by `(ts, seq)`.
+    /// Every event, sorted by time; equal times in arrival order.
     entries: VecDeque<Entry>,
+    /// Top-level panes, sorted by start; empty while the window is small enough to scan.
+    panes: VecDeque<Bucket>,
+    /// Buckets at all levels (for the memory estimate).
+    buckets: usize,
 }
 
 impl KeyWindow {
-    /// Pane length for a window of `window_ms`.
-    pub fn pane_ms(window_ms: i64) -> i64 {
-        (window_ms / PANES_PER_WINDOW).max(1)
-    }
-
     pub fn is_empty(&self) -> bool {
-        self.panes.is_empty()
+        self.entries.is_empty()
     }
 
     /// Number of stored events.
@@ -138,70 +298,96 @@ impl KeyWindow {
         self.entries.len()
     }
 
-    pub fn insert(&mut self, pane_ms: i64, e: Entry) {
-        // Entries: in order, an append; out of order, an insert near the end.
+    /// Adds an event; events may arrive in any time order.
+    pub fn insert(&mut self, shape: Shape, e: Entry) {
         match self.entries.back() {
-            Some(last) if last.order() > e.order() => {
-                let at = self.entries.partition_point(|x| x.order() <= e.order());
+            Some(last) if last.ts > e.ts => {
+                let at = self.entries.partition_point(|x| x.ts <= e.ts);
                 self.entries.insert(at, e);
             }
             _ => self.entries.push_back(e),
         }
-        let start = e.ts.div_euclid(pane_ms) * pane_ms;
-        let at = match self.panes.back_mut() {
-            Some(last) if last.start == start => {
-                last.add(e);
-                return;
-            }
-            Some(last) if last.start < start => self.panes.len(),
-            None => 0,
-            Some(_) => match self.panes.binary_search_by(|p| p.start.cmp(&start)) {
-                Ok(i) => {
-                    self.panes[i].add(e);
-                    return;
-                }
-                Err(i) => i,
-            },
-        };
-        let mut pane = Pane {
-            start,
-            max_ts: i64::MIN,
-            summary: Summary::default(),
-        };
-        pane.add(e);
-        self.panes.insert(at, pane);
+        if !self.panes.is_empty() {
+            self.index_add(shape, e);
+        } else if self.entries.len() > SPLIT_ABOVE {
+            self.build_index(shape);
+        }
     }
 
-    /// Summary of the entries with `lo < ts <= hi`.
-    fn partial(&self, lo: i64, hi: i64) -> Summary {
-        let from = self.entries.partition_point(|e| e.ts <= lo);
-        let mut s = Summary::default();
-        for e in self.entries.range(from..).take_while(|e| e.ts <= hi) {
-            s.add(e.value);
+    fn index_add(&mut self, shape: Shape, e: Entry) {
+        let p = shape.pane_ms;
+        let start = bucket_start(0, p, e.ts);
+        let at = match self.panes.back() {
+            Some(last) if last.start == start => self.panes.len() - 1,
+            Some(last) if last.start < start => {
+                self.panes.push_back(Bucket::new(start));
+                self.buckets += 1;
+                self.panes.len() - 1
+            }
+            None => {
+                self.panes.push_back(Bucket::new(start));
+                self.buckets += 1;
+                0
+            }
+            Some(_) => match self.panes.binary_search_by_key(&start, |b| b.start) {
+                Ok(at) => at,
+                Err(at) => {
+                    self.panes.insert(at, Bucket::new(start));
+                    self.buckets += 1;
+                    at
+                }
+            },
+        };
+        self.buckets += self.panes[at].add(start + p, e, shape.moments, &self.entries);
+    }
+
+    /// Builds the pane index over all entries.
+    fn build_index(&mut self, shape: Shape) {
+        let p = shape.pane_ms;
+        self.panes.clear();
+        for e in &self.entries {
+            let start = bucket_start(0, p, e.ts);
+            match self.panes.back_mut() {
+                Some(last) if last.start == start => last.take(*e, shape.moments),
+                _ => {
+                    let mut pane = Bucket::new(start);
+                    pane.take(*e, shape.moments);
+                    self.panes.push_back(pane);
+                }
+            }
         }
-        s
+        self.buckets = self.panes.len();
+        for pane in &mut self.panes {
+            if pane.summary.count as usize > SPLIT_ABOVE && p > 1 {
+                self.buckets += pane.split(pane.start + p, shape.moments, &self.entries);
+            }
+        }
     }
 
     /// Summary of the events with `t − window < ts <= t`.
-    pub fn summary(&self, pane_ms: i64, window_ms: i64, t: i64) -> Summary {
-        let lo = t - window_ms;
-        let mut s = Summary::default();
-        // Panes are sorted by start; skip those entirely at or before `lo`.
-        let first = self.panes.partition_point(|p| p.start + pane_ms <= lo + 1);
+    pub fn summary(&self, shape: Shape, t: i64) -> Summary {
+        let lo = t - shape.window_ms;
+        let mut out = Summary::default();
+        if self.panes.is_empty() {
+            scan(&self.entries, lo, t, shape.moments, &mut out);
+            return out;
+        }
+        let p = shape.pane_ms;
+        let first = self.panes.partition_point(|b| b.max_ts <= lo);
         for pane in self.panes.range(first..) {
-            if pane.start > t {
+            if pane.min_ts > t {
                 break;
             }
-            if pane.start > lo && pane.max_ts <= t {
-                s.merge(&pane.summary);
-            } else {
-                // Cut by an edge: the pane's own events inside the window.
-                let pane_lo = lo.max(pane.start - 1);
-                let pane_hi = t.min(pane.start + pane_ms - 1);
-                s.merge(&self.partial(pane_lo, pane_hi));
-            }
+            pane.query(
+                pane.start + p,
+                lo,
+                t,
+                shape.moments,
+                &self.entries,
+                &mut out,
+            );
         }
-        s
+        out
     }
 
     /// The latest entry with `t − window < ts <= t` (ties: the one processed last).
@@ -212,7 +398,7 @@ impl KeyWindow {
     }
 
     /// Number of distinct values among the events with `t − window < ts <= t`. `scratch` is a
-    /// reusable buffer, so a query allocates nothing once it has grown.
+    /// reusable buffer, so a query allocates nothing once it has grown. (Scans the window.)
     pub fn count_distinct(&self, window_ms: i64, t: i64, scratch: &mut Vec<u64>) -> u64 {
         let lo = t - window_ms;
         let from = self.entries.partition_point(|e| e.ts <= lo);
@@ -228,17 +414,28 @@ impl KeyWindow {
         scratch.len() as u64
     }
 
-    /// Drops panes that end at or before `horizon` (no event still to come can reach them).
-    pub fn evict(&mut self, pane_ms: i64, horizon: i64) -> usize {
+    /// Drops the events no query can reach any more: those at or before `horizon`, by whole
+    /// panes once the window is indexed. Returns the number dropped.
+    pub fn evict(&mut self, horizon: i64) -> usize {
         let mut dropped = 0;
-        while let Some(p) = self.panes.front() {
-            if p.start + pane_ms > horizon {
-                break;
+        if self.panes.is_empty() {
+            dropped = self.entries.partition_point(|e| e.ts <= horizon);
+        } else {
+            while let Some(pane) = self.panes.front() {
+                if pane.max_ts > horizon {
+                    break;
+                }
+                dropped += pane.summary.count as usize;
+                self.buckets -= pane.size();
+                self.panes.pop_front();
             }
-            dropped += p.summary.count as usize;
-            self.panes.pop_front();
         }
         self.entries.drain(..dropped.min(self.entries.len()));
+        if !self.panes.is_empty() && self.entries.len() <= SPLIT_ABOVE / 2 {
+            // Small again: scanning is cheaper than keeping the index.
+            self.panes = VecDeque::new();
+            self.buckets = 0;
+        }
         // Keep small buffers for the key's next events; give large ones back.
         if self.entries.capacity() > 64 && self.entries.len() < self.entries.capacity() / 4 {
             self.entries.shrink_to(self.entries.len() * 2);
@@ -246,85 +443,54 @@ impl KeyWindow {
         }
         dropped
     }
-}
 
-impl Pane {
-    fn add(&mut self, e: Entry) {
-        self.summary.add(e.value);
-        self.max_ts = self.max_ts.max(e.ts);
-    }
-}
-
-/// Encoding of a [`KeyWindow`] for the state store (little-endian).
-impl KeyWindow {
     /// Approximate heap bytes held (for the cache's memory cap).
     pub fn approx_bytes(&self) -> usize {
-        2 * std::mem::size_of::<VecDeque<()>>()
-            + self.panes.capacity() * std::mem::size_of::<Pane>()
-            + self.entries.capacity() * std::mem::size_of::<Entry>()
+        self.entries.capacity() * std::mem::size_of::<Entry>()
+            + self.buckets * std::mem::size_of::<Bucket>()
     }
 
-    /// Appends the encoding of this window to `out`.
+    /// Appends the encoding of this window to `out`: the number of events, then each event as
+    /// its time's difference from the previous one (zigzag varint) and its value (8 bytes LE).
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.reserve(8 + self.panes.len() * 64 + self.entries.len() * 24);
-        out.extend_from_slice(&(self.panes.len() as u32).to_le_bytes());
-        for p in &self.panes {
-            out.extend_from_slice(&p.start.to_le_bytes());
-            out.extend_from_slice(&p.max_ts.to_le_bytes());
-            let s = &p.summary;
-            out.extend_from_slice(&s.count.to_le_bytes());
-            for v in [s.sum, s.mean, s.m2, s.min, s.max] {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-        }
-        out.extend_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        out.reserve(5 + self.entries.len() * 11);
+        put_varint(out, self.entries.len() as u64);
+        let mut prev = 0i64;
         for e in &self.entries {
-            out.extend_from_slice(&e.ts.to_le_bytes());
-            out.extend_from_slice(&e.seq.to_le_bytes());
+            put_varint(out, zigzag(e.ts.wrapping_sub(prev)));
             out.extend_from_slice(&e.value.to_le_bytes());
+            prev = e.ts;
         }
     }
 
     /// Decodes a window written by [`Self::encode`] from the front of `bytes`, advancing it;
-    /// `None` if the bytes are not one (or the panes and entries disagree).
+    /// `None` if the bytes are not one (truncated, or events out of time order).
     pub fn decode_from(bytes: &mut &[u8]) -> Option<KeyWindow> {
-        let mut r = Reader(bytes);
-        let panes = r.u32()? as usize;
-        let mut w = KeyWindow {
-            panes: VecDeque::with_capacity(panes.min(r.0.len() / 64)),
-            entries: VecDeque::new(),
-        };
-        let mut counted = 0u64;
-        for _ in 0..panes {
-            let pane = Pane {
-                start: r.i64()?,
-                max_ts: r.i64()?,
-                summary: Summary {
-                    count: r.u64()?,
-                    sum: r.f64()?,
-                    mean: r.f64()?,
-                    m2: r.f64()?,
-                    min: r.f64()?,
-                    max: r.f64()?,
-                },
-            };
-            counted = counted.checked_add(pane.summary.count)?;
-            w.panes.push_back(pane);
-        }
-        let n = r.u32()? as usize;
-        if n as u64 != counted {
+        let n = usize::try_from(get_varint(bytes)?).ok()?;
+        // Each event takes at least 9 bytes: refuse counts the input cannot hold.
+        if n > bytes.len() / 9 {
             return None;
         }
-        w.entries.reserve_exact(n.min(r.0.len() / 24));
+        let mut entries = VecDeque::with_capacity(n);
+        let mut prev = 0i64;
         for _ in 0..n {
-            w.entries.push_back(Entry {
-                ts: r.i64()?,
-                seq: r.u64()?,
-                value: r.f64()?,
+            let ts = prev.wrapping_add(unzigzag(get_varint(bytes)?));
+            let (value, rest) = bytes.split_first_chunk::<8>()?;
+            *bytes = rest;
+            if !entries.is_empty() && ts < prev {
+                return None;
+            }
+            entries.push_back(Entry {
+                ts,
+                value: f64::from_le_bytes(*value),
             });
+            prev = ts;
         }
-        *bytes = r.0;
-        Some(w)
+        Some(KeyWindow {
+            entries,
+            panes: VecDeque::new(),
+            buckets: 0,
+        })
     }
 
     /// Decodes exactly one window.
@@ -334,44 +500,61 @@ impl KeyWindow {
     }
 }
 
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let (head, rest) = self.0.split_first_chunk::<N>()?;
-        self.0 = rest;
-        Some(*head)
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take().map(u32::from_le_bytes)
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.take().map(u64::from_le_bytes)
-    }
-    fn i64(&mut self) -> Option<i64> {
-        self.take().map(i64::from_le_bytes)
-    }
-    fn f64(&mut self) -> Option<f64> {
-        self.take().map(f64::from_le_bytes)
-    }
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
 }
 
-/// Compares entries by time, then processing order.
-pub fn entry_order(a: &Entry, b: &Entry) -> Ordering {
-    (a.ts, a.seq).cmp(&(b.ts, b.seq))
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(bytes: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&b, rest) = bytes.split_first()?;
+        *bytes = rest;
+        v |= ((b & 0x7f) as u64) << shift;
+        if b < 0x80 {
+            return Some(v);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The definition, computed the slow way.
-    fn naive(events: &[Entry], window: i64, t: i64) -> Summary {
-        let mut s = Summary::default();
-        for e in events.iter().filter(|e| e.ts > t - window && e.ts <= t) {
-            s.add(e.value);
-        }
-        s
+    /// The definition, the slow way: `(count, sum, min, max, sample stddev)` of the values of
+    /// the events in `(t − window, t]`, with a two-pass variance.
+    fn naive(
+        events: &[Entry],
+        window: i64,
+        t: i64,
+    ) -> (u64, f64, Option<f64>, Option<f64>, Option<f64>) {
+        let values: Vec<f64> = events
+            .iter()
+            .filter(|e| e.ts > t - window && e.ts <= t)
+            .map(|e| e.value)
+            .collect();
+        let n = values.len();
+        let sum: f64 = values.iter().sum();
+        let min = values.iter().copied().reduce(f64::min);
+        let max = values.iter().copied().reduce(f64::max);
+        let stddev = (n > 1).then(|| {
+            let mean = sum / n as f64;
+            let ss: f64 = values.iter().map(|v| (v - mean) * (v - mean)).sum();
+            (ss / (n - 1) as f64).sqrt()
+        });
+        (n as u64, sum, min, max, stddev)
     }
 
     struct Lcg(u64);
@@ -393,106 +576,160 @@ mod tests {
         }
     }
 
-    #[test]
-    fn matches_the_definition_on_random_out_of_order_streams() {
-        for (seed, window) in [
-            (1, 10_000),
-            (2, 60_000),
-            (3, 1_000),
-            (4, 3_600_000),
-            (5, 17),
-        ] {
-            let mut rng = Lcg(seed);
-            let pane = KeyWindow::pane_ms(window);
-            let mut w = KeyWindow::default();
-            let mut seen = Vec::new();
-            let mut now = 1_000_000i64;
-            for seq in 0..3000u64 {
-                now += rng.next(window as u64 / 8 + 2) as i64;
-                // About one event in ten arrives out of order, by up to half a window.
-                let ts = if rng.next(10) == 0 {
-                    now - rng.next(window as u64 / 2 + 1) as i64
-                } else {
-                    now
-                };
-                let value = (rng.next(100_000) as f64) / 100.0;
-                let e = Entry { ts, seq, value };
-                w.insert(pane, e);
-                seen.push(e);
-                let got = w.summary(pane, window, ts);
-                let want = naive(&seen, window, ts);
-                assert_eq!(got.count, want.count, "seed {seed} seq {seq}");
-                assert!(close(Some(got.sum), Some(want.sum)));
-                assert!(close(got.avg(), want.avg()));
-                assert!(
-                    close(got.stddev(), want.stddev()),
-                    "{:?} {:?}",
-                    got.stddev(),
-                    want.stddev()
-                );
-                assert_eq!(got.min(), want.min());
-                assert_eq!(got.max(), want.max());
-                let last = seen
-                    .iter()
-                    .filter(|x| x.ts > ts - window && x.ts <= ts)
-                    .max_by(|a, b| entry_order(a, b))
-                    .copied();
-                assert_eq!(w.last(window, ts), last);
-                let mut distinct: Vec<u64> = seen
-                    .iter()
-                    .filter(|x| x.ts > ts - window && x.ts <= ts)
-                    .map(|x| x.value.to_bits())
-                    .collect();
-                distinct.sort_unstable();
-                distinct.dedup();
-                assert_eq!(
-                    w.count_distinct(window, ts, &mut Vec::new()),
-                    distinct.len() as u64
-                );
-            }
+    /// Streams `n` events through a window, checking every aggregate at every event against
+    /// the definition. `gap` bounds the time between events; about one in `disorder` events
+    /// arrives late by up to `late` ms.
+    fn check_stream(seed: u64, window: i64, n: u64, gap: u64, disorder: u64, late: u64) {
+        let mut rng = Lcg(seed);
+        let shape = Shape::new(window, true);
+        let mut w = KeyWindow::default();
+        let mut seen = Vec::new();
+        let mut now = 1_000_000i64;
+        for i in 0..n {
+            now += rng.next(gap + 1) as i64;
+            let ts = if rng.next(disorder) == 0 {
+                now - rng.next(late + 1) as i64
+            } else {
+                now
+            };
+            // Few distinct values, so count_distinct is interesting.
+            let value = (rng.next(5_000) as f64) / 100.0;
+            let e = Entry { ts, value };
+            w.insert(shape, e);
+            seen.push(e);
+            let got = w.summary(shape, ts);
+            let (count, sum, min, max, stddev) = naive(&seen, window, ts);
+            assert_eq!(got.count, count, "seed {seed} event {i}");
+            assert!(
+                close(got.sum(), (count > 0).then_some(sum)),
+                "seed {seed} event {i}"
+            );
+            assert!(close(got.avg(), (count > 0).then(|| sum / count as f64)));
+            assert!(close(got.stddev(), stddev), "{:?} {stddev:?}", got.stddev());
+            assert_eq!(got.min(), min);
+            assert_eq!(got.max(), max);
+            // The latest event in the window; among equal times the one that arrived last
+            // (`max_by_key` returns the last maximum).
+            let last = seen
+                .iter()
+                .filter(|x| x.ts > ts - window && x.ts <= ts)
+                .max_by_key(|x| x.ts)
+                .copied();
+            assert_eq!(w.last(window, ts), last);
+            let mut distinct: Vec<u64> = seen
+                .iter()
+                .filter(|x| x.ts > ts - window && x.ts <= ts)
+                .map(|x| x.value.to_bits())
+                .collect();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(
+                w.count_distinct(window, ts, &mut Vec::new()),
+                distinct.len() as u64
+            );
         }
     }
 
     #[test]
-    fn window_edges_are_exact_to_the_millisecond() {
-        let window = 1000;
-        let pane = KeyWindow::pane_ms(window);
+    fn sparse_keys_match_the_definition() {
+        // A few events per window: no index, plain scans.
+        check_stream(1, 10_000, 2000, 5_000, 10, 5_000);
+        check_stream(2, 3_600_000, 2000, 600_000, 10, 1_800_000);
+    }
+
+    #[test]
+    fn dense_keys_match_the_definition() {
+        // Hundreds to thousands of events per window and per pane: panes split into
+        // sub-panes, several levels deep, with out-of-order arrivals.
+        check_stream(3, 60_000, 4000, 40, 10, 30_000);
+        check_stream(4, 1_000, 3000, 2, 8, 500);
+        check_stream(5, 17, 3000, 1, 5, 10);
+        check_stream(6, 3_600_000, 3000, 100, 4, 3_000_000);
+    }
+
+    #[test]
+    fn equal_times_and_bursts_match_the_definition() {
+        // Many events in the same millisecond (a bucket that cannot be split).
+        check_stream(7, 50, 2000, 0, 3, 20);
+        check_stream(8, 5_000, 3000, 1, 20, 0);
+    }
+
+    #[test]
+    fn a_query_never_scans_more_than_the_edges() {
+        // One very hot key: 100,000 events in an hour, in order. The index must answer every
+        // query by summaries plus at most SPLIT_ABOVE events at each edge.
+        let shape = Shape::new(3_600_000, false);
         let mut w = KeyWindow::default();
-        for (seq, ts) in [0i64, 1, 999, 1000, 1001].into_iter().enumerate() {
+        for i in 0..100_000i64 {
             w.insert(
-                pane,
+                shape,
                 Entry {
-                    ts,
-                    seq: seq as u64,
+                    ts: i * 36,
                     value: 1.0,
                 },
             );
         }
-        // (1000 − 1000, 1000] excludes ts 0, includes ts 1 and 1000.
-        assert_eq!(w.summary(pane, window, 1000).count, 3);
-        assert_eq!(w.summary(pane, window, 1001).count, 3);
-        assert_eq!(w.summary(pane, window, 999).count, 3);
-        assert_eq!(w.summary(pane, window, 0).count, 1);
-        assert_eq!(w.summary(pane, window, -1).count, 0);
+        assert!(!w.panes.is_empty());
+        let deepest = |b: &Bucket| -> usize {
+            fn depth(b: &Bucket) -> usize {
+                1 + b.children.iter().map(depth).max().unwrap_or(0)
+            }
+            depth(b)
+        };
+        assert!(w.panes.iter().map(deepest).max().unwrap_or(0) >= 2);
+        // Every leaf holds at most SPLIT_ABOVE events, so an edge scans at most that many.
+        fn leaves_small(b: &Bucket) -> bool {
+            if b.children.is_empty() {
+                b.summary.count as usize <= SPLIT_ABOVE || b.min_ts == b.max_ts
+            } else {
+                b.children.iter().all(leaves_small)
+            }
+        }
+        assert!(w.panes.iter().all(leaves_small));
+        assert_eq!(w.summary(shape, 99_999 * 36).count, 100_000);
+        assert_eq!(w.summary(shape, 50_000 * 36).count, 50_001);
+        // i * 36 in (900_000, 4_500_000]: i from 25_001 to 99_999.
+        assert_eq!(w.summary(shape, 4_500_000).count, 74_999);
+    }
+
+    #[test]
+    fn window_edges_are_exact_to_the_millisecond() {
+        for moments in [false, true] {
+            let shape = Shape::new(1000, moments);
+            let mut w = KeyWindow::default();
+            for ts in [0i64, 1, 999, 1000, 1001] {
+                w.insert(shape, Entry { ts, value: 1.0 });
+            }
+            // (1000 − 1000, 1000] excludes ts 0, includes ts 1 and 1000.
+            assert_eq!(w.summary(shape, 1000).count, 3);
+            assert_eq!(w.summary(shape, 1001).count, 3);
+            assert_eq!(w.summary(shape, 999).count, 3);
+            assert_eq!(w.summary(shape, 0).count, 1);
+            assert_eq!(w.summary(shape, -1).count, 0);
+        }
     }
 
     #[test]
     fn windows_survive_encoding() {
-        let pane = KeyWindow::pane_ms(60_000);
+        let shape = Shape::new(60_000, false);
         let mut w = KeyWindow::default();
-        for seq in 0..100u64 {
+        for i in 0..100i64 {
             w.insert(
-                pane,
+                shape,
                 Entry {
-                    ts: (seq as i64) * 997,
-                    seq,
-                    value: seq as f64 * 1.5,
+                    ts: 1_735_689_600_000 + i * 997 - (i % 7) * 3000,
+                    value: i as f64 * 1.5,
                 },
             );
         }
         let mut bytes = Vec::new();
         w.encode(&mut bytes);
-        assert_eq!(KeyWindow::decode(&bytes), Some(w.clone()));
+        let back = KeyWindow::decode(&bytes).expect("decodes");
+        assert_eq!(back.entries, w.entries);
+        // The rebuilt window answers like the original.
+        for t in (0..100).map(|i| 1_735_689_600_000 + i * 1000) {
+            assert_eq!(back.summary(shape, t), w.summary(shape, t));
+        }
         assert_eq!(
             KeyWindow::decode(&bytes[..bytes.len() - 1]),
             None,
@@ -501,27 +738,49 @@ mod tests {
         bytes.push(0);
         assert_eq!(KeyWindow::decode(&bytes), None, "trailing bytes");
         assert_eq!(KeyWindow::decode(&[9]), None, "not a window");
+        assert_eq!(KeyWindow::decode(&[0xff; 12]), None, "not a window");
+        // Events out of time order are refused.
+        let mut bad = Vec::new();
+        put_varint(&mut bad, 2);
+        put_varint(&mut bad, zigzag(100));
+        bad.extend_from_slice(&1.0f64.to_le_bytes());
+        put_varint(&mut bad, zigzag(-1));
+        bad.extend_from_slice(&1.0f64.to_le_bytes());
+        assert_eq!(KeyWindow::decode(&bad), None, "unsorted");
     }
 
     #[test]
-    fn eviction_drops_only_panes_behind_the_horizon() {
-        let window = 1600;
-        let pane = KeyWindow::pane_ms(window);
+    fn eviction_drops_only_what_no_query_can_reach() {
+        let shape = Shape::new(1600, false);
         let mut w = KeyWindow::default();
-        for ts in 0..1000 {
+        for i in 0..1000 {
             w.insert(
-                pane,
+                shape,
                 Entry {
-                    ts: ts * 10,
-                    seq: ts as u64,
+                    ts: i * 10,
                     value: 1.0,
                 },
             );
         }
         assert_eq!(w.len(), 1000);
-        let dropped = w.evict(pane, 5000);
+        let dropped = w.evict(5000);
+        // Whole panes of 100 ms: those ending at or before 5000.
         assert_eq!(dropped, 500);
-        assert_eq!(w.summary(pane, window, 9990).count, 160);
-        assert_eq!(w.evict(pane, 5000), 0);
+        assert_eq!(w.summary(shape, 9990).count, 160);
+        assert_eq!(w.evict(5000), 0);
+        // Everything behind: the window empties and drops its index.
+        assert_eq!(w.evict(20_000), 500);
+        assert!(w.is_empty());
+        assert_eq!(
+            w.approx_bytes() / std::mem::size_of::<Entry>(),
+            w.entries.capacity()
+        );
+        // A sparse window evicts event by event.
+        let mut w = KeyWindow::default();
+        for ts in [10, 20, 30] {
+            w.insert(shape, Entry { ts, value: 1.0 });
+        }
+        assert_eq!(w.evict(20), 2);
+        assert_eq!(w.len(), 1);
     }
 }

@@ -40,7 +40,9 @@ fn sliced_sweeps_reach_every_stored_window() {
         })
         .collect();
     let events = RecordBatch::try_new(Arc::clone(schema.arrow()), columns).unwrap();
-    operator.compute(&bundle, &events, &[1_000; 50]).unwrap();
+    operator
+        .compute(&bundle, &events, &[1_000; 50], None)
+        .unwrap();
     // Over its cap, the cache writes its records out and drops them.
     operator.end_batch().unwrap();
     let stats = operator.stats().unwrap();

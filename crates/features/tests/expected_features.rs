@@ -125,6 +125,11 @@ fn replay_and_compare(
     // Reference history per (entity field, key), in arrival order.
     let mut history: HashMap<(&str, String), Vec<Seen>> = HashMap::new();
     let mut compared = Compared::default();
+    // As the time stage would: the watermark trails the newest event time by 2 s, and events
+    // up to 5 days behind it are still accepted (the sample's worst is 4 days), so windows drop
+    // what is older than `horizon − window` as they are touched.
+    const LATENESS_MS: i64 = 5 * 86_400_000;
+    let mut newest: Option<i64> = None;
     for (n, chunk) in lines.chunks(batch).enumerate() {
         let mut raw = RawBatch::new();
         for (i, l) in chunk.iter().enumerate() {
@@ -145,7 +150,9 @@ fn replay_and_compare(
             .as_primitive::<TimestampMillisecondType>()
             .values()
             .to_vec();
-        let out = operator.compute(&bundle, &events, &times).unwrap();
+        let horizon = newest.map(|t| t - 2_000 - LATENESS_MS);
+        let out = operator.compute(&bundle, &events, &times, horizon).unwrap();
+        newest = times.iter().copied().chain(newest).max();
         // Write-back cache: trimmed to its cap after every batch (records dropped and later
         // reloaded), everything written out now and then.
         operator.end_batch().unwrap();

@@ -112,7 +112,6 @@ impl std::fmt::Debug for Pipeline {
 struct PipelineMetrics {
     scored: Counter,
     late: Counter,
-    evicted: Counter,
     dead: Vec<(DeadReason, Counter)>,
     decisions: [Counter; 3],
     latency: metrics::Histogram,
@@ -124,7 +123,6 @@ impl PipelineMetrics {
         Self {
             scored: metrics::counter!("riskstream_events_total", "source" => source.clone(), "outcome" => "scored"),
             late: metrics::counter!("riskstream_events_total", "source" => source.clone(), "outcome" => "late"),
-            evicted: metrics::counter!("riskstream_state_evicted_events_total"),
             dead: DeadReason::ALL
                 .iter()
                 .map(|r| {
@@ -250,6 +248,10 @@ impl Pipeline {
             .map(|&r| raw.position(r as usize).partition)
             .collect();
         let assignment = self.time.assign(&times, &partitions, now_ms);
+        // No event of this batch or a later one is older than this.
+        let horizon = assignment
+            .watermark
+            .map(|wm| wm - self.time.config().allowed_lateness.as_millis() as i64);
         let Timed {
             batch: events,
             rows,
@@ -264,7 +266,9 @@ impl Pipeline {
 
         // One load per batch: every event of the batch is scored by this bundle.
         let bundle = self.rules.load();
-        let with_features = self.features.compute(&bundle, &events, &event_time)?;
+        let with_features = self
+            .features
+            .compute(&bundle, &events, &event_time, horizon)?;
         self.features.end_batch()?;
         let evaluated = bundle.evaluate(&with_features)?;
         let processed_at = source::now_ms();
@@ -401,10 +405,8 @@ impl Pipeline {
         }
         if let Some(watermark) = self.time.watermark(now_ms) {
             let lateness = self.time.config().allowed_lateness.as_millis() as i64;
-            let dropped = self
-                .features
+            self.features
                 .evict(bundle, watermark, lateness, EVICTION_SWEEP_KEYS)?;
-            self.metrics.evicted.increment(dropped as u64);
             self.last_eviction = Some(now_ms);
         }
         Ok(())
