@@ -1,53 +1,90 @@
-//! Per-event cost of windowed features (compute + one RocksDB write batch per 4,096 events) as
-//! the window grows from 10 minutes to 30 days and as the key space grows from 10K to 1M keys.
-//! Target (issue 3): flat within ±10 %.
+//! Per-event cost of windowed features at steady state, as the window grows from 10 minutes to
+//! 30 days and as the key space grows from 10K to 1M keys. Target (issue 3): flat within ±10 %.
 //!
-//! Each run streams 262,144 events spread evenly over 5 days of event time (the W1 rate) through
-//! an operator with a fresh RocksDB store; the features are W1's: a count, a sum and a max per
-//! customer.
+//! Each case streams W1-style events (three features per customer: a count, a sum and a max
+//! over the window under test; uniformly drawn customers; event time advancing at a steady
+//! rate) through one operator over a fresh RocksDB store. The operator is first filled to steady
+//! state — the window plus `allowed_lateness` of events, and at least twice the key count — and
+//! then measured batch after batch, doing what the pipeline does per batch: compute (with the
+//! windows' expired events dropped as keys are touched), trim the cache, and, at their
+//! processing-time cadence, an eviction sweep and a write of the changed state to RocksDB.
+//!
+//! - `features_by_window`: 10K keys at W1's 1M-event rate (200K events a day), window 10m, 1h,
+//!   1d, 30d — from a fraction of an event per key and window to 600.
+//! - `features_by_keys`: a 1-day window at W1's 10M-event rate (2M events a day), 10K, 100K and
+//!   1M keys — from 200 events per key and window to 2.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use riskstream_benches::Rng;
-use riskstream_common::Config;
+use riskstream_common::{Config, EventSchema};
 use riskstream_features::FeatureOperator;
 use riskstream_rules::{CompiledBundle, RuleCompiler};
 use riskstream_state::StateStore;
 
-const EVENTS: usize = 262_144;
-const BATCH: usize = 4096;
-const SPAN_MS: i64 = 5 * 86_400_000;
+/// The binary's allocator, so that allocation costs are those of a real run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn bundle(window: &str) -> CompiledBundle {
-    let schema = Config::defaults()
+const BATCH: usize = 4096;
+const START_MS: i64 = 1_735_689_600_000;
+const DAY_MS: i64 = 86_400_000;
+/// The pipeline's defaults: 2 s out of orderness, 10 minutes of allowed lateness.
+const OUT_OF_ORDER_MS: i64 = 2_000;
+const LATENESS_MS: i64 = 600_000;
+/// Batches between eviction sweeps and between state flushes: about 1 s and 10 s of
+/// processing time at 300K events/s.
+const SWEEP_EVERY: u64 = 75;
+const FLUSH_EVERY: u64 = 750;
+const SWEEP_KEYS: usize = 16_384;
+
+fn schema() -> EventSchema {
+    Config::defaults()
         .and_then(|c| Ok(c.event_schema()?))
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn bundle(schema: &EventSchema, window: &str) -> CompiledBundle {
     let text = format!(
         "features:\n  - {{name: n, entity: customer_id, agg: count, window: {window}}}\n  - {{name: s, entity: customer_id, agg: sum, of: amount, window: {window}}}\n  - {{name: m, entity: customer_id, agg: max, of: amount, window: {window}}}\nrules:\n  - {{id: r, when: \"n > 5\", score: 1}}\ndecision: {{review_at: 1, block_at: 2}}\n"
     );
-    RuleCompiler::new(&schema)
+    RuleCompiler::new(schema)
         .compile_text(&text, 1)
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Event batches in the demo schema with `keys` uniformly drawn customers.
-fn batches(keys: u64) -> Vec<(RecordBatch, Vec<i64>)> {
-    let schema = Config::defaults()
-        .and_then(|c| Ok(c.event_schema()?))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut rng = Rng::new(keys);
-    (0..EVENTS / BATCH)
-        .map(|b| {
-            let times: Vec<i64> = (0..BATCH)
-                .map(|i| ((b * BATCH + i) as i64) * SPAN_MS / EVENTS as i64)
-                .collect();
-            let customers: Vec<String> = (0..BATCH)
-                .map(|_| format!("c{}", rng.next_u64() % keys))
-                .collect();
-            let amounts: Vec<f64> = (0..BATCH).map(|_| rng.f64() * 200.0).collect();
-            let columns: Vec<ArrayRef> = schema
+/// An endless stream of event batches: `keys` uniformly drawn customers, one event every
+/// `gap_ms` of event time with up to 1 s of disorder.
+struct Stream {
+    schema: EventSchema,
+    rng: Rng,
+    keys: u64,
+    gap_ms: f64,
+    next: u64,
+    newest: i64,
+}
+
+impl Stream {
+    fn batch(&mut self) -> (RecordBatch, Vec<i64>) {
+        let times: Vec<i64> = (0..BATCH as u64)
+            .map(|i| {
+                START_MS
+                    + ((self.next + i) as f64 * self.gap_ms) as i64
+                    + (self.rng.next_u64() % 1000) as i64
+            })
+            .collect();
+        self.next += BATCH as u64;
+        let customers: Vec<String> = (0..BATCH)
+            .map(|_| format!("c{}", self.rng.next_u64() % self.keys))
+            .collect();
+        let amounts: Vec<f64> = (0..BATCH)
+            .map(|_| (3.5 + (self.rng.f64() - 0.5) * 3.0).exp())
+            .collect();
+        let columns: Vec<ArrayRef> =
+            self.schema
                 .arrow()
                 .fields()
                 .iter()
@@ -63,55 +100,102 @@ fn batches(keys: u64) -> Vec<(RecordBatch, Vec<i64>)> {
                     _ => Arc::new(Float64Array::from(vec![0.0; BATCH])) as ArrayRef,
                 })
                 .collect();
-            let batch = RecordBatch::try_new(Arc::clone(schema.arrow()), columns)
-                .unwrap_or_else(|e| panic!("{e}"));
-            (batch, times)
-        })
-        .collect()
+        let batch = RecordBatch::try_new(Arc::clone(self.schema.arrow()), columns)
+            .unwrap_or_else(|e| panic!("{e}"));
+        (batch, times)
+    }
 }
 
-fn run(c: &mut Criterion, group: &str, cases: &[(&str, u64)]) {
+/// An operator with its store, fed as the pipeline feeds it.
+struct Harness {
+    _dir: tempfile::TempDir,
+    operator: FeatureOperator,
+    bundle: CompiledBundle,
+    stream: Stream,
+    batches: u64,
+}
+
+impl Harness {
+    fn new(window: &str, keys: u64, events_per_day: f64) -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = Arc::new(StateStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}")));
+        let operator = FeatureOperator::open(store, 1 << 30).unwrap_or_else(|e| panic!("{e}"));
+        let schema = schema();
+        let bundle = bundle(&schema, window);
+        Self {
+            _dir: dir,
+            operator,
+            bundle,
+            stream: Stream {
+                schema,
+                rng: Rng::new(keys),
+                keys,
+                gap_ms: DAY_MS as f64 / events_per_day,
+                next: 0,
+                newest: START_MS,
+            },
+            batches: 0,
+        }
+    }
+
+    /// One batch through the operator; returns the time the operator took.
+    fn step(&mut self) -> Duration {
+        let (batch, times) = self.stream.batch();
+        let watermark = self.stream.newest - OUT_OF_ORDER_MS;
+        let started = Instant::now();
+        self.operator
+            .compute(&self.bundle, &batch, &times, Some(watermark - LATENESS_MS))
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.operator.end_batch().unwrap_or_else(|e| panic!("{e}"));
+        self.batches += 1;
+        if self.batches.is_multiple_of(SWEEP_EVERY) {
+            self.operator
+                .evict(&self.bundle, watermark, LATENESS_MS, SWEEP_KEYS)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        if self.batches.is_multiple_of(FLUSH_EVERY) {
+            self.operator.flush(&[]).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let took = started.elapsed();
+        self.stream.newest = times.iter().copied().fold(self.stream.newest, i64::max);
+        took
+    }
+
+    /// Streams until the windows hold their steady-state contents.
+    fn fill(&mut self, window_ms: i64) {
+        let span = (window_ms + LATENESS_MS) as f64 / self.stream.gap_ms;
+        let events = (span as u64).max(2 * self.stream.keys).max(BATCH as u64);
+        while self.stream.next < events {
+            self.step();
+        }
+    }
+}
+
+fn run(c: &mut Criterion, group: &str, cases: &[(&str, i64, u64, f64)]) {
     let mut group = c.benchmark_group(group);
     group.sample_size(10);
-    group.throughput(Throughput::Elements(EVENTS as u64));
-    for &(window, keys) in cases {
-        let bundle = bundle(window);
-        let input = batches(keys);
+    group.measurement_time(Duration::from_secs(15));
+    group.throughput(Throughput::Elements(BATCH as u64));
+    for &(window, window_ms, keys, per_day) in cases {
+        let mut harness = Harness::new(window, keys, per_day);
+        harness.fill(window_ms);
         group.bench_function(format!("window_{window}_keys_{keys}"), |b| {
-            b.iter_batched(
-                || {
-                    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-                    let store =
-                        Arc::new(StateStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}")));
-                    let operator =
-                        FeatureOperator::open(store, 256 << 20).unwrap_or_else(|e| panic!("{e}"));
-                    (dir, operator)
-                },
-                |(dir, mut operator)| {
-                    for (batch, times) in &input {
-                        operator
-                            .compute(&bundle, batch, times, None)
-                            .unwrap_or_else(|e| panic!("{e}"));
-                        operator.flush(&[]).unwrap_or_else(|e| panic!("{e}"));
-                    }
-                    (dir, operator)
-                },
-                BatchSize::PerIteration,
-            )
+            b.iter_custom(|iters| (0..iters).map(|_| harness.step()).sum())
         });
     }
     group.finish();
 }
 
 fn windows(c: &mut Criterion) {
+    const MIN: i64 = 60_000;
     run(
         c,
         "features_by_window",
         &[
-            ("10m", 10_000),
-            ("1h", 10_000),
-            ("1d", 10_000),
-            ("30d", 10_000),
+            ("10m", 10 * MIN, 10_000, 2e5),
+            ("1h", 60 * MIN, 10_000, 2e5),
+            ("1d", DAY_MS, 10_000, 2e5),
+            ("30d", 30 * DAY_MS, 10_000, 2e5),
         ],
     );
 }
@@ -120,7 +204,11 @@ fn keys(c: &mut Criterion) {
     run(
         c,
         "features_by_keys",
-        &[("1h", 10_000), ("1h", 100_000), ("1h", 1_000_000)],
+        &[
+            ("1d", DAY_MS, 10_000, 2e6),
+            ("1d", DAY_MS, 100_000, 2e6),
+            ("1d", DAY_MS, 1_000_000, 2e6),
+        ],
     );
 }
 

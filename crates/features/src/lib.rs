@@ -6,17 +6,21 @@
 //! folds each event into its keys' state and reads the feature values, producing one column per
 //! windowed feature of the running bundle.
 //!
-//! State is kept per entity key as time panes ([`window`]): the windows of every feature over
-//! the same key fields form one record, stored in RocksDB (through `riskstream-state`) behind a
-//! bounded write-back cache of hot records. Records reach the store between batches only, in one
-//! write batch each time: when the cache trims itself to its memory cap
-//! ([`FeatureOperator::end_batch`]) and on [`FeatureOperator::flush`] (periodically, before a
-//! checkpoint, at shutdown). A bundle reload that keeps a feature keeps its state; a new or
-//! changed definition starts empty. The operator blocks on
-//! RocksDB: run it on a thread where blocking is allowed, never on an async runtime's workers.
-//! This crate computes; it must not decode, score, or decide anything about time other than what
-//! the time stage hands it (corrected event times and the watermark for eviction).
+//! Features over the same key fields form one record per key, and features that aggregate the
+//! same events share one window in it ([`layout`]). A window keeps its events once, with an
+//! index of pre-aggregated panes once it holds more than a few ([`window`]). Records live in
+//! RocksDB (through `riskstream-state`) behind a bounded write-back cache of hot records; they
+//! reach the store between batches only, in one write batch each time: when the cache trims
+//! itself to its memory cap ([`FeatureOperator::end_batch`]) and on [`FeatureOperator::flush`]
+//! (periodically, before a checkpoint, at shutdown). A bundle reload keeps the state of every
+//! window it keeps.
+//!
+//! The operator blocks on RocksDB: run it on a thread where blocking is allowed, never on an
+//! async runtime's workers. This crate computes; it must not decode, score, or decide anything
+//! about time other than what the time stage hands it (corrected event times and the horizon
+//! below which no event can arrive any more).
 
+pub mod layout;
 pub mod operator;
 pub mod window;
 

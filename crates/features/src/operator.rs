@@ -16,10 +16,11 @@ use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use arrow::error::ArrowError;
 use hashbrown::HashMap;
 use metrics::Counter;
-use riskstream_rules::{Agg, CompiledBundle, CompiledWindowFeature};
+use riskstream_rules::{Agg, CompiledBundle};
 use riskstream_state::{Cf, StateBatch, StateError, StateStore};
 
-use crate::window::{Entry, KeyWindow, Shape};
+use crate::layout::{fnv1a, Layout, Reader, Window};
+use crate::window::{Entry, KeyWindow, Summary, NO_VALUE};
 
 /// The operator could not compute a batch: a bug or a schema the bundle was not compiled for.
 #[derive(Debug, thiserror::Error)]
@@ -51,39 +52,17 @@ pub struct StateStats {
     pub dirty: usize,
 }
 
-/// Identity of a feature's state: a stable hash of its definition, so a reload that keeps a
-/// feature keeps its state and a changed definition starts afresh.
-fn feature_id(f: &CompiledWindowFeature) -> [u8; 8] {
-    fnv1a(format!("{}|{:?}", f.name, f.spec).as_bytes()).to_be_bytes()
-}
-
-/// Identity of an entity field set: prefixes the state keys of its records.
-fn group_id(entity: &[String]) -> [u8; 8] {
-    fnv1a(format!("entity|{}", entity.join("\u{1f}")).as_bytes()).to_be_bytes()
-}
-
-/// FNV-1a: stable across builds, platforms and Rust versions (unlike the std hasher), which
-/// matters for anything persisted in the state store.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
-/// The state of one entity key: a window per feature over that entity, each tagged with its
-/// feature id (a reload may add, drop or reorder features).
+/// The state of one entity key: its windows (see [`crate::layout`]), each tagged with its id
+/// (a reload may add, drop or reorder them).
 #[derive(Debug, Default, PartialEq)]
 struct Record {
     windows: Vec<([u8; 8], KeyWindow)>,
 }
 
 impl Record {
-    const FORMAT: u8 = 3;
+    const FORMAT: u8 = 4;
 
-    /// The window of feature `id`, expected at `slot` (where the current bundle puts it).
+    /// The window `id`, expected at `slot` (where the current layout puts it).
     fn window(&mut self, slot: usize, id: [u8; 8]) -> &mut KeyWindow {
         let at = match self.windows.get(slot) {
             Some((have, _)) if *have == id => slot,
@@ -146,6 +125,64 @@ impl Record {
     }
 }
 
+/// A state key as the cache holds it: inline up to [`StateKey::INLINE`] bytes (an 8-byte
+/// entity id and a key of up to 38 bytes, a UUID included), so that a lookup compares keys
+/// without another trip to memory; longer keys on the heap.
+#[derive(Clone)]
+enum StateKey {
+    Inline {
+        len: u8,
+        bytes: [u8; StateKey::INLINE],
+    },
+    Heap(Box<[u8]>),
+}
+
+impl StateKey {
+    const INLINE: usize = 46;
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            StateKey::Inline { len, bytes } => &bytes[..*len as usize],
+            StateKey::Heap(bytes) => bytes,
+        }
+    }
+}
+
+impl From<&[u8]> for StateKey {
+    fn from(key: &[u8]) -> Self {
+        if key.len() > StateKey::INLINE {
+            return StateKey::Heap(key.into());
+        }
+        let mut bytes = [0; StateKey::INLINE];
+        bytes[..key.len()].copy_from_slice(key);
+        StateKey::Inline {
+            len: key.len() as u8,
+            bytes,
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for StateKey {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl PartialEq for StateKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for StateKey {}
+
+impl std::hash::Hash for StateKey {
+    /// As the bytes hash, so that lookups by `&[u8]` find it.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state)
+    }
+}
+
 /// A record held in the cache.
 #[derive(Debug)]
 struct Cached {
@@ -172,7 +209,7 @@ fn entry_bytes(key: &[u8], record: &Record) -> usize {
 /// store holds after a flush is exactly the state after the last computed batch.
 pub struct FeatureOperator {
     store: Arc<StateStore>,
-    cache: HashMap<Box<[u8]>, Cached>,
+    cache: HashMap<StateKey, Cached>,
     cache_bytes: usize,
     cache_max_bytes: usize,
     batch_no: u64,
@@ -182,6 +219,11 @@ pub struct FeatureOperator {
     distinct: Vec<u64>,
     /// Where the next eviction sweep of the store starts.
     sweep_cursor: Vec<u8>,
+    /// The store may hold records the cache does not (left by an earlier run, or written out
+    /// when the cache made room): only then do eviction sweeps walk the store.
+    store_only: bool,
+    /// In the current pass of store sweeps, such a record was seen or the cache made room.
+    store_only_seen: bool,
     /// Where the next eviction sweep of the cache starts (a position in iteration order).
     cache_cursor: usize,
     cache_misses: Counter,
@@ -199,11 +241,9 @@ impl std::fmt::Debug for FeatureOperator {
     }
 }
 
-/// What a feature reads from a batch, prepared once per batch.
-struct FeatureInput<'a> {
-    feature: &'a CompiledWindowFeature,
-    id: [u8; 8],
-    shape: Shape,
+/// What a window takes from a batch, prepared once per batch.
+struct WindowInput<'a> {
+    window: &'a Window<'a>,
     filter: Option<BooleanBuffer>,
     values: Option<Float64Array>,
 }
@@ -240,7 +280,10 @@ impl Column {
 impl FeatureOperator {
     /// An operator over `store`, continuing from the state it holds.
     pub fn open(store: Arc<StateStore>, cache_max_bytes: usize) -> Result<Self, FeatureError> {
+        let (stored, _) = store.visit_from(Cf::Features, &[], 1, |_, _| Ok::<_, StateError>(()))?;
         Ok(Self {
+            store_only: stored > 0,
+            store_only_seen: false,
             store,
             cache: HashMap::new(),
             cache_bytes: 0,
@@ -290,33 +333,26 @@ impl FeatureOperator {
         }
         self.batch_no += 1;
 
-        let inputs = features
-            .iter()
-            .map(|f| FeatureInput::new(f, events))
-            .collect::<Result<Vec<_>, _>>()?;
+        let layout = Layout::new(features);
         let mut columns: Vec<Column> = features
             .iter()
             .map(|f| Column::new(f.spec.agg, rows))
             .collect();
-        // Features over the same key fields share one record per key.
-        let mut groups: Vec<(&[usize], &[String], Vec<usize>)> = Vec::new();
-        for (i, f) in features.iter().enumerate() {
-            match groups.iter_mut().find(|(c, _, _)| *c == f.entity_columns) {
-                Some((_, _, members)) => members.push(i),
-                None => groups.push((&f.entity_columns, &f.spec.entity, vec![i])),
-            }
-        }
         let mut evicted = 0;
-        for (entity_columns, entity, members) in &groups {
-            let keys: Vec<&ArrayRef> = entity_columns.iter().map(|&i| events.column(i)).collect();
-            let group = group_id(entity);
+        for entity in &layout.entities {
+            let inputs = entity
+                .windows
+                .iter()
+                .map(|w| WindowInput::new(w, events))
+                .collect::<Result<Vec<_>, _>>()?;
+            let keys: Vec<&ArrayRef> = entity.columns.iter().map(|&i| events.column(i)).collect();
             for (row, &t) in event_time.iter().enumerate() {
                 self.key.clear();
-                self.key.extend_from_slice(&group);
+                self.key.extend_from_slice(&entity.id);
                 if !entity_key(&keys, row, &mut self.key) {
                     // No key, no entity: the features are NULL and nothing is folded.
-                    for &m in members {
-                        columns[m].push_null();
+                    for reader in entity.windows.iter().flat_map(|w| &w.readers) {
+                        columns[reader.feature].push_null();
                     }
                     continue;
                 }
@@ -328,11 +364,11 @@ impl FeatureOperator {
                     &self.cache_misses,
                     &mut self.cache_bytes,
                 )?;
-                for (slot, &m) in members.iter().enumerate() {
-                    let input = &inputs[m];
-                    let window = cached.record.window(slot, input.id);
+                for (slot, input) in inputs.iter().enumerate() {
+                    let window = cached.record.window(slot, input.window.id);
+                    window.prepare(input.window.shape);
                     if let Some(horizon) = horizon {
-                        let dropped = window.evict(horizon - input.shape.window_ms);
+                        let dropped = window.evict(horizon - input.window.shape.window_ms);
                         if dropped > 0 {
                             evicted += dropped as u64;
                             cached.dirty = true;
@@ -340,15 +376,29 @@ impl FeatureOperator {
                     }
                     // `seconds_since_last` looks at the events before this one; every other
                     // aggregate includes it.
-                    let before = input.feature.spec.agg == Agg::SecondsSinceLast;
-                    if before {
-                        input.read(window, t, &mut self.distinct, &mut columns[m]);
+                    for reader in &input.window.readers {
+                        if reader.agg == Agg::SecondsSinceLast {
+                            input.read(window, reader, t, None, &mut self.distinct, &mut columns);
+                        }
                     }
                     if input.fold(window, row, t) {
                         cached.dirty = true;
                     }
-                    if !before {
-                        input.read(window, t, &mut self.distinct, &mut columns[m]);
+                    let summary = input
+                        .window
+                        .summarized
+                        .then(|| window.summary(input.window.shape, t));
+                    for reader in &input.window.readers {
+                        if reader.agg != Agg::SecondsSinceLast {
+                            input.read(
+                                window,
+                                reader,
+                                t,
+                                summary.as_ref(),
+                                &mut self.distinct,
+                                &mut columns,
+                            );
+                        }
                     }
                 }
                 let bytes = entry_bytes(&self.key, &cached.record);
@@ -399,13 +449,15 @@ impl FeatureOperator {
         let mut written = 0;
         for (key, cached) in self.cache.iter_mut() {
             if cached.last_used <= cutoff && cached.dirty {
-                write_record(&mut batch, key, cached, &mut self.scratch)?;
+                write_record(&mut batch, key.as_bytes(), cached, &mut self.scratch)?;
                 written += 1;
             }
         }
         self.store.write(batch)?;
         self.records_written.increment(written);
         self.cache.retain(|_, c| c.last_used > cutoff);
+        self.store_only = true;
+        self.store_only_seen = true;
         self.cache_bytes = self.cache.values().map(|c| c.bytes).sum();
         Ok(())
     }
@@ -417,7 +469,7 @@ impl FeatureOperator {
         let mut written = 0;
         for (key, cached) in self.cache.iter_mut() {
             if cached.dirty {
-                write_record(&mut batch, key, cached, &mut self.scratch)?;
+                write_record(&mut batch, key.as_bytes(), cached, &mut self.scratch)?;
                 written += 1;
             }
         }
@@ -447,16 +499,10 @@ impl FeatureOperator {
         allowed_lateness_ms: i64,
         store_keys: usize,
     ) -> Result<usize, FeatureError> {
-        // Per live feature, the time at or before which no event can be reached again.
-        let live: HashMap<[u8; 8], i64> = bundle
-            .window_features()
-            .iter()
-            .map(|f| {
-                (
-                    feature_id(f),
-                    watermark - allowed_lateness_ms - f.window_ms(),
-                )
-            })
+        // Per live window, the time at or before which no event can be reached again.
+        let live: HashMap<[u8; 8], i64> = Layout::new(bundle.window_features())
+            .windows()
+            .map(|w| (w.id, watermark - allowed_lateness_ms - w.shape.window_ms))
             .collect();
         let evict_record = |record: &mut Record| -> (usize, bool) {
             let before = record.windows.len();
@@ -475,37 +521,51 @@ impl FeatureOperator {
 
         let mut dropped = 0;
         let mut batch = self.store.batch();
-        // The next slice of records in the store (those in the cache are handled below).
-        let slice = self
-            .store
-            .scan_from(Cf::Features, &self.sweep_cursor, store_keys)?;
-        self.sweep_cursor = match slice.last() {
-            // Continue just after the last key seen; start over when the slice came up short.
-            Some((last, _)) if slice.len() == store_keys => {
-                let mut next = last.to_vec();
-                next.push(0);
-                next
-            }
-            _ => Vec::new(),
-        };
-        for (key, bytes) in slice {
-            if self.cache.contains_key(&key[..]) {
-                continue;
-            }
-            match Record::decode(&bytes) {
-                Some(mut record) => {
-                    let (n, changed) = evict_record(&mut record);
-                    dropped += n;
-                    if record.is_empty() {
-                        batch.delete(Cf::Features, &key)?;
-                    } else if changed {
-                        record.encode(&mut self.scratch);
-                        batch.put(Cf::Features, &key, &self.scratch)?;
+        // The next slice of records in the store, while it may hold records the cache does not;
+        // those in the cache are handled below, and their stored values are not even decoded.
+        if self.store_only {
+            let cache = &self.cache;
+            let scratch = &mut self.scratch;
+            let seen = &mut self.store_only_seen;
+            let (visited, last) = self.store.visit_from(
+                Cf::Features,
+                &self.sweep_cursor,
+                store_keys,
+                |key, bytes| -> Result<(), FeatureError> {
+                    if cache.contains_key(key) {
+                        return Ok(());
                     }
+                    *seen = true;
+                    match Record::decode(bytes) {
+                        Some(mut record) => {
+                            let (n, changed) = evict_record(&mut record);
+                            dropped += n;
+                            if record.is_empty() {
+                                batch.delete(Cf::Features, key)?;
+                            } else if changed {
+                                record.encode(scratch);
+                                batch.put(Cf::Features, key, scratch)?;
+                            }
+                        }
+                        // Unreadable leftovers (an older format): drop them.
+                        None => batch.delete(Cf::Features, key)?,
+                    }
+                    Ok(())
+                },
+            )?;
+            // Continue just after the last key seen; start over when the slice came up short,
+            // and stop sweeping the store after a whole pass that found nothing only there.
+            self.sweep_cursor = match last {
+                Some(mut next) if visited == store_keys => {
+                    next.push(0);
+                    next
                 }
-                // Unreadable leftovers (an older format): drop them.
-                None => batch.delete(Cf::Features, &key)?,
-            }
+                _ => {
+                    self.store_only = self.store_only_seen;
+                    self.store_only_seen = false;
+                    Vec::new()
+                }
+            };
         }
         self.store.write(batch)?;
         // The next slice of the cache (positions shift as records come and go, so a record
@@ -520,7 +580,7 @@ impl FeatureOperator {
             dropped += n;
             if changed {
                 cached.dirty = true;
-                let bytes = entry_bytes(key, &cached.record);
+                let bytes = entry_bytes(key.as_bytes(), &cached.record);
                 self.cache_bytes = self.cache_bytes + bytes - cached.bytes;
                 cached.bytes = bytes;
             }
@@ -555,7 +615,7 @@ impl FeatureOperator {
 
 /// The cached record for `key`, loaded from the store on a miss.
 fn load<'c>(
-    cache: &'c mut HashMap<Box<[u8]>, Cached>,
+    cache: &'c mut HashMap<StateKey, Cached>,
     store: &StateStore,
     key: &[u8],
     batch_no: u64,
@@ -609,28 +669,28 @@ fn write_record(
     Ok(())
 }
 
-impl<'a> FeatureInput<'a> {
-    fn new(feature: &'a CompiledWindowFeature, events: &RecordBatch) -> Result<Self, FeatureError> {
+impl<'a> WindowInput<'a> {
+    fn new(window: &'a Window<'a>, events: &RecordBatch) -> Result<Self, FeatureError> {
+        let source = window.source;
         let values =
-            match feature.of_column {
-                Some(i) => Some(values_of(events.column(i), feature.spec.agg).map_err(
+            match source.of_column {
+                Some(i) => Some(values_of(events.column(i), source.spec.agg).map_err(
                     |source| FeatureError::Arrow {
-                        feature: feature.name.clone(),
+                        feature: window.source.name.clone(),
                         source,
                     },
                 )?),
                 None => None,
             };
         Ok(Self {
-            feature,
-            id: feature_id(feature),
-            shape: Shape::new(feature.window_ms(), feature.spec.agg == Agg::Stddev),
-            filter: feature.filter_mask(events),
+            window,
+            filter: source.filter_mask(events),
             values,
         })
     }
 
-    /// Folds row `row` into `window` when it passes the filter and has a value; true if it did.
+    /// Folds row `row` into `window` when it passes the filter and, for a window over a field,
+    /// has a value; true if it did.
     fn fold(&self, window: &mut KeyWindow, row: usize, ts: i64) -> bool {
         if self.filter.as_ref().is_some_and(|m| !m.value(row)) {
             return false;
@@ -638,30 +698,44 @@ impl<'a> FeatureInput<'a> {
         let value = match &self.values {
             Some(v) if v.is_null(row) => return false,
             Some(v) => v.value(row),
-            None => 0.0,
+            None => NO_VALUE,
         };
-        window.insert(self.shape, Entry { ts, value });
+        window.insert(self.window.shape, Entry { ts, value });
         true
     }
 
-    /// Appends the feature's value at time `t` to `column`.
-    fn read(&self, window: &KeyWindow, t: i64, distinct: &mut Vec<u64>, column: &mut Column) {
-        let (shape, len) = (self.shape, self.shape.window_ms);
-        match (self.feature.spec.agg, column) {
-            (Agg::Count, Column::Ints(c)) => c.push(Some(window.summary(shape, t).count as i64)),
-            (Agg::CountDistinct, Column::Ints(c)) => {
+    /// Appends `reader`'s value at time `t` to its column. `summary` is the window's summary at
+    /// `t` for the aggregates that use one.
+    fn read(
+        &self,
+        window: &mut KeyWindow,
+        reader: &Reader,
+        t: i64,
+        summary: Option<&Summary>,
+        distinct: &mut Vec<u64>,
+        columns: &mut [Column],
+    ) {
+        let len = self.window.shape.window_ms;
+        let column = &mut columns[reader.feature];
+        match (reader.agg, column, summary) {
+            (Agg::Count, Column::Ints(c), Some(s)) => c.push(Some(if reader.counts_events {
+                s.events as i64
+            } else {
+                s.count as i64
+            })),
+            (Agg::Sum, Column::Floats(c), Some(s)) => c.push(s.sum()),
+            (Agg::Avg, Column::Floats(c), Some(s)) => c.push(s.avg()),
+            (Agg::Min, Column::Floats(c), Some(s)) => c.push(s.min()),
+            (Agg::Max, Column::Floats(c), Some(s)) => c.push(s.max()),
+            (Agg::Stddev, Column::Floats(c), Some(s)) => c.push(s.stddev()),
+            (Agg::CountDistinct, Column::Ints(c), _) => {
                 c.push(Some(window.count_distinct(len, t, distinct) as i64))
             }
-            (Agg::Sum, Column::Floats(c)) => c.push(window.summary(shape, t).sum()),
-            (Agg::Avg, Column::Floats(c)) => c.push(window.summary(shape, t).avg()),
-            (Agg::Min, Column::Floats(c)) => c.push(window.summary(shape, t).min()),
-            (Agg::Max, Column::Floats(c)) => c.push(window.summary(shape, t).max()),
-            (Agg::Stddev, Column::Floats(c)) => c.push(window.summary(shape, t).stddev()),
-            (Agg::Last, Column::Floats(c)) => c.push(window.last(len, t).map(|e| e.value)),
-            (Agg::SecondsSinceLast, Column::Floats(c)) => {
+            (Agg::Last, Column::Floats(c), _) => c.push(window.last(len, t).map(|e| e.value)),
+            (Agg::SecondsSinceLast, Column::Floats(c), _) => {
                 c.push(window.last(len, t).map(|e| (t - e.ts) as f64 / 1000.0))
             }
-            (_, column) => column.push_null(),
+            (_, column, _) => column.push_null(),
         }
     }
 }

@@ -1,22 +1,31 @@
-//! Exact sliding-window state for one feature and one entity key.
+//! Exact sliding-window state for one window and one entity key.
 //!
 //! The window of an event at time `t` is `(t − W, t]` over the events processed so far. A window
 //! keeps its events once, sorted by time (equal times in arrival order), as 16-byte [`Entry`]s.
 //! A window of at most [`SPLIT_ABOVE`] events answers a query by scanning them. A larger one
 //! also keeps an index of pre-aggregated time buckets: panes of `W / 16`, and inside any pane
-//! (or sub-pane) that holds more than [`SPLIT_ABOVE`] events, sixteen sub-panes, recursively.
+//! (or sub-pane) that holds more than [`SPLIT_ABOVE`] events, sixteen sub-panes, recursively;
+//! plus the running summaries of the panes from each one to the newest.
 //!
-//! A query merges the summaries of the buckets entirely inside the window and descends only
-//! into the buckets cut by its two edges, down to a leaf of at most [`SPLIT_ABOVE`] events (or
-//! one millisecond, which an edge cannot cut). So a query is exact to the millisecond while it
-//! touches about `16 × depth` summaries and scans at most `2 × SPLIT_ABOVE` events, whatever
-//! the window length or the key's event rate; the depth grows only logarithmically with the
-//! number of events in one pane. Keys with few events (most of them) carry no index at all.
+//! A query in time order (the common case) reads one running summary and the newest pane, and
+//! descends only into the pane its left edge cuts, down to a leaf of at most [`SPLIT_ABOVE`]
+//! events (or one millisecond, which an edge cannot cut); a query out of order also merges the
+//! panes in between and descends at its right edge. Either way it is exact to the millisecond,
+//! touches a bounded number of summaries and scans at most `2 × SPLIT_ABOVE` events, whatever
+//! the window length or the key's event rate (the depth of sub-panes grows only
+//! logarithmically with the events in one pane). Keys with few events, most of them, carry no
+//! index at all.
+//!
+//! `count_distinct` cannot be pre-aggregated; a large window instead keeps the multiset of the
+//! values in the window it last answered for and moves it to the next query's window by adding
+//! and removing the events in between, which costs O(1) amortized as queries move forward.
 //!
 //! Eviction drops whole panes that end at or before a horizon. Persisted windows hold their
-//! events only ([`KeyWindow::encode`]); the index is rebuilt when needed.
+//! events only ([`KeyWindow::encode`]); the indexes are rebuilt when needed.
 
 use std::collections::VecDeque;
+
+use hashbrown::HashMap;
 
 /// Panes per window length.
 pub const PANES_PER_WINDOW: i64 = 16;
@@ -24,13 +33,23 @@ pub const PANES_PER_WINDOW: i64 = 16;
 const FANOUT: i64 = 16;
 /// A window or bucket with more events than this is indexed or split; queries scan at most this
 /// many events at each edge.
-pub const SPLIT_ABOVE: usize = 32;
+pub const SPLIT_ABOVE: usize = 64;
 
-/// One event of a window: event time (epoch ms) and the aggregated value (0 for counts).
+/// One event of a window: event time (epoch ms) and the aggregated value, or [`NO_VALUE`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Entry {
     pub ts: i64,
     pub value: f64,
+}
+
+/// The value of an event that has none (the window aggregates no field, or the event's field is
+/// NULL): it counts as an event but not as a value. One particular NaN, compared by its bits, so
+/// that hashed values (which may be any bit pattern) are told apart from it.
+pub const NO_VALUE: f64 = f64::from_bits(0x7ff8_6e6f_7661_6c75);
+
+/// Whether `v` is [`NO_VALUE`].
+pub fn is_no_value(v: f64) -> bool {
+    v.to_bits() == NO_VALUE.to_bits()
 }
 
 /// How a feature looks at its windows.
@@ -52,9 +71,12 @@ impl Shape {
     }
 }
 
-/// Mergeable statistics of a set of values (Chan et al. for the second moment).
+/// Mergeable statistics of a set of events and their values (Chan et al. for the second moment).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Summary {
+    /// Events, with or without a value.
+    pub events: u64,
+    /// Values (events with one).
     pub count: u64,
     pub sum: f64,
     pub min: f64,
@@ -66,6 +88,7 @@ pub struct Summary {
 impl Default for Summary {
     fn default() -> Self {
         Self {
+            events: 0,
             count: 0,
             sum: 0.0,
             min: f64::INFINITY,
@@ -77,6 +100,10 @@ impl Default for Summary {
 
 impl Summary {
     pub fn add(&mut self, v: f64, moments: bool) {
+        self.events += 1;
+        if is_no_value(v) {
+            return;
+        }
         if moments && self.count > 0 {
             let before = self.sum / self.count as f64;
             let after = (self.sum + v) / (self.count + 1) as f64;
@@ -89,11 +116,14 @@ impl Summary {
     }
 
     pub fn merge(&mut self, o: &Summary, moments: bool) {
+        self.events += o.events;
         if o.count == 0 {
             return;
         }
         if self.count == 0 {
+            let events = self.events;
             *self = *o;
+            self.events = events;
             return;
         }
         if moments {
@@ -184,7 +214,7 @@ impl Bucket {
             return 0;
         }
         if self.children.is_empty() {
-            return if self.summary.count as usize > SPLIT_ABOVE {
+            return if self.summary.events as usize > SPLIT_ABOVE {
                 self.split(end, moments, entries)
             } else {
                 0
@@ -223,7 +253,7 @@ impl Bucket {
         let mut created = self.children.len();
         for child in &mut self.children {
             let child_end = (child.start + cw).min(end);
-            if child.summary.count as usize > SPLIT_ABOVE && child_end - child.start > 1 {
+            if child.summary.events as usize > SPLIT_ABOVE && child_end - child.start > 1 {
                 created += child.split(child_end, moments, entries);
             }
         }
@@ -269,11 +299,115 @@ impl Bucket {
     }
 }
 
+/// `items.partition_point(before)` (the number of leading items for which `before` holds, the
+/// items being partitioned that way), searched outward from the front or the back: it probes
+/// O(log d) items for a boundary d items from that end, all of them near it. Window queries look
+/// for boundaries near an end — the left edge near the oldest events kept, the right edge near
+/// the newest — so this touches a few cache lines where a plain binary search touches many.
+fn boundary<T>(items: &VecDeque<T>, from_back: bool, before: impl Fn(&T) -> bool) -> usize {
+    let n = items.len();
+    // The boundary lies in [lo, hi].
+    let (mut lo, mut hi) = (0, n);
+    let mut step = 1;
+    if from_back {
+        while hi > 0 {
+            let i = hi.saturating_sub(step);
+            if before(&items[i]) {
+                lo = i + 1;
+                break;
+            }
+            hi = i;
+            step *= 2;
+        }
+    } else {
+        while lo < n {
+            let i = (lo + step - 1).min(n - 1);
+            if !before(&items[i]) {
+                hi = i;
+                break;
+            }
+            lo = i + 1;
+            step *= 2;
+        }
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if before(&items[mid]) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// The number of entries with `ts <= t`, searched from the end nearer to `t`.
+fn count_through(entries: &VecDeque<Entry>, t: i64) -> usize {
+    let (Some(front), Some(back)) = (entries.front(), entries.back()) else {
+        return 0;
+    };
+    let from_back = back.ts.saturating_sub(t) < t.saturating_sub(front.ts);
+    boundary(entries, from_back, |e| e.ts <= t)
+}
+
 /// Merges into `out` the entries with `lo < ts <= hi`.
 fn scan(entries: &VecDeque<Entry>, lo: i64, hi: i64, moments: bool, out: &mut Summary) {
-    let from = entries.partition_point(|e| e.ts <= lo);
+    let from = count_through(entries, lo);
     for e in entries.range(from..).take_while(|e| e.ts <= hi) {
         out.add(e.value, moments);
+    }
+}
+
+/// The values of the events with `lo < ts <= hi`, with their multiplicities.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Distinct {
+    lo: i64,
+    hi: i64,
+    counts: HashMap<u64, u32>,
+}
+
+impl Distinct {
+    fn add(&mut self, value: f64) {
+        *self.counts.entry(value.to_bits()).or_insert(0) += 1;
+    }
+
+    fn remove(&mut self, value: f64) {
+        if let hashbrown::hash_map::Entry::Occupied(mut slot) = self.counts.entry(value.to_bits()) {
+            *slot.get_mut() -= 1;
+            if *slot.get() == 0 {
+                slot.remove();
+            }
+        }
+    }
+
+    /// Applies `f` to the values of the entries with `lo < ts <= hi` (not to [`NO_VALUE`]s).
+    fn each(entries: &VecDeque<Entry>, lo: i64, hi: i64, mut f: impl FnMut(f64)) {
+        if lo >= hi {
+            return;
+        }
+        let from = count_through(entries, lo);
+        for e in entries.range(from..).take_while(|e| e.ts <= hi) {
+            if !is_no_value(e.value) {
+                f(e.value);
+            }
+        }
+    }
+
+    /// Moves to the window `(lo, hi]`.
+    fn move_to(&mut self, entries: &VecDeque<Entry>, lo: i64, hi: i64) {
+        let (a, b) = (self.lo, self.hi);
+        if hi <= a || lo >= b {
+            // Disjoint: start over.
+            self.counts.clear();
+            Self::each(entries, lo, hi, |v| self.add(v));
+        } else {
+            Self::each(entries, lo, a, |v| self.add(v));
+            Self::each(entries, a, lo, |v| self.remove(v));
+            Self::each(entries, b, hi, |v| self.add(v));
+            Self::each(entries, hi, b, |v| self.remove(v));
+        }
+        self.lo = lo;
+        self.hi = hi;
     }
 }
 
@@ -282,10 +416,23 @@ fn scan(entries: &VecDeque<Entry>, lo: i64, hi: i64, moments: bool, out: &mut Su
 pub struct KeyWindow {
     /// Every event, sorted by time; equal times in arrival order.
     entries: VecDeque<Entry>,
+    /// Eviction drops nothing while its horizon is below this (a lower bound of the oldest
+    /// entry's time, or of the oldest pane's newest time once indexed), and the newest entry's
+    /// time: kept here so that the common cases of eviction and insertion need not look at
+    /// either end of `entries`. Meaningless while the window is empty.
+    evictable_at: i64,
+    newest: i64,
     /// Top-level panes, sorted by start; empty while the window is small enough to scan.
     panes: VecDeque<Bucket>,
+    /// `suffix[i]` summarizes `panes[i..len − 1]` (all but the newest pane), so that a query
+    /// in time order merges one summary for the panes between its edges.
+    suffix: VecDeque<Summary>,
     /// Buckets at all levels (for the memory estimate).
     buckets: usize,
+    /// For `count_distinct` over a large window: the values of the last window asked about.
+    distinct: Option<Box<Distinct>>,
+    /// Whether the pane summaries keep the second moment.
+    moments: bool,
 }
 
 impl KeyWindow {
@@ -300,12 +447,21 @@ impl KeyWindow {
 
     /// Adds an event; events may arrive in any time order.
     pub fn insert(&mut self, shape: Shape, e: Entry) {
-        match self.entries.back() {
-            Some(last) if last.ts > e.ts => {
-                let at = self.entries.partition_point(|x| x.ts <= e.ts);
-                self.entries.insert(at, e);
+        if self.entries.is_empty() {
+            (self.evictable_at, self.newest) = (e.ts, e.ts);
+            self.entries.push_back(e);
+        } else if e.ts >= self.newest {
+            self.newest = e.ts;
+            self.entries.push_back(e);
+        } else {
+            let at = boundary(&self.entries, true, |x| x.ts <= e.ts);
+            self.entries.insert(at, e);
+            self.evictable_at = self.evictable_at.min(e.ts);
+        }
+        if let Some(d) = &mut self.distinct {
+            if e.ts > d.lo && e.ts <= d.hi && !is_no_value(e.value) {
+                d.add(e.value);
             }
-            _ => self.entries.push_back(e),
         }
         if !self.panes.is_empty() {
             self.index_add(shape, e);
@@ -320,6 +476,12 @@ impl KeyWindow {
         let at = match self.panes.back() {
             Some(last) if last.start == start => self.panes.len() - 1,
             Some(last) if last.start < start => {
+                // A new newest pane: the previous one joins the suffix summaries.
+                let previous = last.summary;
+                for s in &mut self.suffix {
+                    s.merge(&previous, self.moments);
+                }
+                self.suffix.push_back(previous);
                 self.panes.push_back(Bucket::new(start));
                 self.buckets += 1;
                 self.panes.len() - 1
@@ -339,11 +501,32 @@ impl KeyWindow {
             },
         };
         self.buckets += self.panes[at].add(start + p, e, shape.moments, &self.entries);
+        if at + 1 < self.panes.len() {
+            // An older pane changed (an event out of order).
+            self.rebuild_suffix();
+        }
+    }
+
+    fn rebuild_suffix(&mut self) {
+        self.suffix.clear();
+        let mut acc = Summary::default();
+        for pane in self.panes.range(..self.panes.len().saturating_sub(1)).rev() {
+            acc.merge(&pane.summary, self.moments);
+            self.suffix.push_front(acc);
+        }
+    }
+
+    /// Makes the index fit `shape` (a reload may start asking for the second moment).
+    pub fn prepare(&mut self, shape: Shape) {
+        if !self.panes.is_empty() && self.moments != shape.moments {
+            self.build_index(shape);
+        }
     }
 
     /// Builds the pane index over all entries.
     fn build_index(&mut self, shape: Shape) {
         let p = shape.pane_ms;
+        self.moments = shape.moments;
         self.panes.clear();
         for e in &self.entries {
             let start = bucket_start(0, p, e.ts);
@@ -358,10 +541,11 @@ impl KeyWindow {
         }
         self.buckets = self.panes.len();
         for pane in &mut self.panes {
-            if pane.summary.count as usize > SPLIT_ABOVE && p > 1 {
+            if pane.summary.events as usize > SPLIT_ABOVE && p > 1 {
                 self.buckets += pane.split(pane.start + p, shape.moments, &self.entries);
             }
         }
+        self.rebuild_suffix();
     }
 
     /// Summary of the events with `t − window < ts <= t`.
@@ -373,7 +557,35 @@ impl KeyWindow {
             return out;
         }
         let p = shape.pane_ms;
-        let first = self.panes.partition_point(|b| b.max_ts <= lo);
+        let first = boundary(&self.panes, false, |b| b.max_ts <= lo);
+        let Some(last) = self.panes.len().checked_sub(1) else {
+            return out;
+        };
+        if t >= self.newest && first <= last {
+            // In time order: the right edge cuts nothing. Descend into the pane the left edge
+            // cuts; the panes after it are whole: a suffix summary and the newest pane.
+            let pane = &self.panes[first];
+            let whole_from = if pane.min_ts > lo {
+                first
+            } else {
+                pane.query(
+                    pane.start + p,
+                    lo,
+                    t,
+                    shape.moments,
+                    &self.entries,
+                    &mut out,
+                );
+                first + 1
+            };
+            if whole_from < last {
+                out.merge(&self.suffix[whole_from], shape.moments);
+            }
+            if whole_from <= last {
+                out.merge(&self.panes[last].summary, shape.moments);
+            }
+            return out;
+        }
         for pane in self.panes.range(first..) {
             if pane.min_ts > t {
                 break;
@@ -392,21 +604,33 @@ impl KeyWindow {
 
     /// The latest entry with `t − window < ts <= t` (ties: the one processed last).
     pub fn last(&self, window_ms: i64, t: i64) -> Option<Entry> {
-        let to = self.entries.partition_point(|e| e.ts <= t);
+        let to = boundary(&self.entries, true, |e| e.ts <= t);
         let e = *self.entries.get(to.checked_sub(1)?)?;
         (e.ts > t - window_ms).then_some(e)
     }
 
-    /// Number of distinct values among the events with `t − window < ts <= t`. `scratch` is a
-    /// reusable buffer, so a query allocates nothing once it has grown. (Scans the window.)
-    pub fn count_distinct(&self, window_ms: i64, t: i64, scratch: &mut Vec<u64>) -> u64 {
+    /// Number of distinct values among the events with `t − window < ts <= t`. A small window
+    /// is scanned (`scratch` is a reusable buffer); a large one moves its multiset of values.
+    pub fn count_distinct(&mut self, window_ms: i64, t: i64, scratch: &mut Vec<u64>) -> u64 {
         let lo = t - window_ms;
-        let from = self.entries.partition_point(|e| e.ts <= lo);
+        if self.entries.len() > SPLIT_ABOVE || self.distinct.is_some() {
+            let d = self.distinct.get_or_insert_with(|| {
+                Box::new(Distinct {
+                    lo: i64::MIN,
+                    hi: i64::MIN,
+                    counts: HashMap::new(),
+                })
+            });
+            d.move_to(&self.entries, lo, t);
+            return d.counts.len() as u64;
+        }
+        let from = count_through(&self.entries, lo);
         scratch.clear();
         scratch.extend(
             self.entries
                 .range(from..)
                 .take_while(|e| e.ts <= t)
+                .filter(|e| !is_no_value(e.value))
                 .map(|e| e.value.to_bits()),
         );
         scratch.sort_unstable();
@@ -417,29 +641,50 @@ impl KeyWindow {
     /// Drops the events no query can reach any more: those at or before `horizon`, by whole
     /// panes once the window is indexed. Returns the number dropped.
     pub fn evict(&mut self, horizon: i64) -> usize {
+        if self.entries.is_empty() || horizon < self.evictable_at {
+            return 0;
+        }
         let mut dropped = 0;
         if self.panes.is_empty() {
-            dropped = self.entries.partition_point(|e| e.ts <= horizon);
+            dropped = boundary(&self.entries, false, |e| e.ts <= horizon);
         } else {
             while let Some(pane) = self.panes.front() {
                 if pane.max_ts > horizon {
                     break;
                 }
-                dropped += pane.summary.count as usize;
+                dropped += pane.summary.events as usize;
                 self.buckets -= pane.size();
                 self.panes.pop_front();
+                self.suffix.pop_front();
             }
         }
-        self.entries.drain(..dropped.min(self.entries.len()));
-        if !self.panes.is_empty() && self.entries.len() <= SPLIT_ABOVE / 2 {
-            // Small again: scanning is cheaper than keeping the index.
-            self.panes = VecDeque::new();
-            self.buckets = 0;
+        let dropped = dropped.min(self.entries.len());
+        if let (Some(d), Some(newest_dropped)) = (&self.distinct, dropped.checked_sub(1)) {
+            // The multiset must not count events that are gone.
+            if self.entries[newest_dropped].ts > d.lo {
+                self.distinct = None;
+            }
         }
+        self.entries.drain(..dropped);
+        if self.entries.len() <= SPLIT_ABOVE / 2 {
+            // Small again: scanning is cheaper than keeping the indexes.
+            if !self.panes.is_empty() {
+                self.panes = VecDeque::new();
+                self.suffix = VecDeque::new();
+                self.buckets = 0;
+            }
+            self.distinct = None;
+        }
+        self.evictable_at = match (self.panes.front(), self.entries.front()) {
+            (Some(pane), _) => pane.max_ts,
+            (None, Some(e)) => e.ts,
+            (None, None) => i64::MAX,
+        };
         // Keep small buffers for the key's next events; give large ones back.
         if self.entries.capacity() > 64 && self.entries.len() < self.entries.capacity() / 4 {
             self.entries.shrink_to(self.entries.len() * 2);
             self.panes.shrink_to(self.panes.len() * 2);
+            self.suffix.shrink_to(self.suffix.len() * 2);
         }
         dropped
     }
@@ -448,6 +693,10 @@ impl KeyWindow {
     pub fn approx_bytes(&self) -> usize {
         self.entries.capacity() * std::mem::size_of::<Entry>()
             + self.buckets * std::mem::size_of::<Bucket>()
+            + self.suffix.capacity() * std::mem::size_of::<Summary>()
+            + self.distinct.as_ref().map_or(0, |d| {
+                std::mem::size_of::<Distinct>() + d.counts.capacity() * 16
+            })
     }
 
     /// Appends the encoding of this window to `out`: the number of events, then each event as
@@ -487,9 +736,10 @@ impl KeyWindow {
             prev = ts;
         }
         Some(KeyWindow {
+            evictable_at: entries.front().map_or(0, |e| e.ts),
+            newest: entries.back().map_or(0, |e| e.ts),
             entries,
-            panes: VecDeque::new(),
-            buckets: 0,
+            ..KeyWindow::default()
         })
     }
 
@@ -533,17 +783,23 @@ fn get_varint(bytes: &mut &[u8]) -> Option<u64> {
 mod tests {
     use super::*;
 
-    /// The definition, the slow way: `(count, sum, min, max, sample stddev)` of the values of
-    /// the events in `(t − window, t]`, with a two-pass variance.
+    /// The definition, the slow way: `(events, values, sum, min, max, sample stddev)` of the
+    /// events in `(t − window, t]` and their values, with a two-pass variance.
+    #[allow(clippy::type_complexity)]
     fn naive(
         events: &[Entry],
         window: i64,
         t: i64,
-    ) -> (u64, f64, Option<f64>, Option<f64>, Option<f64>) {
-        let values: Vec<f64> = events
+    ) -> (u64, u64, f64, Option<f64>, Option<f64>, Option<f64>) {
+        let inside: Vec<f64> = events
             .iter()
             .filter(|e| e.ts > t - window && e.ts <= t)
             .map(|e| e.value)
+            .collect();
+        let values: Vec<f64> = inside
+            .iter()
+            .copied()
+            .filter(|v| !is_no_value(*v))
             .collect();
         let n = values.len();
         let sum: f64 = values.iter().sum();
@@ -554,7 +810,7 @@ mod tests {
             let ss: f64 = values.iter().map(|v| (v - mean) * (v - mean)).sum();
             (ss / (n - 1) as f64).sqrt()
         });
-        (n as u64, sum, min, max, stddev)
+        (inside.len() as u64, n as u64, sum, min, max, stddev)
     }
 
     struct Lcg(u64);
@@ -592,13 +848,22 @@ mod tests {
             } else {
                 now
             };
-            // Few distinct values, so count_distinct is interesting.
-            let value = (rng.next(5_000) as f64) / 100.0;
+            // Few distinct values, so count_distinct is interesting; some events have none.
+            let value = match rng.next(10) {
+                0 => NO_VALUE,
+                _ => (rng.next(5_000) as f64) / 100.0,
+            };
             let e = Entry { ts, value };
             w.insert(shape, e);
             seen.push(e);
+            if i % 97 == 0 {
+                // No later query is older than `now − late`: what lies at or before
+                // `now − late − window` may go, and the answers must not change.
+                w.evict(now - late as i64 - window);
+            }
             let got = w.summary(shape, ts);
-            let (count, sum, min, max, stddev) = naive(&seen, window, ts);
+            let (events, count, sum, min, max, stddev) = naive(&seen, window, ts);
+            assert_eq!(got.events, events, "seed {seed} event {i}");
             assert_eq!(got.count, count, "seed {seed} event {i}");
             assert!(
                 close(got.sum(), (count > 0).then_some(sum)),
@@ -615,10 +880,11 @@ mod tests {
                 .filter(|x| x.ts > ts - window && x.ts <= ts)
                 .max_by_key(|x| x.ts)
                 .copied();
-            assert_eq!(w.last(window, ts), last);
+            let bits = |e: Option<Entry>| e.map(|e| (e.ts, e.value.to_bits()));
+            assert_eq!(bits(w.last(window, ts)), bits(last));
             let mut distinct: Vec<u64> = seen
                 .iter()
-                .filter(|x| x.ts > ts - window && x.ts <= ts)
+                .filter(|x| x.ts > ts - window && x.ts <= ts && !is_no_value(x.value))
                 .map(|x| x.value.to_bits())
                 .collect();
             distinct.sort_unstable();
@@ -680,7 +946,7 @@ mod tests {
         // Every leaf holds at most SPLIT_ABOVE events, so an edge scans at most that many.
         fn leaves_small(b: &Bucket) -> bool {
             if b.children.is_empty() {
-                b.summary.count as usize <= SPLIT_ABOVE || b.min_ts == b.max_ts
+                b.summary.events as usize <= SPLIT_ABOVE || b.min_ts == b.max_ts
             } else {
                 b.children.iter().all(leaves_small)
             }
@@ -690,6 +956,22 @@ mod tests {
         assert_eq!(w.summary(shape, 50_000 * 36).count, 50_001);
         // i * 36 in (900_000, 4_500_000]: i from 25_001 to 99_999.
         assert_eq!(w.summary(shape, 4_500_000).count, 74_999);
+    }
+
+    #[test]
+    fn boundaries_are_found_from_either_end() {
+        for n in 0..70usize {
+            let items: VecDeque<usize> = (0..n).collect();
+            for cut in 0..=n {
+                for from_back in [false, true] {
+                    assert_eq!(
+                        boundary(&items, from_back, |&x| x < cut),
+                        cut,
+                        "n {n} cut {cut}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -4,11 +4,12 @@
 //!
 //! | column family | key | value |
 //! | --- | --- | --- |
-//! | `features` | feature id (8 bytes) ++ entity key | the feature's window state for that key |
-//! | `meta` | a name | pipeline metadata: processing sequence, partition watermarks |
+//! | `features` | entity id (8 bytes) ++ entity key | the windows of that key's features |
+//! | `meta` | a name | pipeline metadata: partition watermarks |
 //!
-//! All writes of a micro-batch go out as one [`StateBatch`] (one RocksDB `WriteBatch`), so a
-//! batch's state changes are applied entirely or not at all. This crate stores bytes: it does not
+//! Writes go out as [`StateBatch`]es (one RocksDB `WriteBatch` each), applied entirely or not at
+//! all; callers write whole micro-batches' changes, so the store always holds the state at a
+//! batch boundary. This crate stores bytes: it does not
 //! know what a window is (the features crate encodes them) and it must not be called from an
 //! async runtime's worker threads — RocksDB calls block on disk.
 
@@ -208,21 +209,33 @@ impl StateStore {
         Ok(out)
     }
 
-    /// Up to `limit` keys and values of a column family from `start` (inclusive), in key order.
-    pub fn scan_from(
+    /// Visits up to `limit` entries of a column family from `start` (inclusive), in key order,
+    /// handing `f` each key and value in place (nothing is copied). Returns how many were
+    /// visited and the last key visited.
+    pub fn visit_from<E: From<StateError>>(
         &self,
         cf: Cf,
         start: &[u8],
         limit: usize,
-    ) -> Result<Vec<KeyValue>, StateError> {
-        let mut out = Vec::with_capacity(limit.min(4096));
-        let iter = self
-            .db
-            .iterator_cf(self.cf(cf)?, IteratorMode::From(start, Direction::Forward));
-        for item in iter.take(limit) {
-            out.push(item.map_err(|e| self.rocks(e))?);
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), E>,
+    ) -> Result<(usize, Option<Vec<u8>>), E> {
+        let mut iter = self.db.raw_iterator_cf(self.cf(cf)?);
+        iter.seek(start);
+        let mut visited = 0;
+        let mut last = None;
+        while visited < limit {
+            let (Some(key), Some(value)) = (iter.key(), iter.value()) else {
+                break;
+            };
+            f(key, value)?;
+            visited += 1;
+            if visited == limit {
+                last = Some(key.to_vec());
+            }
+            iter.next();
         }
-        Ok(out)
+        iter.status().map_err(|e| self.rocks(e))?;
+        Ok((visited, last))
     }
 
     /// Number of keys in a column family (exact; walks the column family).

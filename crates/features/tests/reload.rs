@@ -1,0 +1,129 @@
+//! Bundle reloads and feature state: a feature whose definition is unchanged keeps its state, a
+//! feature added over events a window already holds starts with them, a changed definition
+//! starts empty, and the state of windows no bundle uses any more is swept away.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+};
+use arrow::datatypes::{Float64Type, Int64Type};
+use riskstream_common::{Config, EventSchema};
+use riskstream_features::FeatureOperator;
+use riskstream_rules::{CompiledBundle, RuleCompiler};
+use riskstream_state::StateStore;
+
+const MIN: i64 = 60_000;
+
+fn schema() -> EventSchema {
+    Config::defaults().unwrap().event_schema().unwrap()
+}
+
+fn bundle(features: &str, version: u64) -> CompiledBundle {
+    RuleCompiler::new(&schema())
+        .compile_text(
+            &format!(
+                "features:\n{features}rules:\n  - {{id: r, when: \"amount < 0\", score: 1}}\ndecision: {{review_at: 1, block_at: 2}}\n"
+            ),
+            version,
+        )
+        .unwrap()
+}
+
+/// One customer's events: `(minute, amount)`.
+fn events(rows: &[(i64, f64)]) -> (RecordBatch, Vec<i64>) {
+    let schema = schema();
+    let n = rows.len();
+    let times: Vec<i64> = rows
+        .iter()
+        .map(|(m, _)| 1_735_689_600_000 + m * MIN)
+        .collect();
+    let columns: Vec<ArrayRef> = schema
+        .arrow()
+        .fields()
+        .iter()
+        .map(|f| match f.name().as_str() {
+            "ts" => Arc::new(TimestampMillisecondArray::from(times.clone()).with_timezone("UTC"))
+                as ArrayRef,
+            "amount" => {
+                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.1))) as ArrayRef
+            }
+            "customer_id" => Arc::new(StringArray::from(vec!["c1"; n])) as ArrayRef,
+            "tx_type" => Arc::new(StringArray::from(vec!["CNP"; n])) as ArrayRef,
+            "tx_id" | "terminal_id" => Arc::new(StringArray::from(vec!["x"; n])) as ArrayRef,
+            _ => Arc::new(Float64Array::from(vec![0.0; n])) as ArrayRef,
+        })
+        .collect();
+    (
+        RecordBatch::try_new(Arc::clone(schema.arrow()), columns).unwrap(),
+        times,
+    )
+}
+
+/// The value of feature `name` in the last row of `out`.
+fn last(out: &RecordBatch, name: &str) -> Option<f64> {
+    let column = out.column_by_name(name).unwrap();
+    let row = out.num_rows() - 1;
+    if column.is_null(row) {
+        None
+    } else if let Some(ints) = column.as_primitive_opt::<Int64Type>() {
+        Some(ints.value(row) as f64)
+    } else {
+        Some(column.as_primitive::<Float64Type>().value(row))
+    }
+}
+
+#[test]
+fn reloads_keep_share_and_reset_state_by_definition() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(StateStore::open(dir.path()).unwrap());
+    let mut operator = FeatureOperator::open(store, 64 << 20).unwrap();
+
+    let v1 = bundle(
+        "  - {name: n_1h, entity: customer_id, agg: count, window: 1h}\n  - {name: avg_1h, entity: customer_id, agg: avg, of: amount, window: 1h}\n",
+        1,
+    );
+    let (batch, times) = events(&[(0, 10.0), (10, 20.0), (20, 60.0)]);
+    let out = operator.compute(&v1, &batch, &times, None).unwrap();
+    assert_eq!(last(&out, "n_1h"), Some(3.0));
+    assert_eq!(last(&out, "avg_1h"), Some(30.0));
+    operator.flush(&[]).unwrap();
+
+    // v2 keeps both features, adds a max over the same events (it shares their window and sees
+    // them at once), a stddev over them too (the window's summaries gain the second moment), and
+    // a changed definition of the average (2 hours: a window of its own, empty so far).
+    let v2 = bundle(
+        "  - {name: n_1h, entity: customer_id, agg: count, window: 1h}\n  - {name: avg_1h, entity: customer_id, agg: avg, of: amount, window: 1h}\n  - {name: max_1h, entity: customer_id, agg: max, of: amount, window: 1h}\n  - {name: sd_1h, entity: customer_id, agg: stddev, of: amount, window: 1h}\n  - {name: avg_2h, entity: customer_id, agg: avg, of: amount, window: 2h}\n",
+        2,
+    );
+    let (batch, times) = events(&[(30, 30.0)]);
+    let out = operator.compute(&v2, &batch, &times, None).unwrap();
+    assert_eq!(last(&out, "n_1h"), Some(4.0), "unchanged: keeps its state");
+    assert_eq!(
+        last(&out, "avg_1h"),
+        Some(30.0),
+        "unchanged: keeps its state"
+    );
+    assert_eq!(last(&out, "max_1h"), Some(60.0), "added over held events");
+    let sd = last(&out, "sd_1h").unwrap();
+    // Sample standard deviation of 10, 20, 60, 30.
+    let want = ((20f64.powi(2) + 10f64.powi(2) + 30f64.powi(2) + 0.0) / 3.0).sqrt();
+    assert!((sd - want).abs() < 1e-9, "{sd} vs {want}");
+    assert_eq!(
+        last(&out, "avg_2h"),
+        Some(30.0),
+        "a new window starts empty"
+    );
+
+    // Back to v1: the windows v2 added are no longer live and the sweep removes them; v1's
+    // features still have all their events.
+    let stats = operator.stats().unwrap();
+    assert_eq!(stats.events, 4 + 4 + 1);
+    operator.evict(&v1, times[0], 0, 100).unwrap();
+    assert_eq!(operator.stats().unwrap().events, 4 + 4);
+    let (batch, times) = events(&[(40, 40.0)]);
+    let out = operator.compute(&v1, &batch, &times, None).unwrap();
+    assert_eq!(last(&out, "n_1h"), Some(5.0));
+    assert_eq!(last(&out, "avg_1h"), Some(32.0));
+}
