@@ -17,7 +17,7 @@ use arrow::error::ArrowError;
 use hashbrown::HashMap;
 use metrics::Counter;
 use riskstream_rules::{Agg, CompiledBundle};
-use riskstream_state::{Cf, StateBatch, StateError, StateStore};
+use riskstream_state::{Cf, PendingWrite, StateBatch, StateError, StateStore};
 
 use crate::layout::{fnv1a, Layout, Reader, Window};
 use crate::window::{Entry, KeyWindow, Summary, NO_VALUE};
@@ -229,6 +229,16 @@ pub struct FeatureOperator {
     cache_misses: Counter,
     records_written: Counter,
     evicted: Counter,
+    /// The write of the last flush, while RocksDB applies it.
+    pending: Option<PendingWrite>,
+}
+
+impl Drop for FeatureOperator {
+    fn drop(&mut self) {
+        if let Err(e) = self.wait() {
+            tracing::error!("feature state written since the last completed flush is lost: {e}");
+        }
+    }
 }
 
 impl std::fmt::Debug for FeatureOperator {
@@ -297,6 +307,7 @@ impl FeatureOperator {
             cache_misses: metrics::counter!("riskstream_state_cache_misses_total"),
             records_written: metrics::counter!("riskstream_state_records_written_total"),
             evicted: metrics::counter!("riskstream_state_evicted_events_total"),
+            pending: None,
         })
     }
 
@@ -445,6 +456,8 @@ impl FeatureOperator {
         let Some(cutoff) = cutoff else {
             return Ok(());
         };
+        // Records leave the cache only once the store holds their latest version.
+        self.wait()?;
         let mut batch = self.store.batch();
         let mut written = 0;
         for (key, cached) in self.cache.iter_mut() {
@@ -462,9 +475,12 @@ impl FeatureOperator {
         Ok(())
     }
 
-    /// Writes every changed record and `meta` entries in one write batch: afterwards the store
-    /// holds the state after the last computed batch. Call between batches.
+    /// Writes every changed record and `meta` entries in one write batch, applied in the
+    /// background: once it is ([`Self::wait`]), the store holds the state after the last
+    /// computed batch. Call between batches. The cache keeps every record it writes (emptied
+    /// ones included) until the write is applied, so lookups never see an older stored version.
     pub fn flush(&mut self, meta: &[(&[u8], &[u8])]) -> Result<(), FeatureError> {
+        self.wait()?;
         let mut batch = self.store.batch();
         let mut written = 0;
         for (key, cached) in self.cache.iter_mut() {
@@ -476,10 +492,20 @@ impl FeatureOperator {
         for (k, v) in meta {
             batch.put(Cf::Meta, k, v)?;
         }
-        self.store.write(batch)?;
+        self.pending = Some(self.store.write_in_background(batch)?);
         self.records_written.increment(written);
+        Ok(())
+    }
+
+    /// Waits for the write of the last [`Self::flush`], then lets the cache drop the records
+    /// it emptied.
+    pub fn wait(&mut self) -> Result<(), FeatureError> {
+        let Some(pending) = self.pending.take() else {
+            return Ok(());
+        };
+        pending.wait()?;
         let before = self.cache.len();
-        self.cache.retain(|_, c| !c.record.is_empty());
+        self.cache.retain(|_, c| c.dirty || !c.record.is_empty());
         if self.cache.len() != before {
             self.cache_bytes = self.cache.values().map(|c| c.bytes).sum();
         }

@@ -301,7 +301,8 @@ impl Pipeline {
         self.evict(&bundle, now_ms)?;
         match self.last_flush {
             Some(at) if now_ms - at >= self.flush_interval_ms => {
-                self.flush_state()?;
+                // Applied in the background; scoring goes on.
+                self.write_state()?;
                 self.last_flush = Some(now_ms);
             }
             Some(_) => {}
@@ -314,6 +315,13 @@ impl Pipeline {
     /// the state store in one write batch. Afterwards the store holds exactly the state after
     /// the last processed batch: a restart over it continues from there.
     pub fn flush_state(&mut self) -> Result<(), PipelineError> {
+        self.write_state()?;
+        Ok(self.features.wait()?)
+    }
+
+    /// Starts writing the changed feature state and the partitions' progress (one write batch,
+    /// applied in the background).
+    fn write_state(&mut self) -> Result<(), PipelineError> {
         let progress: Vec<(Vec<u8>, [u8; 8])> = self
             .time
             .partition_watermarks()

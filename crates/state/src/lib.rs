@@ -14,6 +14,8 @@
 //! async runtime's worker threads — RocksDB calls block on disk.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
@@ -52,6 +54,35 @@ pub enum StateError {
     },
     #[error("state store {path}: column family `{cf}` is missing")]
     MissingCf { path: PathBuf, cf: &'static str },
+    #[error("state store {path}: cannot start a writer thread: {source}")]
+    Thread {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A write batch being applied on a thread of its own ([`StateStore::write_in_background`]).
+#[must_use = "a background write must be waited for before relying on it"]
+pub struct PendingWrite {
+    handle: JoinHandle<Result<(), StateError>>,
+}
+
+impl std::fmt::Debug for PendingWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingWrite")
+            .field("done", &self.handle.is_finished())
+            .finish()
+    }
+}
+
+impl PendingWrite {
+    /// Waits until the batch is applied; its error, if it failed.
+    pub fn wait(self) -> Result<(), StateError> {
+        self.handle
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
 }
 
 /// The RocksDB database holding one pipeline's state.
@@ -164,6 +195,31 @@ impl StateStore {
             store: self,
             batch: WriteBatch::default(),
         }
+    }
+
+    /// Applies a batch like [`Self::write`], on a thread of its own, so that the caller goes on
+    /// while RocksDB inserts it. Batches are applied whole; the caller orders them by waiting.
+    pub fn write_in_background(
+        self: &Arc<Self>,
+        batch: StateBatch<'_>,
+    ) -> Result<PendingWrite, StateError> {
+        let store = Arc::clone(self);
+        let batch = batch.batch;
+        let handle = std::thread::Builder::new()
+            .name("state-writer".into())
+            .spawn(move || {
+                let mut options = WriteOptions::default();
+                options.disable_wal(true);
+                store
+                    .db
+                    .write_opt(batch, &options)
+                    .map_err(|e| store.rocks(e))
+            })
+            .map_err(|source| StateError::Thread {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(PendingWrite { handle })
     }
 
     /// Reads one value in place (no copy out of RocksDB) and maps it with `f`.
