@@ -411,7 +411,164 @@ impl Distinct {
     }
 }
 
-/// The state of one feature for one entity key.
+/// The pane index of a window that holds more than [`SPLIT_ABOVE`] events.
+#[derive(Debug, Clone, PartialEq)]
+struct PaneIndex {
+    /// Top-level panes, sorted by start.
+    panes: VecDeque<Bucket>,
+    /// `suffix[i]` summarizes `panes[i..len − 1]` (all but the newest pane), so that a query
+    /// in time order merges one summary for the panes between its edges.
+    suffix: VecDeque<Summary>,
+    /// Buckets at all levels (for the memory estimate).
+    buckets: usize,
+    /// Whether the summaries keep the second moment.
+    moments: bool,
+}
+
+impl PaneIndex {
+    /// An index over `entries`.
+    fn build(shape: Shape, entries: &VecDeque<Entry>) -> Self {
+        let p = shape.pane_ms;
+        let mut panes: VecDeque<Bucket> = VecDeque::new();
+        for e in entries {
+            let start = bucket_start(0, p, e.ts);
+            match panes.back_mut() {
+                Some(last) if last.start == start => last.take(*e, shape.moments),
+                _ => {
+                    let mut pane = Bucket::new(start);
+                    pane.take(*e, shape.moments);
+                    panes.push_back(pane);
+                }
+            }
+        }
+        let mut buckets = panes.len();
+        for pane in &mut panes {
+            if pane.summary.events as usize > SPLIT_ABOVE && p > 1 {
+                buckets += pane.split(pane.start + p, shape.moments, entries);
+            }
+        }
+        let mut index = PaneIndex {
+            panes,
+            suffix: VecDeque::new(),
+            buckets,
+            moments: shape.moments,
+        };
+        index.rebuild_suffix();
+        index
+    }
+
+    /// Adds `e`, already in `entries`.
+    fn add(&mut self, shape: Shape, e: Entry, entries: &VecDeque<Entry>) {
+        let p = shape.pane_ms;
+        let start = bucket_start(0, p, e.ts);
+        let at = match self.panes.back() {
+            Some(last) if last.start == start => self.panes.len() - 1,
+            Some(last) if last.start < start => {
+                // A new newest pane: the previous one joins the suffix summaries.
+                let previous = last.summary;
+                for s in &mut self.suffix {
+                    s.merge(&previous, self.moments);
+                }
+                self.suffix.push_back(previous);
+                self.panes.push_back(Bucket::new(start));
+                self.buckets += 1;
+                self.panes.len() - 1
+            }
+            None => {
+                self.panes.push_back(Bucket::new(start));
+                self.buckets += 1;
+                0
+            }
+            Some(_) => match self.panes.binary_search_by_key(&start, |b| b.start) {
+                Ok(at) => at,
+                Err(at) => {
+                    self.panes.insert(at, Bucket::new(start));
+                    self.buckets += 1;
+                    at
+                }
+            },
+        };
+        self.buckets += self.panes[at].add(start + p, e, shape.moments, entries);
+        if at + 1 < self.panes.len() {
+            // An older pane changed (an event out of order).
+            self.rebuild_suffix();
+        }
+    }
+
+    fn rebuild_suffix(&mut self) {
+        self.suffix.clear();
+        let mut acc = Summary::default();
+        for pane in self.panes.range(..self.panes.len().saturating_sub(1)).rev() {
+            acc.merge(&pane.summary, self.moments);
+            self.suffix.push_front(acc);
+        }
+    }
+
+    /// Merges into `out` the events with `lo < ts <= t`; `newest` is the newest event's time.
+    fn query(
+        &self,
+        shape: Shape,
+        lo: i64,
+        t: i64,
+        newest: i64,
+        entries: &VecDeque<Entry>,
+        out: &mut Summary,
+    ) {
+        let p = shape.pane_ms;
+        let first = boundary(&self.panes, false, |b| b.max_ts <= lo);
+        let Some(last) = self.panes.len().checked_sub(1) else {
+            return;
+        };
+        if t >= newest && first <= last {
+            // In time order: the right edge cuts nothing. Descend into the pane the left edge
+            // cuts; the panes after it are whole: a suffix summary and the newest pane.
+            let pane = &self.panes[first];
+            let whole_from = if pane.min_ts > lo {
+                first
+            } else {
+                pane.query(pane.start + p, lo, t, shape.moments, entries, out);
+                first + 1
+            };
+            if whole_from < last {
+                out.merge(&self.suffix[whole_from], shape.moments);
+            }
+            if whole_from <= last {
+                out.merge(&self.panes[last].summary, shape.moments);
+            }
+            return;
+        }
+        for pane in self.panes.range(first..) {
+            if pane.min_ts > t {
+                break;
+            }
+            pane.query(pane.start + p, lo, t, shape.moments, entries, out);
+        }
+    }
+
+    /// Drops the panes whose events are all at or before `horizon`; returns the events in them
+    /// (the first that many entries).
+    fn evict(&mut self, horizon: i64) -> usize {
+        let mut dropped = 0;
+        while let Some(pane) = self.panes.front() {
+            if pane.max_ts > horizon {
+                break;
+            }
+            dropped += pane.summary.events as usize;
+            self.buckets -= pane.size();
+            self.panes.pop_front();
+            self.suffix.pop_front();
+        }
+        dropped
+    }
+
+    fn approx_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.buckets * std::mem::size_of::<Bucket>()
+            + self.suffix.capacity() * std::mem::size_of::<Summary>()
+    }
+}
+
+/// The state of one window for one entity key.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KeyWindow {
     /// Every event, sorted by time; equal times in arrival order.
@@ -422,17 +579,10 @@ pub struct KeyWindow {
     /// either end of `entries`. Meaningless while the window is empty.
     evictable_at: i64,
     newest: i64,
-    /// Top-level panes, sorted by start; empty while the window is small enough to scan.
-    panes: VecDeque<Bucket>,
-    /// `suffix[i]` summarizes `panes[i..len − 1]` (all but the newest pane), so that a query
-    /// in time order merges one summary for the panes between its edges.
-    suffix: VecDeque<Summary>,
-    /// Buckets at all levels (for the memory estimate).
-    buckets: usize,
+    /// Once the window holds more than [`SPLIT_ABOVE`] events.
+    index: Option<Box<PaneIndex>>,
     /// For `count_distinct` over a large window: the values of the last window asked about.
     distinct: Option<Box<Distinct>>,
-    /// Whether the pane summaries keep the second moment.
-    moments: bool,
 }
 
 impl KeyWindow {
@@ -463,141 +613,31 @@ impl KeyWindow {
                 d.add(e.value);
             }
         }
-        if !self.panes.is_empty() {
-            self.index_add(shape, e);
-        } else if self.entries.len() > SPLIT_ABOVE {
-            self.build_index(shape);
-        }
-    }
-
-    fn index_add(&mut self, shape: Shape, e: Entry) {
-        let p = shape.pane_ms;
-        let start = bucket_start(0, p, e.ts);
-        let at = match self.panes.back() {
-            Some(last) if last.start == start => self.panes.len() - 1,
-            Some(last) if last.start < start => {
-                // A new newest pane: the previous one joins the suffix summaries.
-                let previous = last.summary;
-                for s in &mut self.suffix {
-                    s.merge(&previous, self.moments);
-                }
-                self.suffix.push_back(previous);
-                self.panes.push_back(Bucket::new(start));
-                self.buckets += 1;
-                self.panes.len() - 1
+        match &mut self.index {
+            Some(index) => index.add(shape, e, &self.entries),
+            None if self.entries.len() > SPLIT_ABOVE => {
+                self.index = Some(Box::new(PaneIndex::build(shape, &self.entries)));
             }
-            None => {
-                self.panes.push_back(Bucket::new(start));
-                self.buckets += 1;
-                0
-            }
-            Some(_) => match self.panes.binary_search_by_key(&start, |b| b.start) {
-                Ok(at) => at,
-                Err(at) => {
-                    self.panes.insert(at, Bucket::new(start));
-                    self.buckets += 1;
-                    at
-                }
-            },
-        };
-        self.buckets += self.panes[at].add(start + p, e, shape.moments, &self.entries);
-        if at + 1 < self.panes.len() {
-            // An older pane changed (an event out of order).
-            self.rebuild_suffix();
-        }
-    }
-
-    fn rebuild_suffix(&mut self) {
-        self.suffix.clear();
-        let mut acc = Summary::default();
-        for pane in self.panes.range(..self.panes.len().saturating_sub(1)).rev() {
-            acc.merge(&pane.summary, self.moments);
-            self.suffix.push_front(acc);
+            None => {}
         }
     }
 
     /// Makes the index fit `shape` (a reload may start asking for the second moment).
     pub fn prepare(&mut self, shape: Shape) {
-        if !self.panes.is_empty() && self.moments != shape.moments {
-            self.build_index(shape);
-        }
-    }
-
-    /// Builds the pane index over all entries.
-    fn build_index(&mut self, shape: Shape) {
-        let p = shape.pane_ms;
-        self.moments = shape.moments;
-        self.panes.clear();
-        for e in &self.entries {
-            let start = bucket_start(0, p, e.ts);
-            match self.panes.back_mut() {
-                Some(last) if last.start == start => last.take(*e, shape.moments),
-                _ => {
-                    let mut pane = Bucket::new(start);
-                    pane.take(*e, shape.moments);
-                    self.panes.push_back(pane);
-                }
+        if let Some(index) = &mut self.index {
+            if index.moments != shape.moments {
+                **index = PaneIndex::build(shape, &self.entries);
             }
         }
-        self.buckets = self.panes.len();
-        for pane in &mut self.panes {
-            if pane.summary.events as usize > SPLIT_ABOVE && p > 1 {
-                self.buckets += pane.split(pane.start + p, shape.moments, &self.entries);
-            }
-        }
-        self.rebuild_suffix();
     }
 
     /// Summary of the events with `t − window < ts <= t`.
     pub fn summary(&self, shape: Shape, t: i64) -> Summary {
         let lo = t - shape.window_ms;
         let mut out = Summary::default();
-        if self.panes.is_empty() {
-            scan(&self.entries, lo, t, shape.moments, &mut out);
-            return out;
-        }
-        let p = shape.pane_ms;
-        let first = boundary(&self.panes, false, |b| b.max_ts <= lo);
-        let Some(last) = self.panes.len().checked_sub(1) else {
-            return out;
-        };
-        if t >= self.newest && first <= last {
-            // In time order: the right edge cuts nothing. Descend into the pane the left edge
-            // cuts; the panes after it are whole: a suffix summary and the newest pane.
-            let pane = &self.panes[first];
-            let whole_from = if pane.min_ts > lo {
-                first
-            } else {
-                pane.query(
-                    pane.start + p,
-                    lo,
-                    t,
-                    shape.moments,
-                    &self.entries,
-                    &mut out,
-                );
-                first + 1
-            };
-            if whole_from < last {
-                out.merge(&self.suffix[whole_from], shape.moments);
-            }
-            if whole_from <= last {
-                out.merge(&self.panes[last].summary, shape.moments);
-            }
-            return out;
-        }
-        for pane in self.panes.range(first..) {
-            if pane.min_ts > t {
-                break;
-            }
-            pane.query(
-                pane.start + p,
-                lo,
-                t,
-                shape.moments,
-                &self.entries,
-                &mut out,
-            );
+        match &self.index {
+            Some(index) => index.query(shape, lo, t, self.newest, &self.entries, &mut out),
+            None => scan(&self.entries, lo, t, shape.moments, &mut out),
         }
         out
     }
@@ -644,21 +684,11 @@ impl KeyWindow {
         if self.entries.is_empty() || horizon < self.evictable_at {
             return 0;
         }
-        let mut dropped = 0;
-        if self.panes.is_empty() {
-            dropped = boundary(&self.entries, false, |e| e.ts <= horizon);
-        } else {
-            while let Some(pane) = self.panes.front() {
-                if pane.max_ts > horizon {
-                    break;
-                }
-                dropped += pane.summary.events as usize;
-                self.buckets -= pane.size();
-                self.panes.pop_front();
-                self.suffix.pop_front();
-            }
+        let dropped = match &mut self.index {
+            Some(index) => index.evict(horizon),
+            None => boundary(&self.entries, false, |e| e.ts <= horizon),
         }
-        let dropped = dropped.min(self.entries.len());
+        .min(self.entries.len());
         if let (Some(d), Some(newest_dropped)) = (&self.distinct, dropped.checked_sub(1)) {
             // The multiset must not count events that are gone.
             if self.entries[newest_dropped].ts > d.lo {
@@ -668,23 +698,21 @@ impl KeyWindow {
         self.entries.drain(..dropped);
         if self.entries.len() <= SPLIT_ABOVE / 2 {
             // Small again: scanning is cheaper than keeping the indexes.
-            if !self.panes.is_empty() {
-                self.panes = VecDeque::new();
-                self.suffix = VecDeque::new();
-                self.buckets = 0;
-            }
+            self.index = None;
             self.distinct = None;
         }
-        self.evictable_at = match (self.panes.front(), self.entries.front()) {
-            (Some(pane), _) => pane.max_ts,
+        self.evictable_at = match (&self.index, self.entries.front()) {
+            (Some(index), _) => index.panes.front().map_or(i64::MAX, |p| p.max_ts),
             (None, Some(e)) => e.ts,
             (None, None) => i64::MAX,
         };
         // Keep small buffers for the key's next events; give large ones back.
         if self.entries.capacity() > 64 && self.entries.len() < self.entries.capacity() / 4 {
             self.entries.shrink_to(self.entries.len() * 2);
-            self.panes.shrink_to(self.panes.len() * 2);
-            self.suffix.shrink_to(self.suffix.len() * 2);
+            if let Some(index) = &mut self.index {
+                index.panes.shrink_to(index.panes.len() * 2);
+                index.suffix.shrink_to(index.suffix.len() * 2);
+            }
         }
         dropped
     }
@@ -692,8 +720,7 @@ impl KeyWindow {
     /// Approximate heap bytes held (for the cache's memory cap).
     pub fn approx_bytes(&self) -> usize {
         self.entries.capacity() * std::mem::size_of::<Entry>()
-            + self.buckets * std::mem::size_of::<Bucket>()
-            + self.suffix.capacity() * std::mem::size_of::<Summary>()
+            + self.index.as_ref().map_or(0, |i| i.approx_bytes())
             + self.distinct.as_ref().map_or(0, |d| {
                 std::mem::size_of::<Distinct>() + d.counts.capacity() * 16
             })
@@ -935,14 +962,18 @@ mod tests {
                 },
             );
         }
-        assert!(!w.panes.is_empty());
+        let panes = &w
+            .index
+            .as_ref()
+            .expect("a hot key's window is indexed")
+            .panes;
         let deepest = |b: &Bucket| -> usize {
             fn depth(b: &Bucket) -> usize {
                 1 + b.children.iter().map(depth).max().unwrap_or(0)
             }
             depth(b)
         };
-        assert!(w.panes.iter().map(deepest).max().unwrap_or(0) >= 2);
+        assert!(panes.iter().map(deepest).max().unwrap_or(0) >= 2);
         // Every leaf holds at most SPLIT_ABOVE events, so an edge scans at most that many.
         fn leaves_small(b: &Bucket) -> bool {
             if b.children.is_empty() {
@@ -951,11 +982,17 @@ mod tests {
                 b.children.iter().all(leaves_small)
             }
         }
-        assert!(w.panes.iter().all(leaves_small));
+        assert!(panes.iter().all(leaves_small));
         assert_eq!(w.summary(shape, 99_999 * 36).count, 100_000);
         assert_eq!(w.summary(shape, 50_000 * 36).count, 50_001);
         // i * 36 in (900_000, 4_500_000]: i from 25_001 to 99_999.
         assert_eq!(w.summary(shape, 4_500_000).count, 74_999);
+    }
+
+    #[test]
+    fn a_sparse_window_is_small() {
+        // Most keys hold a few events: their windows must not carry the index's weight.
+        assert!(std::mem::size_of::<KeyWindow>() <= 64);
     }
 
     #[test]
