@@ -10,16 +10,7 @@ source scripts/env.sh
 ensure_build_deps
 
 n="${1:-1000000}"
-gen=../shared/bench/gen_w1.py
-work="$CARGO_TARGET_DIR/w1"
-mkdir -p "$work"
-input="$work/w1-$n.jsonl"
-if [ ! -s "$input" ]; then
-  [ -f "$gen" ] || { echo "missing $gen (the shared benchmark generator)" >&2; exit 1; }
-  python3 -c "import numpy" 2>/dev/null || python3 -m pip install --quiet numpy
-  echo "==> generating $n W1 events into $input"
-  python3 "$gen" "$n" "$input"
-fi
+ensure_w1_input "$n"
 command -v /usr/bin/time >/dev/null 2>&1 || {
   $([ "$(id -u)" -ne 0 ] && echo sudo) apt-get install -y -qq time
 }

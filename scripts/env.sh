@@ -17,11 +17,30 @@ ensure_build_deps() {
   # RocksDB's bindings are generated with bindgen, which needs libclang.
   command -v clang >/dev/null 2>&1 || missing+=(clang)
   dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
+  # librdkafka is built from source (configure + make) and links OpenSSL and zlib.
+  command -v make >/dev/null 2>&1 || missing+=(make)
+  dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
+  dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
   if [ "${#missing[@]}" -gt 0 ]; then
     local sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     echo "==> installing ${missing[*]}"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+  fi
+}
+
+# Sets $work (the cached benchmark directory) and $input (W1 input of $1 events), generating the
+# input once with ../shared/bench/gen_w1.py.
+ensure_w1_input() {
+  local n="$1" gen=../shared/bench/gen_w1.py
+  work="$CARGO_TARGET_DIR/w1"
+  mkdir -p "$work"
+  input="$work/w1-$n.jsonl"
+  if [ ! -s "$input" ]; then
+    [ -f "$gen" ] || { echo "missing $gen (the shared benchmark generator)" >&2; exit 1; }
+    python3 -c "import numpy" 2>/dev/null || python3 -m pip install --quiet numpy
+    echo "==> generating $n W1 events into $input"
+    python3 "$gen" "$n" "$input"
   fi
 }

@@ -3,9 +3,14 @@
 //! It owns no pipeline logic: every command builds the stages from the library crates and runs
 //! them. Errors end up here and are printed with their causes for a person to act on.
 
+mod demo;
+mod generator;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -75,7 +80,54 @@ enum Command {
         #[arg(long)]
         bundle: PathBuf,
     },
+    /// Score the transactions topic of a Kafka cluster into the verdicts, DLQ and late topics
+    /// (`kafka.*` in the configuration; RISKSTREAM__KAFKA__BROKERS=host:port). Runs until
+    /// SIGINT/SIGTERM, then drains and commits.
+    Run {
+        /// Rule bundle (YAML or JSON). Default: the built-in default bundle.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// RocksDB state directory. Default: `state.dir`, else a temporary directory.
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
+    /// The whole system in one process: an embedded Kafka-protocol broker, a generator of
+    /// payment traffic with four fraud scenarios, the pipeline with the default bundle, and a
+    /// live status line with precision and recall against the generator's ground truth.
+    Demo {
+        /// How long to generate traffic (e.g. 30s, 5m). Default: until Ctrl-C.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Events per second.
+        #[arg(long, default_value_t = 20_000)]
+        rate: u64,
+        /// Simulated time per wall-clock time: at 40000, a 30-second demo covers two weeks.
+        #[arg(long, default_value_t = 40_000.0)]
+        speed: f64,
+        /// Partitions of the transactions and verdicts topics.
+        #[arg(long, default_value_t = 8)]
+        partitions: i32,
+        /// Seed of the traffic generator.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Rule bundle. Default: the built-in default bundle.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+    },
+    /// Run the embedded Kafka-protocol broker as a process of its own and print its bootstrap
+    /// address, for local development and tests that need a broker outside the process.
+    Broker {
+        /// Topics to create, as NAME or NAME:PARTITIONS (default partitions: 8).
+        #[arg(long = "topic", value_name = "NAME[:PARTITIONS]")]
+        topics: Vec<String>,
+        /// Also create the configured topics (kafka.topics.*).
+        #[arg(long)]
+        configured_topics: bool,
+    },
 }
+
+/// The default rule bundle, compiled in so `run` and `demo` work from any directory.
+const DEFAULT_BUNDLE: &str = include_str!("../../../config/rules/default.yaml");
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -126,7 +178,120 @@ fn run(cli: Cli) -> Result<ExitCode> {
             late.as_deref(),
         ),
         Command::Validate { bundle } => validate(&config, &bundle),
+        Command::Run { bundle, state } => {
+            let mut config = config;
+            config.state.dir = state.or(config.state.dir);
+            let rules = load_rules(&config, bundle.as_deref())?;
+            let shutdown = shutdown_on_signal()?;
+            tracing::info!(brokers = %config.kafka.brokers, topic = %config.kafka.topics.transactions, "starting");
+            let labels = Arc::new(riskstream_kafka::LabelStore::new(1_000_000));
+            let summary = riskstream_kafka::run(
+                &config,
+                rules,
+                riskstream_kafka::Assignment::Group,
+                shutdown,
+                Some(labels),
+            )?;
+            eprintln!("{summary}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            duration,
+            rate,
+            speed,
+            partitions,
+            seed,
+            bundle,
+        } => {
+            let rules = load_rules(&config, bundle.as_deref())?;
+            let shutdown = shutdown_on_signal()?;
+            let options = demo::DemoOptions {
+                duration,
+                rate: rate.max(1),
+                speed,
+                seed,
+                partitions: partitions.max(1),
+            };
+            demo::run(config, rules, options, shutdown)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Broker {
+            topics,
+            configured_topics,
+        } => broker(&config, &topics, configured_topics),
     }
+}
+
+/// The compiled bundle from `path`, or the built-in default bundle.
+fn load_rules(config: &Config, path: Option<&Path>) -> Result<Arc<RuleTable>> {
+    let compiler = RuleCompiler::new(&config.event_schema()?);
+    let compiled = match path {
+        Some(path) => compiler
+            .compile_text(&read_bundle(path)?, 1)
+            .with_context(|| format!("in {}", path.display()))?,
+        None => compiler
+            .compile_text(DEFAULT_BUNDLE, 1)
+            .context("in the built-in default bundle")?,
+    };
+    Ok(Arc::new(RuleTable::new(compiled)))
+}
+
+/// A flag set by SIGINT or SIGTERM (a second signal exits at once).
+fn shutdown_on_signal() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // Exit at once on a second signal, after the first has asked for a graceful stop.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, flag.clone())
+            .context("cannot install a signal handler")?;
+        signal_hook::flag::register(signal, flag.clone())
+            .context("cannot install a signal handler")?;
+    }
+    Ok(flag)
+}
+
+fn broker(config: &Config, topics: &[String], configured: bool) -> Result<ExitCode> {
+    let broker = riskstream_kafka::EmbeddedBroker::start(1)?;
+    let mut wanted: Vec<(String, i32)> = Vec::new();
+    for t in topics {
+        let (name, partitions) = match t.split_once(':') {
+            Some((name, p)) => (
+                name.to_string(),
+                p.parse::<i32>().ok().filter(|p| *p > 0).with_context(|| {
+                    format!("--topic {t}: partitions must be a positive number")
+                })?,
+            ),
+            None => (t.clone(), 8),
+        };
+        wanted.push((name, partitions));
+    }
+    if configured {
+        let t = &config.kafka.topics;
+        for name in [&t.transactions, &t.verdicts, &t.late, &t.dlq] {
+            wanted.push((name.clone(), 8));
+        }
+        if let Some(labels) = t.labels() {
+            wanted.push((labels.to_string(), 8));
+        }
+    }
+    for (name, partitions) in &wanted {
+        broker.create_topic(name, *partitions)?;
+    }
+    // The address on stdout (first line) for scripts; the rest on stderr.
+    println!("{}", broker.bootstrap_servers());
+    use std::io::Write;
+    std::io::stdout()
+        .flush()
+        .context("cannot write the bootstrap address")?;
+    eprintln!(
+        "embedded broker listening at {} ({} topics created); Ctrl-C stops it",
+        broker.bootstrap_servers(),
+        wanted.len()
+    );
+    let shutdown = shutdown_on_signal()?;
+    while !shutdown.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn read_bundle(path: &Path) -> Result<String> {

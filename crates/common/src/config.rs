@@ -42,6 +42,58 @@ pub struct Config {
     pub time: TimeConfig,
     /// Where keyed state lives.
     pub state: StateConfig,
+    /// The Kafka cluster, topics and client settings of `riskstream run`.
+    pub kafka: KafkaConfig,
+}
+
+/// The `[kafka]` section: the cluster, the topics and librdkafka settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// Consumer group of the transactions consumer.
+    pub group_id: String,
+    /// Where a group without committed offsets starts: `earliest` or `latest`.
+    pub auto_offset_reset: String,
+    /// How often acknowledged offsets are committed.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Produced messages awaiting acknowledgement above which the consumer pauses.
+    pub max_unacked: usize,
+    pub topics: TopicsConfig,
+    /// librdkafka properties for every client (security, SASL, SSL …).
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+    /// librdkafka properties for the consumers only.
+    #[serde(default)]
+    pub consumer: std::collections::BTreeMap<String, String>,
+    /// librdkafka properties for the producer only.
+    #[serde(default)]
+    pub producer: std::collections::BTreeMap<String, String>,
+}
+
+/// The `[kafka.topics]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    /// Payment events in.
+    pub transactions: String,
+    /// One verdict per scored event, keyed by event id.
+    pub verdicts: String,
+    /// Events too late to score: original bytes plus reason headers.
+    pub late: String,
+    /// Bad records: original bytes plus reason headers.
+    pub dlq: String,
+    /// Feedback labels `{tx_id, fraud, …}`; empty when not consumed.
+    pub labels: String,
+}
+
+impl TopicsConfig {
+    /// The labels topic, when one is configured.
+    pub fn labels(&self) -> Option<&str> {
+        Some(self.labels.as_str()).filter(|t| !t.is_empty())
+    }
 }
 
 /// The `[state]` section: the RocksDB state directory and the cache in front of it.
@@ -142,6 +194,17 @@ impl Config {
             ));
         }
         EventSchema::new(&self.schema)?;
+        if !matches!(self.kafka.auto_offset_reset.as_str(), "earliest" | "latest") {
+            return Err(ConfigError::Value(format!(
+                "kafka.auto_offset_reset must be `earliest` or `latest`, not `{}`",
+                self.kafka.auto_offset_reset
+            )));
+        }
+        if self.kafka.max_unacked == 0 {
+            return Err(ConfigError::Value(
+                "kafka.max_unacked must be at least 1".into(),
+            ));
+        }
         Ok(())
     }
 

@@ -8,7 +8,10 @@ pub mod config;
 pub mod schema;
 
 pub use batch::{DeadLetter, DeadReason, RawBatch};
-pub use config::{Config, ConfigError, PipelineConfig, SkewPolicy, StateConfig, TimeConfig};
+pub use config::{
+    Config, ConfigError, KafkaConfig, PipelineConfig, SkewPolicy, StateConfig, TimeConfig,
+    TopicsConfig,
+};
 pub use schema::{EventSchema, FieldType, SchemaConfig, SchemaError};
 
 /// Where a raw record came from: a source partition and an offset within it.

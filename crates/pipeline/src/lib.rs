@@ -510,33 +510,70 @@ impl std::fmt::Display for Summary {
 ///
 /// Three threads, each owning one end: a reader fills and decodes raw batches, the calling
 /// thread runs time, features and rules, a writer hands the results to the sink. Bounded
-/// channels between them keep at most a few batches in flight, so memory stays bounded and a
-/// slow sink slows the reader down. The first error stops all three and is returned.
+/// channels between them keep at most a few batches in flight, so memory stays bounded: when
+/// the scorer is full the reader holds the source ([`Source::hold`]: a Kafka source pauses its
+/// partitions) rather than read ahead, and a slow sink backs up into the scorer. After the
+/// sink flushed, the source is closed ([`Source::close`]: Kafka commits its offsets). The
+/// first error stops all three and is returned.
 pub fn run(
     source: &mut (dyn Source + Send),
     pipeline: &mut Pipeline,
     sink: &mut (dyn Sink + Send),
 ) -> Result<Summary, PipelineError> {
-    use std::sync::mpsc::sync_channel;
+    use std::sync::mpsc::{sync_channel, TrySendError};
 
     /// Batches in flight between two stages.
     const IN_FLIGHT: usize = 2;
+    /// How long the reader holds the source between retries while the scorer is full.
+    const HOLD: Duration = Duration::from_millis(2);
     let batch_max_events = pipeline.decoder.capacity();
     let mut decoder = pipeline.decoder()?;
     let source_name = source.name().to_string();
     let started = Instant::now();
     let mut summary = Summary::default();
-    let (to_score, decoded) = sync_channel::<(RawBatch, Decoded)>(IN_FLIGHT);
+    let (to_score, decoded) = sync_channel::<Input>(IN_FLIGHT);
     let (to_write, scored) = sync_channel::<(RawBatch, Processed)>(IN_FLIGHT);
 
-    std::thread::scope(|scope| {
+    let summary = std::thread::scope(|scope| {
+        let source_ref = &mut *source;
         let reader = scope.spawn(move || -> Result<(), PipelineError> {
+            // Hands one input to the scorer; while it is full the source holds (pauses)
+            // instead of reading ahead. `false`: the scorer stopped.
+            let send = |source: &mut (dyn Source + Send), mut input: Input| {
+                let mut held = false;
+                loop {
+                    match to_score.try_send(input) {
+                        Ok(()) => break,
+                        Err(TrySendError::Disconnected(_)) => return Ok(false),
+                        Err(TrySendError::Full(back)) => {
+                            input = back;
+                            held = true;
+                            source.hold(HOLD)?;
+                        }
+                    }
+                }
+                if held {
+                    source.release()?;
+                }
+                Ok::<bool, PipelineError>(true)
+            };
             loop {
+                // Partition changes go ahead of any event read after them (a source ends a
+                // fill at a rebalance, so the batch before holds only earlier events).
+                let revoked = source_ref.take_revoked();
+                if !revoked.is_empty() && !send(source_ref, Input::Revoked(revoked))? {
+                    return Ok(());
+                }
+                let assigned = source_ref.take_assigned();
+                if !assigned.is_empty() && !send(source_ref, Input::Assigned(assigned))? {
+                    return Ok(());
+                }
                 let mut raw = RawBatch::new();
-                let state = source.fill(&mut raw, batch_max_events)?;
+                let state = source_ref.fill(&mut raw, batch_max_events)?;
                 if !raw.is_empty() {
                     let batch = decoder.decode(&raw)?;
-                    if to_score.send((raw, batch)).is_err() {
+                    let backlogged = source_ref.backlogged();
+                    if !send(source_ref, Input::Batch(raw, batch, backlogged))? {
                         return Ok(()); // the scorer stopped; its error is reported
                     }
                 }
@@ -555,13 +592,33 @@ pub fn run(
                 if !out.late.is_empty() {
                     sink.late(source_name, &raw, &out.late)?;
                 }
+                sink.end_batch(&raw)?;
             }
             sink.flush()?;
             Ok(())
         });
 
         let scoring = (|| -> Result<(), PipelineError> {
-            for (raw, batch) in decoded {
+            for input in decoded {
+                let (raw, batch) = match input {
+                    Input::Batch(raw, batch, backlogged) => {
+                        pipeline.time.keep_active(&backlogged, source::now_ms());
+                        (raw, batch)
+                    }
+                    Input::Revoked(partitions) => {
+                        for p in partitions {
+                            pipeline.time.remove_partition(p);
+                        }
+                        continue;
+                    }
+                    Input::Assigned(partitions) => {
+                        let now = source::now_ms();
+                        for p in partitions {
+                            pipeline.time.add_partition(p, now);
+                        }
+                        continue;
+                    }
+                };
                 let mut out = Processed::default();
                 pipeline.process_decoded(&raw, batch, &mut out, source::now_ms())?;
                 summary.add(&raw, &out);
@@ -581,10 +638,23 @@ pub fn run(
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         // The root cause first: a failing sink or source makes the scorer stop too.
-        written.and(read).and(scoring)
+        written.and(read).and(scoring).map(|()| summary)
     })?;
+    // Every output is flushed: the source may now record its progress.
+    source.close()?;
+    let mut summary = summary;
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+/// What the reader hands the scorer.
+enum Input {
+    /// A batch, and the partitions with more records waiting (not idle).
+    Batch(RawBatch, Decoded, Vec<i32>),
+    /// Partitions the source lost; their watermarks go.
+    Revoked(Vec<i32>),
+    /// Partitions the source was given; they hold the watermark until they deliver.
+    Assigned(Vec<i32>),
 }
 
 impl Summary {

@@ -21,6 +21,9 @@ pub enum SinkError {
         #[source]
         source: io::Error,
     },
+    /// A streaming sink failed (its message names the broker or client problem).
+    #[error("sink {name}: {message}")]
+    Stream { name: String, message: String },
 }
 
 /// A consumer of verdicts and dead letters.
@@ -39,6 +42,14 @@ pub trait Sink {
 
     /// Emits events too late to score (the late output), with the same fields as dead letters.
     fn late(&mut self, source: &str, raw: &RawBatch, late: &[DeadLetter]) -> Result<(), SinkError>;
+
+    /// Everything `raw` produced has been emitted: verdicts, dead letters and late events. A
+    /// sink that acknowledges asynchronously (Kafka) tracks from here when the batch's source
+    /// positions may be committed.
+    fn end_batch(&mut self, raw: &RawBatch) -> Result<(), SinkError> {
+        let _ = raw;
+        Ok(())
+    }
 
     /// Makes everything emitted so far durable (or at least handed to the OS).
     fn flush(&mut self) -> Result<(), SinkError>;

@@ -18,6 +18,9 @@ pub enum SourceError {
         #[source]
         source: io::Error,
     },
+    /// A streaming source failed (its message names the broker or client problem).
+    #[error("source {name}: {message}")]
+    Stream { name: String, message: String },
 }
 
 /// Whether a source may produce more records.
@@ -37,6 +40,45 @@ pub trait Source {
     /// Returns [`SourceState::Exhausted`] once the input has ended (the batch may still hold the
     /// last records); a streaming source returns `Open` with what arrived within its linger time.
     fn fill(&mut self, batch: &mut RawBatch, max: usize) -> Result<SourceState, SourceError>;
+
+    /// Downstream stages are full and `fill` will not be called until they drain: a streaming
+    /// source stops fetching (pauses its partitions) but keeps its protocol alive (group
+    /// heartbeats, rebalances) for up to `timeout`. A file source simply waits.
+    fn hold(&mut self, timeout: std::time::Duration) -> Result<(), SourceError> {
+        std::thread::sleep(timeout);
+        Ok(())
+    }
+
+    /// Downstream has room again after [`Self::hold`]: resume fetching.
+    fn release(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
+
+    /// Partitions taken away from this source since the last call (a consumer-group
+    /// rebalance). Records of them already returned by `fill` are still processed; the
+    /// pipeline then forgets their watermarks.
+    fn take_revoked(&mut self) -> Vec<i32> {
+        Vec::new()
+    }
+
+    /// Partitions given to this source since the last call (after those revoked). They hold
+    /// the watermark from now until they deliver an event or go idle.
+    fn take_assigned(&mut self) -> Vec<i32> {
+        Vec::new()
+    }
+
+    /// Partitions known to have records waiting that `fill` has not returned yet (a consumer
+    /// behind the end of its partitions). They are not idle, however long since their last
+    /// event: the watermark keeps waiting for them.
+    fn backlogged(&self) -> Vec<i32> {
+        Vec::new()
+    }
+
+    /// Called once after the run ended and the sink flushed every output: a source that
+    /// tracks acknowledged progress records it (Kafka commits its offsets).
+    fn close(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
 }
 
 /// JSON lines from a file or standard input; one record per non-blank line.

@@ -70,8 +70,18 @@ pub struct Assignment {
 
 #[derive(Debug, Clone, Copy)]
 struct PartitionClock {
+    /// Highest event time seen; [`NO_EVENT`] for a partition assigned but not yet heard from.
     max_event_time: i64,
     last_event_at: i64,
+}
+
+/// `max_event_time` of a partition that has not delivered an event yet.
+const NO_EVENT: i64 = i64::MIN;
+
+impl PartitionClock {
+    fn watermark(&self, out_of_orderness: i64) -> Option<i64> {
+        (self.max_event_time != NO_EVENT).then(|| self.max_event_time - out_of_orderness)
+    }
 }
 
 /// Watermarks and lateness for the partitions one pipeline reads.
@@ -112,26 +122,60 @@ impl TimeStage {
     }
 
     /// The operator watermark at processing time `now_ms`, or `None` before any event.
+    ///
+    /// The minimum over partitions that delivered an event within `idle_timeout`. A partition
+    /// assigned but not heard from yet holds the watermark where it is until it delivers or
+    /// its idle timeout passes, so that a partition read late does not find its events behind a
+    /// watermark its siblings moved.
     pub fn watermark(&self, now_ms: i64) -> Option<i64> {
         let ooo = self.config.max_out_of_orderness.as_millis() as i64;
         let idle = self.config.idle_timeout.as_millis() as i64;
-        let active = self
+        let mut waiting = false;
+        let mut active: Option<i64> = None;
+        for p in self
             .partitions
             .values()
             .filter(|p| now_ms - p.last_event_at <= idle)
-            .map(|p| p.max_event_time - ooo)
-            .min();
+        {
+            match p.watermark(ooo) {
+                Some(wm) => active = Some(active.map_or(wm, |a| a.min(wm))),
+                None => waiting = true,
+            }
+        }
+        if waiting {
+            return self.emitted;
+        }
         // With every partition idle, nothing holds the watermark back: take the furthest.
         let computed = active.or_else(|| {
             self.partitions
                 .values()
-                .map(|p| p.max_event_time - ooo)
+                .filter_map(|p| p.watermark(ooo))
                 .max()
         });
         match (computed, self.emitted) {
             (Some(c), Some(e)) => Some(c.max(e)),
             (c, e) => c.or(e),
         }
+    }
+
+    /// Marks `partitions` as active at `now_ms` without an event: their source has records of
+    /// them waiting, so they must not count as idle.
+    pub fn keep_active(&mut self, partitions: &[i32], now_ms: i64) {
+        for p in partitions {
+            if let Some(clock) = self.partitions.get_mut(p) {
+                clock.last_event_at = clock.last_event_at.max(now_ms);
+            }
+        }
+    }
+
+    /// Starts tracking a partition assigned to this pipeline at processing time `now_ms`, before
+    /// its first event: it holds the watermark until it delivers one or goes idle. A partition
+    /// already tracked (restored state) keeps its clock.
+    pub fn add_partition(&mut self, partition: i32, now_ms: i64) {
+        self.partitions.entry(partition).or_insert(PartitionClock {
+            max_event_time: NO_EVENT,
+            last_event_at: now_ms,
+        });
     }
 
     /// Stops tracking a partition (revoked in a rebalance): it no longer holds the watermark.
@@ -144,7 +188,7 @@ impl TimeStage {
         let ooo = self.config.max_out_of_orderness.as_millis() as i64;
         self.partitions
             .iter()
-            .map(move |(p, c)| (*p, c.max_event_time - ooo))
+            .filter_map(move |(p, c)| Some((*p, c.watermark(ooo)?)))
     }
 
     /// Restores a partition's highest seen event time (recovery from a checkpoint).
@@ -217,8 +261,10 @@ impl TimeStage {
             let (advanced, held) = match self.partitions.get_mut(&p) {
                 Some(clock) => {
                     let ooo = self.config.max_out_of_orderness.as_millis() as i64;
-                    // Only the partition holding the watermark can move it.
-                    let held = current == Some(clock.max_event_time - ooo);
+                    // Only the partition holding the watermark can move it (a partition
+                    // without events holds it too).
+                    let held = clock.max_event_time == NO_EVENT
+                        || current == Some(clock.max_event_time - ooo);
                     let advanced = t > clock.max_event_time;
                     clock.max_event_time = clock.max_event_time.max(t);
                     clock.last_event_at = now_ms;
@@ -349,6 +395,43 @@ mod tests {
         let a = time.assign(&[NOW - 99 * S], &[0], NOW + 12 * S);
         assert_eq!(a.late, [true]);
         assert_eq!(time.watermark(NOW + 12 * S), Some(NOW + 6 * S));
+    }
+
+    #[test]
+    fn an_assigned_partition_without_events_holds_the_watermark_until_it_delivers_or_idles() {
+        let mut time = TimeStage::new(&config(SkewPolicy::Clamp));
+        time.add_partition(0, NOW);
+        time.add_partition(1, NOW);
+        // Partition 0 is read first and runs an hour ahead ...
+        let a = time.assign(&[NOW - 60 * MIN, NOW], &[0, 0], NOW);
+        assert!(a.rejected.is_empty());
+        assert_eq!(time.watermark(NOW), None, "partition 1 has not spoken");
+        // ... so partition 1's first events, an hour behind, are on time.
+        let a = time.assign(&[NOW - 59 * MIN], &[1], NOW + S);
+        assert!(a.rejected.is_empty() && a.late == [false]);
+        assert_eq!(time.watermark(NOW + S), Some(NOW - 59 * MIN - 2 * S));
+        // A partition that never delivers stops holding it after the idle timeout.
+        time.add_partition(2, NOW + S);
+        assert_eq!(time.watermark(NOW + 5 * S), Some(NOW - 59 * MIN - 2 * S));
+        time.assign(&[NOW + S], &[0], NOW + 12 * S);
+        time.assign(&[NOW + S], &[1], NOW + 12 * S);
+        assert_eq!(time.watermark(NOW + 12 * S), Some(NOW - S));
+        // A partition whose source has records waiting is not idle, however long it is silent.
+        time.add_partition(3, NOW + 12 * S);
+        time.keep_active(&[3], NOW + 30 * S);
+        assert_eq!(
+            time.watermark(NOW + 31 * S),
+            Some(NOW - S),
+            "partition 3 holds it"
+        );
+        // Restored clocks are kept: adding a known partition changes nothing.
+        time.add_partition(0, NOW + 13 * S);
+        assert_eq!(time.watermark(NOW + 13 * S), Some(NOW - S));
+        assert_eq!(
+            time.watermark(NOW + 41 * S),
+            Some(NOW - S),
+            "all idle: the furthest"
+        );
     }
 
     #[test]

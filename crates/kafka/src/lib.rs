@@ -1,0 +1,130 @@
+//! Kafka at both ends of the pipeline: the transactions consumer ([`KafkaSource`]), the
+//! verdicts / DLQ / late producer ([`KafkaSink`]), the labels consumer ([`LabelsConsumer`]),
+//! the bookkeeping that commits an offset only once its outputs are acknowledged
+//! ([`DeliveryTracker`]), and the embedded Kafka-protocol broker ([`EmbeddedBroker`]).
+//!
+//! This crate speaks Kafka and nothing else: it does not decode, score or keep feature state;
+//! the pipeline crate does that over whatever [`riskstream_pipeline::Source`] and
+//! [`riskstream_pipeline::Sink`] it is given. The same code runs against the embedded broker
+//! and a real cluster: only the bootstrap address differs.
+
+pub mod acks;
+pub mod broker;
+pub mod labels;
+pub mod sink;
+pub mod source;
+
+use rdkafka::ClientConfig;
+use riskstream_common::KafkaConfig;
+
+pub use acks::DeliveryTracker;
+pub use broker::EmbeddedBroker;
+pub use labels::{Label, LabelStore, LabelsConsumer};
+pub use sink::KafkaSink;
+pub use source::KafkaSource;
+
+/// Which client a configuration is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Consumer,
+    Producer,
+}
+
+/// librdkafka settings for `role`: riskstream's own, then `kafka.properties`, then the role's
+/// section, so an operator can override anything (security, tuning).
+pub fn client_config(config: &KafkaConfig, role: Role) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.brokers);
+    match role {
+        Role::Consumer => {
+            c.set("group.id", &config.group_id)
+                // Offsets are committed by riskstream, and only once outputs are acknowledged.
+                .set("enable.auto.commit", "false")
+                .set("enable.auto.offset.store", "false")
+                // Reaching the end of a partition is how the source knows it has nothing
+                // waiting there: only then may it count as idle for the watermark.
+                .set("enable.partition.eof", "true")
+                .set("auto.offset.reset", &config.auto_offset_reset)
+                // Bound what librdkafka prefetches per partition; pausing purges it anyway.
+                .set("queued.max.messages.kbytes", "16384")
+                // Small per-partition fetches interleave partitions finely: a backlog is read
+                // round-robin in rounds of well under a second, so no partition with data
+                // waiting looks idle to the watermark.
+                .set("max.partition.fetch.bytes", "131072")
+                .set("fetch.wait.max.ms", "10");
+        }
+        Role::Producer => {
+            c.set("acks", "all")
+                .set("enable.idempotence", "true")
+                .set("compression.type", "lz4")
+                .set("linger.ms", "5")
+                .set("batch.size", "1000000")
+                // Transient errors (a broker outage) are retried until the broker is back;
+                // the bounded queue below makes the pipeline wait instead of buffering.
+                .set("message.timeout.ms", "0")
+                .set(
+                    "queue.buffering.max.messages",
+                    config.max_unacked.to_string(),
+                )
+                .set("queue.buffering.max.kbytes", "131072");
+        }
+    }
+    let role_properties = match role {
+        Role::Consumer => &config.consumer,
+        Role::Producer => &config.producer,
+    };
+    for (k, v) in config.properties.iter().chain(role_properties) {
+        c.set(k, v);
+    }
+    c
+}
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use riskstream_common::Config;
+use riskstream_pipeline::{Pipeline, PipelineError, Summary};
+use riskstream_rules::RuleTable;
+
+pub use source::Assignment;
+
+/// Runs the pipeline from the transactions topic to the verdicts, DLQ and late topics until
+/// `shutdown` is set, then drains: every event read gets its output acknowledged and its offset
+/// committed before this returns. With `labels`, the configured labels topic is consumed into
+/// it meanwhile.
+pub fn run(
+    config: &Config,
+    rules: Arc<RuleTable>,
+    assignment: Assignment,
+    shutdown: Arc<AtomicBool>,
+    labels: Option<Arc<LabelStore>>,
+) -> Result<Summary, PipelineError> {
+    let tracker = Arc::new(DeliveryTracker::new());
+    let mut sink = KafkaSink::new(&config.kafka, tracker.clone())?;
+    let mut source = KafkaSource::new(
+        &config.kafka,
+        config.pipeline.linger,
+        tracker,
+        assignment,
+        shutdown.clone(),
+    )?;
+    let mut pipeline = Pipeline::new(config, rules, &config.kafka.topics.transactions)?;
+    let labels = match (config.kafka.topics.labels(), labels) {
+        (Some(topic), Some(store)) => Some(
+            LabelsConsumer::start(&config.kafka, topic, store, shutdown.clone()).map_err(|e| {
+                riskstream_pipeline::SourceError::Stream {
+                    name: topic.to_string(),
+                    message: e.to_string(),
+                }
+            })?,
+        ),
+        _ => None,
+    };
+    let result = riskstream_pipeline::run(&mut source, &mut pipeline, &mut sink);
+    if let Some(labels) = labels {
+        // The labels thread watches the same flag; make sure it ends even after an error.
+        shutdown.store(true, std::sync::atomic::Ordering::Release);
+        labels.join();
+    }
+    result
+}

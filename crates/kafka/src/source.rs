@@ -1,0 +1,403 @@
+//! The transactions consumer: a consumer-group member (or a fixed assignment) that fills raw
+//! batches with messages and their partition/offset, pauses its partitions while the pipeline
+//! is full, reports revoked partitions, and commits offsets the [`DeliveryTracker`] reports as
+//! acknowledged — periodically, when partitions are revoked, and at shutdown.
+//!
+//! What it must not do: decode, buffer beyond one batch, or commit an offset whose outputs the
+//! broker has not acknowledged.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use metrics::Counter;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use riskstream_common::{KafkaConfig, Position, RawBatch};
+use riskstream_pipeline::source::now_ms;
+use riskstream_pipeline::{Source, SourceError, SourceState};
+
+use crate::acks::DeliveryTracker;
+use crate::{client_config, Role};
+
+/// Rebalance handling, shared with librdkafka's callbacks.
+pub struct SourceContext {
+    topic: String,
+    tracker: Arc<DeliveryTracker>,
+    revoked: Mutex<Vec<i32>>,
+    assigned: Mutex<Vec<i32>>,
+    /// Set by a rebalance: `fill` returns what it has so that revocations stay in order.
+    rebalanced: AtomicBool,
+    /// While set, newly assigned partitions are paused too.
+    paused: AtomicBool,
+}
+
+impl ClientContext for SourceContext {}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let partitions: Vec<i32> = list
+                .elements_for_topic(&self.topic)
+                .iter()
+                .map(|e| e.partition())
+                .collect();
+            // Commit what is acknowledged before the partitions go to another member; what is
+            // still in flight is consumed again there (at-least-once).
+            let offsets = self.tracker.revoke(&partitions);
+            if !offsets.is_empty() {
+                if let Err(e) = commit(consumer, &self.topic, &offsets, CommitMode::Sync) {
+                    tracing::warn!(error = %e, "commit on revocation failed; the new owner re-reads from the last commit");
+                }
+            }
+            tracing::info!(topic = %self.topic, ?partitions, "partitions revoked");
+            lock(&self.revoked).extend(partitions);
+            self.rebalanced.store(true, Ordering::Release);
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let partitions: Vec<i32> = list
+                    .elements_for_topic(&self.topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect();
+                tracing::info!(topic = %self.topic, ?partitions, "partitions assigned");
+                self.tracker.assign(&partitions);
+                lock(&self.assigned).extend(&partitions);
+                if self.paused.load(Ordering::Acquire) {
+                    if let Err(e) = consumer.pause(list) {
+                        tracing::warn!(error = %e, "cannot pause newly assigned partitions");
+                    }
+                }
+                self.rebalanced.store(true, Ordering::Release);
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn commit<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    offsets: &[(i32, i64)],
+    mode: CommitMode,
+) -> Result<(), KafkaError> {
+    let mut list = TopicPartitionList::with_capacity(offsets.len());
+    for (partition, next) in offsets {
+        list.add_partition_offset(topic, *partition, Offset::Offset(*next))?;
+    }
+    consumer.commit(&list, mode)
+}
+
+/// A message's position and ingestion time. Latency is measured from the message's Kafka
+/// timestamp (when its producer or the broker stamped it), never from a time ahead of our clock.
+fn origin(message: &impl Message) -> (Position, i64) {
+    let now = now_ms();
+    let ingest = message
+        .timestamp()
+        .to_millis()
+        .filter(|t| *t <= now)
+        .unwrap_or(now);
+    let position = Position {
+        partition: message.partition(),
+        offset: message.offset(),
+    };
+    (position, ingest)
+}
+
+/// Messages of the transactions topic as raw records.
+pub struct KafkaSource {
+    consumer: BaseConsumer<SourceContext>,
+    topic: String,
+    linger: Duration,
+    commit_interval: Duration,
+    last_commit: Instant,
+    /// Offsets last committed, to skip commits that would change nothing.
+    committed: Vec<(i32, i64)>,
+    shutdown: Arc<AtomicBool>,
+    metrics: SourceMetrics,
+    last_error_log: Option<Instant>,
+    /// Messages that arrived while holding (before a pause took effect): first in the next batch.
+    carry: Vec<(Vec<u8>, Position, i64)>,
+    /// Since when the pipeline has been full (see [`Source::hold`]).
+    held_since: Option<Instant>,
+    /// Partitions owned, and those the consumer has read to their end (partition EOF) since
+    /// their last message: the others have records waiting.
+    owned: BTreeSet<i32>,
+    at_end: BTreeSet<i32>,
+}
+
+/// How long the pipeline stays full before the partitions are paused.
+const PAUSE_AFTER: Duration = Duration::from_millis(250);
+
+struct SourceMetrics {
+    consumed: Counter,
+    errors: Counter,
+    pauses: Counter,
+    commits: Counter,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the source gets its partitions.
+#[derive(Debug, Clone)]
+pub enum Assignment {
+    /// Join `kafka.group_id` and take what the group assigns (production).
+    Group,
+    /// Read exactly these partitions from the given offsets, without group membership (tests,
+    /// tools). Offsets are still committed under the group id.
+    Fixed(Vec<(i32, Offset)>),
+}
+
+impl KafkaSource {
+    /// A consumer of `config.topics.transactions`. `linger` is the longest a batch waits to
+    /// fill; the source reports itself exhausted once `shutdown` is set.
+    pub fn new(
+        config: &KafkaConfig,
+        linger: Duration,
+        tracker: Arc<DeliveryTracker>,
+        assignment: Assignment,
+        shutdown: Arc<AtomicBool>,
+    ) -> Result<Self, SourceError> {
+        let topic = config.topics.transactions.clone();
+        let context = SourceContext {
+            topic: topic.clone(),
+            tracker: tracker.clone(),
+            revoked: Mutex::new(Vec::new()),
+            assigned: Mutex::new(Vec::new()),
+            rebalanced: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+        };
+        let stream_error = |e: KafkaError| SourceError::Stream {
+            name: topic.clone(),
+            message: e.to_string(),
+        };
+        let consumer: BaseConsumer<SourceContext> = client_config(config, Role::Consumer)
+            .create_with_context(context)
+            .map_err(stream_error)?;
+        match assignment {
+            Assignment::Group => consumer.subscribe(&[&topic]).map_err(stream_error)?,
+            Assignment::Fixed(partitions) => {
+                let mut list = TopicPartitionList::new();
+                for (p, offset) in &partitions {
+                    list.add_partition_offset(&topic, *p, *offset)
+                        .map_err(stream_error)?;
+                }
+                consumer.assign(&list).map_err(stream_error)?;
+                let ids: Vec<i32> = partitions.iter().map(|(p, _)| *p).collect();
+                tracker.assign(&ids);
+                lock(&consumer.context().assigned).extend(ids);
+            }
+        }
+        let label = topic.clone();
+        Ok(Self {
+            consumer,
+            topic,
+            linger,
+            commit_interval: config.commit_interval,
+            last_commit: Instant::now(),
+            committed: Vec::new(),
+            shutdown,
+            metrics: SourceMetrics {
+                consumed: metrics::counter!("riskstream_kafka_consumed_total", "topic" => label.clone()),
+                errors: metrics::counter!("riskstream_kafka_consumer_errors_total", "topic" => label.clone()),
+                pauses: metrics::counter!("riskstream_kafka_consumer_pauses_total", "topic" => label.clone()),
+                commits: metrics::counter!("riskstream_kafka_offset_commits_total", "topic" => label),
+            },
+            last_error_log: None,
+            carry: Vec::new(),
+            held_since: None,
+            owned: BTreeSet::new(),
+            at_end: BTreeSet::new(),
+        })
+    }
+
+    /// The underlying consumer (lag and position queries).
+    pub fn consumer(&self) -> &BaseConsumer<SourceContext> {
+        &self.consumer
+    }
+
+    fn context(&self) -> &SourceContext {
+        self.consumer.context()
+    }
+
+    /// Commits the acknowledged offsets if they moved (asynchronously unless `mode` says).
+    fn commit_acknowledged(&mut self, mode: CommitMode) -> Result<(), KafkaError> {
+        let offsets = self.context().tracker.committable();
+        self.last_commit = Instant::now();
+        if offsets.is_empty() || offsets == self.committed {
+            return Ok(());
+        }
+        commit(&self.consumer, &self.topic, &offsets, mode)?;
+        self.metrics.commits.increment(1);
+        self.committed = offsets;
+        Ok(())
+    }
+
+    fn log_error(&mut self, e: &KafkaError) {
+        self.metrics.errors.increment(1);
+        // A broker outage reports the same error many times a second; say it every 5 s.
+        if self
+            .last_error_log
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(5))
+        {
+            tracing::warn!(topic = %self.topic, error = %e, "consumer error (retrying)");
+            self.last_error_log = Some(Instant::now());
+        }
+    }
+
+    fn set_paused(&mut self, paused: bool) -> Result<(), SourceError> {
+        if self.context().paused.swap(paused, Ordering::AcqRel) == paused {
+            return Ok(());
+        }
+        let assignment = self.consumer.assignment().map_err(|e| self.error(e))?;
+        let result = if paused {
+            self.metrics.pauses.increment(1);
+            tracing::debug!(topic = %self.topic, "pipeline full: pausing partitions");
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        result.map_err(|e| self.error(e))
+    }
+
+    fn error(&self, e: KafkaError) -> SourceError {
+        SourceError::Stream {
+            name: self.topic.clone(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl Source for KafkaSource {
+    fn name(&self) -> &str {
+        &self.topic
+    }
+
+    fn fill(&mut self, batch: &mut RawBatch, max: usize) -> Result<SourceState, SourceError> {
+        /// How long an empty poll waits before `fill` returns to let the driver look around.
+        const IDLE_POLL: Duration = Duration::from_millis(100);
+        let mut deadline: Option<Instant> = None;
+        for (payload, position, ingest) in self.carry.drain(..) {
+            batch.push(&payload, position, ingest);
+            deadline.get_or_insert_with(|| Instant::now() + self.linger);
+        }
+        while batch.len() < max {
+            if self.shutdown.load(Ordering::Acquire) {
+                return Ok(SourceState::Exhausted);
+            }
+            let timeout = match deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => IDLE_POLL,
+            };
+            match self.consumer.poll(timeout) {
+                Some(Ok(message)) => {
+                    let (position, ingest) = origin(&message);
+                    self.at_end.remove(&position.partition);
+                    batch.push(message.payload().unwrap_or_default(), position, ingest);
+                    deadline.get_or_insert_with(|| Instant::now() + self.linger);
+                }
+                Some(Err(KafkaError::PartitionEOF(partition))) => {
+                    self.at_end.insert(partition);
+                }
+                Some(Err(e)) => self.log_error(&e),
+                None => {
+                    if deadline.is_none() {
+                        break; // idle: nothing arrived within IDLE_POLL
+                    }
+                }
+            }
+            if self.context().rebalanced.swap(false, Ordering::AcqRel) {
+                break;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+        }
+        self.metrics.consumed.increment(batch.len() as u64);
+        if self.last_commit.elapsed() >= self.commit_interval {
+            if let Err(e) = self.commit_acknowledged(CommitMode::Async) {
+                self.log_error(&e);
+            }
+        }
+        Ok(SourceState::Open)
+    }
+
+    fn hold(&mut self, timeout: Duration) -> Result<(), SourceError> {
+        // A scorer that is momentarily full is the normal state of a busy pipeline: wait
+        // without polling (librdkafka's prefetch queue is bounded). Pausing purges that queue
+        // and re-fetches on resume, so it is kept for a pipeline that stays full.
+        let held_since = *self.held_since.get_or_insert_with(Instant::now);
+        if held_since.elapsed() < PAUSE_AFTER {
+            std::thread::sleep(timeout);
+            return Ok(());
+        }
+        self.set_paused(true)?;
+        // Paused partitions deliver nothing; polling keeps the group session and serves
+        // rebalances. A message can only come from a partition assigned in between; it is
+        // paused by the rebalance callback, and librdkafka re-fetches from its position.
+        match self.consumer.poll(timeout) {
+            Some(Ok(message)) => {
+                let (position, ingest) = origin(&message);
+                let payload = message.payload().unwrap_or_default().to_vec();
+                self.carry.push((payload, position, ingest));
+            }
+            Some(Err(e)) => self.log_error(&e),
+            None => {}
+        }
+        if self.last_commit.elapsed() >= self.commit_interval {
+            if let Err(e) = self.commit_acknowledged(CommitMode::Async) {
+                self.log_error(&e);
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&mut self) -> Result<(), SourceError> {
+        self.held_since = None;
+        self.set_paused(false)
+    }
+
+    fn take_revoked(&mut self) -> Vec<i32> {
+        let revoked = std::mem::take(&mut *lock(&self.context().revoked));
+        for p in &revoked {
+            self.owned.remove(p);
+            self.at_end.remove(p);
+        }
+        revoked
+    }
+
+    fn take_assigned(&mut self) -> Vec<i32> {
+        let assigned = std::mem::take(&mut *lock(&self.context().assigned));
+        self.owned.extend(&assigned);
+        assigned
+    }
+
+    fn backlogged(&self) -> Vec<i32> {
+        self.owned.difference(&self.at_end).copied().collect()
+    }
+
+    fn close(&mut self) -> Result<(), SourceError> {
+        self.commit_acknowledged(CommitMode::Sync)
+            .map_err(|e| self.error(e))?;
+        tracing::info!(topic = %self.topic, offsets = ?self.committed, "offsets committed at shutdown");
+        Ok(())
+    }
+}

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# End-to-end benchmark of the Kafka path through the embedded broker on workload W1: the raw
+# librdkafka consume rate (the ceiling), pipeline saturation throughput, and produce-to-verdict
+# latency at a steady rate.
+#
+# Usage: scripts/bench-kafka.sh [EVENTS] [RATE] [SECONDS]   (default 1000000 50000 20)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+ensure_build_deps
+
+n="${1:-1000000}"
+rate="${2:-50000}"
+seconds="${3:-20}"
+ensure_w1_input "$n"
+echo "==> cargo build --release (kafka_bench)"
+cargo build --release --locked -p riskstream -p riskstream-benches --bins
+bin="$CARGO_TARGET_DIR/release/kafka_bench"
+echo "==> raw consume (ceiling)"
+"$bin" raw "$input"
+echo "==> saturation throughput"
+"$bin" saturate "$input"
+echo "==> latency at $rate events/s"
+"$bin" latency "$input" "$rate" "$seconds"
