@@ -48,7 +48,8 @@ fn main() -> Result<()> {
     match mode {
         "raw" => {
             preload(&broker, &events)?;
-            raw(&broker, events.len())
+            raw(&broker, events.len(), false)?;
+            raw(&broker, events.len(), true)
         }
         "saturate" => {
             preload(&broker, &events)?;
@@ -106,11 +107,22 @@ fn preload(broker: &EmbeddedBroker, events: &[Vec<u8>]) -> Result<()> {
     Ok(())
 }
 
-fn raw(broker: &EmbeddedBroker, n: usize) -> Result<()> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap_servers())
-        .set("group.id", "raw")
-        .create()?;
+/// Reads every message with a bare consumer: librdkafka's defaults, or riskstream's consumer
+/// settings (`ours`).
+fn raw(broker: &EmbeddedBroker, n: usize, ours: bool) -> Result<()> {
+    let consumer: BaseConsumer = if ours {
+        let mut c = riskstream_kafka::client_config(
+            &config(broker)?.kafka,
+            riskstream_kafka::Role::Consumer,
+        );
+        c.set("group.id", "raw-ours");
+        c.create()?
+    } else {
+        ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap_servers())
+            .set("group.id", "raw")
+            .create()?
+    };
     let mut list = TopicPartitionList::new();
     for p in 0..PARTITIONS {
         list.add_partition_offset("transactions", p, Offset::Beginning)?;
@@ -122,6 +134,9 @@ fn raw(broker: &EmbeddedBroker, n: usize) -> Result<()> {
     let mut idle = Instant::now();
     while count < n && idle.elapsed() < Duration::from_secs(5) {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            if m.topic() != "transactions" {
+                continue;
+            }
             bytes += m.payload_len();
             count += 1;
             idle = Instant::now();
@@ -129,7 +144,12 @@ fn raw(broker: &EmbeddedBroker, n: usize) -> Result<()> {
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "raw consume: {count} of {n} messages ({:.0} MB) in {secs:.2} s = {:.0} messages/s",
+        "raw consume ({}): {count} of {n} messages ({:.0} MB) in {secs:.2} s = {:.0} messages/s",
+        if ours {
+            "riskstream's consumer settings"
+        } else {
+            "librdkafka defaults"
+        },
         bytes as f64 / 1e6,
         count as f64 / secs
     );
