@@ -238,7 +238,7 @@ fn latency(broker: &EmbeddedBroker, events: &[Vec<u8>], rate: u64, seconds: u64)
     let warmup = Duration::from_secs(3);
     // The feeder replays W1 at a steady rate; each message's timestamp is its send time.
     let feeder = {
-        let producer = producer(broker, "1")?;
+        let producer = producer(broker, "10")?;
         let events: Vec<Vec<u8>> = events.to_vec();
         let (produced, feeding) = (produced.clone(), feeding.clone());
         let total = warmup + Duration::from_secs(seconds);

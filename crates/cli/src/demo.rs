@@ -199,7 +199,8 @@ fn generate(
     let producer: ThreadedProducer<_> = ClientConfig::new()
         .set("bootstrap.servers", &config.kafka.brokers)
         .set("compression.type", "lz4")
-        .set("linger.ms", "2")
+        // Batches of 10 ms: tiny produce requests to many partitions swamp the embedded broker.
+        .set("linger.ms", "10")
         .set("acks", "all")
         .create()
         .context("cannot create the generator's producer")?;
