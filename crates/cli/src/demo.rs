@@ -7,6 +7,7 @@
 //! It owns orchestration and reporting only; the pipeline is the one `riskstream run` runs.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -242,12 +243,13 @@ fn generate(
             send(&producer, record)?;
             if !event.malformed {
                 label.clear();
-                label.push_str(&format!(
+                let _ = write!(
+                    label,
                     r#"{{"tx_id":"{}","fraud":{},"scenario":{}}}"#,
                     event.tx_id,
                     u8::from(event.scenario != Scenario::Genuine),
                     event.scenario as u8
-                ));
+                );
                 let record = BaseRecord::to(labels_topic)
                     .key(event.tx_id)
                     .payload(label.as_str());

@@ -64,22 +64,23 @@ impl DeliveryTracker {
         TicketId(id)
     }
 
-    /// One more message of `ticket` is on its way.
-    pub fn sent(&self, ticket: TicketId) {
+    /// `n` more messages of `ticket` are on their way (counted before they are sent, so that
+    /// an acknowledgement never arrives before its message was counted).
+    pub fn sent(&self, ticket: TicketId, n: usize) {
         let mut inner = self.lock();
-        inner.unacked += 1;
+        inner.unacked += n;
         if let Some(t) = inner.ticket(ticket) {
-            t.remaining += 1;
+            t.remaining += n;
         }
     }
 
-    /// A message of `ticket` could not be handed to the producer after all (counted by
-    /// [`Self::sent`] first): it is not in flight.
-    pub fn unsent(&self, ticket: TicketId) {
+    /// `n` messages of `ticket` counted by [`Self::sent`] could not be handed to the producer
+    /// after all: they are not in flight.
+    pub fn unsent(&self, ticket: TicketId, n: usize) {
         let mut inner = self.lock();
-        inner.unacked = inner.unacked.saturating_sub(1);
+        inner.unacked = inner.unacked.saturating_sub(n);
         if let Some(t) = inner.ticket(ticket) {
-            t.remaining = t.remaining.saturating_sub(1);
+            t.remaining = t.remaining.saturating_sub(n);
         }
         inner.advance();
     }
@@ -211,11 +212,10 @@ mod tests {
         let t = DeliveryTracker::new();
         t.assign(&[0, 1]);
         let a = t.open();
-        t.sent(a);
-        t.sent(a);
+        t.sent(a, 2);
         t.seal(a, &[pos(0, 10), pos(1, 4), pos(0, 11)]);
         let b = t.open();
-        t.sent(b);
+        t.sent(b, 1);
         t.seal(b, &[pos(0, 12)]);
         // The later batch is acknowledged first: nothing is committable yet.
         t.delivered(b, Ok(()));
@@ -232,10 +232,10 @@ mod tests {
         let t = DeliveryTracker::new();
         t.assign(&[0]);
         let a = t.open();
-        t.sent(a);
+        t.sent(a, 1);
         t.seal(a, &[pos(0, 1)]);
         let b = t.open();
-        t.sent(b);
+        t.sent(b, 1);
         t.seal(b, &[pos(0, 2)]);
         t.delivered(a, Err("message too large".into()));
         t.delivered(b, Ok(()));
@@ -248,13 +248,13 @@ mod tests {
         let t = DeliveryTracker::new();
         t.assign(&[0, 1]);
         let a = t.open();
-        t.sent(a);
+        t.sent(a, 1);
         t.seal(a, &[pos(0, 1), pos(1, 1)]);
         t.delivered(a, Ok(()));
         assert_eq!(t.revoke(&[1]), vec![(1, 2)]);
         // A batch of the revoked partition completing later does not make it committable.
         let b = t.open();
-        t.sent(b);
+        t.sent(b, 1);
         t.seal(b, &[pos(1, 7)]);
         t.delivered(b, Ok(()));
         assert_eq!(t.committable(), vec![(0, 2)]);
@@ -265,8 +265,8 @@ mod tests {
         let t = DeliveryTracker::new();
         t.assign(&[3]);
         let a = t.open();
-        t.sent(a);
-        t.unsent(a);
+        t.sent(a, 1);
+        t.unsent(a, 1);
         t.seal(a, &[pos(3, 40)]);
         assert_eq!(t.committable(), vec![(3, 41)]);
     }

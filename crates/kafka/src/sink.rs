@@ -97,11 +97,20 @@ impl KafkaSink {
         })
     }
 
-    fn ticket(&mut self) -> TicketId {
-        *self.current.get_or_insert_with(|| self.tracker.open())
+    /// The ticket of the batch being emitted; fails once a delivery has failed permanently
+    /// (checked once per call, not per message).
+    fn ticket(&mut self) -> Result<TicketId, SinkError> {
+        if let Some(message) = self.tracker.failure() {
+            return Err(SinkError::Stream {
+                name: self.verdicts_topic.clone(),
+                message,
+            });
+        }
+        Ok(*self.current.get_or_insert_with(|| self.tracker.open()))
     }
 
-    /// Hands one message to the producer, waiting while its queue is full.
+    /// Hands one message to the producer, waiting while its queue is full. The caller has
+    /// counted it with [`DeliveryTracker::sent`].
     fn send(
         &self,
         ticket: TicketId,
@@ -110,13 +119,6 @@ impl KafkaSink {
         payload: &[u8],
         headers: Option<OwnedHeaders>,
     ) -> Result<(), SinkError> {
-        if let Some(failure) = self.tracker.failure() {
-            return Err(SinkError::Stream {
-                name: topic.to_string(),
-                message: failure,
-            });
-        }
-        self.tracker.sent(ticket);
         let mut record = BaseRecord::with_opaque_to(topic, ticket.0 as usize).payload(payload);
         if let Some(key) = key {
             record = record.key(key);
@@ -133,31 +135,45 @@ impl KafkaSink {
                     record = back;
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                Err((e, _)) => {
-                    self.tracker.unsent(ticket);
-                    return Err(stream_error(topic, e));
-                }
+                Err((e, _)) => return Err(stream_error(topic, e)),
             }
         }
     }
 
+    /// Sends `n` messages of `ticket` made by `message(i)`, counting them in the tracker once;
+    /// those not handed over after an error are uncounted.
+    fn send_all<'m>(
+        &self,
+        ticket: TicketId,
+        n: usize,
+        mut message: impl FnMut(usize) -> Message<'m>,
+    ) -> Result<(), SinkError> {
+        self.tracker.sent(ticket, n);
+        for i in 0..n {
+            let m = message(i);
+            if let Err(e) = self.send(ticket, m.topic, m.key, m.payload, m.headers) {
+                self.tracker.unsent(ticket, n - i);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     fn letters(
         &mut self,
-        topic_index: usize,
-        reason_source: &str,
+        kind: Letters,
+        source: &str,
         raw: &RawBatch,
         letters: &[DeadLetter],
     ) -> Result<(), SinkError> {
-        let ticket = self.ticket();
-        let topic = if topic_index == 1 {
-            self.dlq_topic.clone()
-        } else {
-            self.late_topic.clone()
+        let ticket = self.ticket()?;
+        let (topic, counter) = match kind {
+            Letters::Dead => (&self.dlq_topic, &self.produced[1]),
+            Letters::Late => (&self.late_topic, &self.produced[2]),
         };
-        for d in letters {
+        self.send_all(ticket, letters.len(), |i| {
+            let d = &letters[i];
             let position = raw.position(d.record);
-            let partition = position.partition.to_string();
-            let offset = position.offset.to_string();
             let headers = OwnedHeaders::new_with_capacity(5)
                 .insert(Header {
                     key: "reason",
@@ -169,29 +185,55 @@ impl KafkaSink {
                 })
                 .insert(Header {
                     key: "source_topic",
-                    value: Some(reason_source),
+                    value: Some(source),
                 })
                 .insert(Header {
                     key: "source_partition",
-                    value: Some(partition.as_str()),
+                    value: Some(position.partition.to_string().as_str()),
                 })
                 .insert(Header {
                     key: "source_offset",
-                    value: Some(offset.as_str()),
+                    value: Some(position.offset.to_string().as_str()),
                 });
-            self.send(ticket, &topic, None, raw.record(d.record), Some(headers))?;
-        }
-        self.produced[topic_index].increment(letters.len() as u64);
+            Message {
+                topic,
+                key: None,
+                payload: raw.record(d.record),
+                headers: Some(headers),
+            }
+        })?;
+        counter.increment(letters.len() as u64);
         Ok(())
     }
 }
 
+/// Which side output a batch of letters goes to.
+#[derive(Debug, Clone, Copy)]
+enum Letters {
+    Dead,
+    Late,
+}
+
+/// One message for [`KafkaSink::send_all`].
+struct Message<'a> {
+    topic: &'a str,
+    key: Option<&'a [u8]>,
+    payload: &'a [u8],
+    headers: Option<OwnedHeaders>,
+}
+
 impl Sink for KafkaSink {
     fn verdicts(&mut self, verdicts: &VerdictBatch) -> Result<(), SinkError> {
-        let ticket = self.ticket();
-        for (key, payload, _) in verdicts.iter() {
-            self.send(ticket, &self.verdicts_topic, Some(key), payload, None)?;
-        }
+        let ticket = self.ticket()?;
+        self.send_all(ticket, verdicts.len(), |i| {
+            let (key, payload, _) = verdicts.get(i);
+            Message {
+                topic: &self.verdicts_topic,
+                key: Some(key),
+                payload,
+                headers: None,
+            }
+        })?;
         self.produced[0].increment(verdicts.len() as u64);
         Ok(())
     }
@@ -202,15 +244,15 @@ impl Sink for KafkaSink {
         raw: &RawBatch,
         dead: &[DeadLetter],
     ) -> Result<(), SinkError> {
-        self.letters(1, source, raw, dead)
+        self.letters(Letters::Dead, source, raw, dead)
     }
 
     fn late(&mut self, source: &str, raw: &RawBatch, late: &[DeadLetter]) -> Result<(), SinkError> {
-        self.letters(2, source, raw, late)
+        self.letters(Letters::Late, source, raw, late)
     }
 
     fn end_batch(&mut self, raw: &RawBatch) -> Result<(), SinkError> {
-        let ticket = self.ticket();
+        let ticket = self.ticket()?;
         self.tracker.seal(ticket, raw.positions());
         self.current = None;
         Ok(())
