@@ -3,12 +3,17 @@
 //! ```text
 //! kafka_bench raw       W1.jsonl   # ceiling: a bare librdkafka consumer reading the messages
 //! kafka_bench saturate  W1.jsonl   # all events preloaded; pipeline throughput until all acked
-//! kafka_bench latency   W1.jsonl [RATE] [SECONDS]  # steady rate; produce-to-verdict latency
+//! kafka_bench latency   W1.jsonl [RATE] [SECONDS] [PARTITIONS]  # steady rate; produce-to-verdict latency
 //! ```
+//!
+//! Partitions: 64 for `raw` and `saturate` (the embedded broker keeps at most 5 MB per partition,
+//! and the whole file must fit), 8 by default for `latency`. The embedded broker finds a fetch
+//! offset by walking a partition's message sets from the oldest (librdkafka's mock cluster keeps
+//! no offset index), so at a steady rate its cost grows with the square of the partition count:
+//! with 64 partitions at 50K events/s that walk alone took a core. A real broker indexes offsets.
 //!
 //! `scripts/bench-kafka.sh` builds it in release mode and runs all three.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +32,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 /// The embedded broker keeps at most 5 MB per partition: spread a million events wide.
-const PARTITIONS: i32 = 64;
+const PRELOAD_PARTITIONS: i32 = 64;
+/// Partitions of the latency run, unless given.
+const LATENCY_PARTITIONS: i32 = 8;
 const BUNDLE: &str = include_str!("../../w1/bundle.yaml");
 
 fn main() -> Result<()> {
@@ -35,33 +42,49 @@ fn main() -> Result<()> {
     let mode = args.get(1).map(String::as_str).unwrap_or("");
     let input = args
         .get(2)
-        .ok_or("usage: kafka_bench raw|saturate|latency W1.jsonl [RATE] [SECONDS]")?;
+        .ok_or("usage: kafka_bench raw|saturate|latency W1.jsonl [RATE] [SECONDS] [PARTITIONS]")?;
     let events: Vec<Vec<u8>> = std::fs::read(input)?
         .split(|b| *b == b'\n')
         .filter(|l| !l.is_empty())
         .map(<[u8]>::to_vec)
         .collect();
-    let broker = EmbeddedBroker::start(1)?;
+    let partitions = match mode {
+        "latency" => args
+            .get(5)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(LATENCY_PARTITIONS),
+        _ => PRELOAD_PARTITIONS,
+    };
+    let bench = Bench {
+        broker: EmbeddedBroker::start(1)?,
+        partitions,
+    };
     for topic in ["transactions", "verdicts", "dlq", "late"] {
-        broker.create_topic(topic, PARTITIONS)?;
+        bench.broker.create_topic(topic, partitions)?;
     }
     match mode {
         "raw" => {
-            preload(&broker, &events)?;
-            raw(&broker, events.len(), false)?;
-            raw(&broker, events.len(), true)
+            bench.preload(&events)?;
+            bench.raw(events.len(), false)?;
+            bench.raw(events.len(), true)
         }
         "saturate" => {
-            preload(&broker, &events)?;
-            saturate(&broker, events.len())
+            bench.preload(&events)?;
+            bench.saturate(events.len())
         }
         "latency" => {
             let rate: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(50_000);
             let seconds: u64 = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(20);
-            latency(&broker, &events, rate, seconds)
+            bench.latency(&events, rate, seconds)
         }
         _ => Err("mode: raw | saturate | latency".into()),
     }
+}
+
+/// The embedded broker and the partition count of its topics.
+struct Bench {
+    broker: EmbeddedBroker,
+    partitions: i32,
 }
 
 fn producer(
@@ -91,83 +114,13 @@ fn send(
     }
 }
 
-/// Produces every event (round-robin over partitions, so each partition stays in file order).
-fn preload(broker: &EmbeddedBroker, events: &[Vec<u8>]) -> Result<()> {
-    let started = Instant::now();
-    let producer = producer(broker, "20")?;
-    for (i, e) in events.iter().enumerate() {
-        send(&producer, i as i32 % PARTITIONS, e);
-    }
-    producer.flush(Duration::from_secs(300))?;
-    eprintln!(
-        "preloaded {} events in {:.1} s",
-        events.len(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
-/// Reads every message with a bare consumer: librdkafka's defaults, or riskstream's consumer
-/// settings (`ours`).
-fn raw(broker: &EmbeddedBroker, n: usize, ours: bool) -> Result<()> {
-    let consumer: BaseConsumer = if ours {
-        let mut c = riskstream_kafka::client_config(
-            &config(broker)?.kafka,
-            riskstream_kafka::Role::Consumer,
-        );
-        c.set("group.id", "raw-ours");
-        c.create()?
-    } else {
-        ClientConfig::new()
-            .set("bootstrap.servers", broker.bootstrap_servers())
-            .set("group.id", "raw")
-            .create()?
-    };
-    let mut list = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        list.add_partition_offset("transactions", p, Offset::Beginning)?;
-    }
-    consumer.assign(&list)?;
-    let started = Instant::now();
-    let mut count = 0usize;
-    let mut bytes = 0usize;
-    let mut idle = Instant::now();
-    while count < n && idle.elapsed() < Duration::from_secs(5) {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-            if m.topic() != "transactions" {
-                continue;
-            }
-            bytes += m.payload_len();
-            count += 1;
-            idle = Instant::now();
-        }
-    }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "raw consume ({}): {count} of {n} messages ({:.0} MB) in {secs:.2} s = {:.0} messages/s",
-        if ours {
-            "riskstream's consumer settings"
-        } else {
-            "librdkafka defaults"
-        },
-        bytes as f64 / 1e6,
-        count as f64 / secs
-    );
-    Ok(())
-}
-
-/// The defaults, `RISKSTREAM__…` overrides from the environment, W1's time bound, the broker.
-fn config(broker: &EmbeddedBroker) -> Result<Config> {
-    if std::env::var_os("RISKSTREAM__TIME__MAX_OUT_OF_ORDERNESS").is_none() {
-        std::env::set_var("RISKSTREAM__TIME__MAX_OUT_OF_ORDERNESS", "2s");
-    }
-    // KAFKA_BENCH_CONFIG: a configuration file layered over the defaults (client settings).
-    let file = std::env::var_os("KAFKA_BENCH_CONFIG").map(std::path::PathBuf::from);
-    let mut config = Config::load(file.as_deref())?;
-    config.kafka.brokers = broker.bootstrap_servers();
-    config.kafka.group_id = "bench".into();
-    config.kafka.commit_interval = Duration::from_millis(100);
-    Ok(config)
+/// What the latency reader takes from a verdict (the rest is skipped unparsed, so that the
+/// reader keeps up with the pipeline on a shared core).
+#[derive(serde::Deserialize)]
+struct Timing<'a> {
+    processed_at: &'a str,
+    /// Ingest (the input message's timestamp) to scored.
+    latency_ms: i64,
 }
 
 /// The pipeline thread and its outcome.
@@ -175,163 +128,252 @@ type PipelineThread = std::thread::JoinHandle<
     std::result::Result<riskstream_pipeline::Summary, riskstream_pipeline::PipelineError>,
 >;
 
-fn start_pipeline(config: &Config) -> Result<(Arc<AtomicBool>, PipelineThread)> {
-    let compiled = RuleCompiler::new(&config.event_schema()?).compile_text(BUNDLE, 1)?;
-    let rules = Arc::new(RuleTable::new(compiled));
-    let stop = Arc::new(AtomicBool::new(false));
-    let assignment = Assignment::Fixed((0..PARTITIONS).map(|p| (p, Offset::Beginning)).collect());
-    let handle = {
-        let (config, stop) = (config.clone(), stop.clone());
-        std::thread::spawn(move || riskstream_kafka::run(&config, rules, assignment, stop, None))
-    };
-    Ok((stop, handle))
-}
-
-/// Offsets the bench group has committed, summed over partitions.
-fn committed(consumer: &BaseConsumer) -> i64 {
-    let mut list = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        list.add_partition("transactions", p);
+impl Bench {
+    /// Produces every event (round-robin over partitions, so each partition stays in file order).
+    fn preload(&self, events: &[Vec<u8>]) -> Result<()> {
+        let started = Instant::now();
+        let producer = producer(&self.broker, "20")?;
+        for (i, e) in events.iter().enumerate() {
+            send(&producer, i as i32 % self.partitions, e);
+        }
+        producer.flush(Duration::from_secs(300))?;
+        eprintln!(
+            "preloaded {} events in {:.1} s",
+            events.len(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
     }
-    consumer
-        .committed_offsets(list, Duration::from_secs(5))
-        .map(|l| {
-            l.elements()
-                .iter()
-                .map(|e| match e.offset() {
-                    Offset::Offset(o) => o,
-                    _ => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
 
-fn saturate(broker: &EmbeddedBroker, n: usize) -> Result<()> {
-    let config = config(broker)?;
-    let watcher: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap_servers())
-        .set("group.id", "bench")
-        .create()?;
-    let started = Instant::now();
-    let (stop, handle) = start_pipeline(&config)?;
-    // Done once every event's output is acknowledged and its offset committed.
-    while committed(&watcher) < n as i64 && !handle.is_finished() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let secs = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Release);
-    let summary = handle.join().map_err(|_| "pipeline panicked")??;
-    println!(
-        "saturation: {n} events scored, verdicts acknowledged and offsets committed in {secs:.2} s = {:.0} events/s",
-        n as f64 / secs
-    );
-    println!("{summary}");
-    Ok(())
-}
-
-fn latency(broker: &EmbeddedBroker, events: &[Vec<u8>], rate: u64, seconds: u64) -> Result<()> {
-    let config = config(broker)?;
-    let (stop, handle) = start_pipeline(&config)?;
-    let produced = Arc::new(AtomicU64::new(0));
-    let feeding = Arc::new(AtomicBool::new(true));
-    let warmup = Duration::from_secs(3);
-    // The feeder replays W1 at a steady rate; each message's timestamp is its send time.
-    let feeder = {
-        let producer = producer(broker, "10")?;
-        let events: Vec<Vec<u8>> = events.to_vec();
-        let (produced, feeding) = (produced.clone(), feeding.clone());
-        let total = warmup + Duration::from_secs(seconds);
-        std::thread::spawn(move || {
-            let started = Instant::now();
-            let mut sent = 0u64;
-            while started.elapsed() < total {
-                let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
-                while sent < due {
-                    let e = &events[sent as usize % events.len()];
-                    send(&producer, sent as i32 % PARTITIONS, e);
-                    sent += 1;
+    /// Reads every message with a bare consumer: librdkafka's defaults, or riskstream's consumer
+    /// settings (`ours`).
+    fn raw(&self, n: usize, ours: bool) -> Result<()> {
+        let consumer: BaseConsumer = if ours {
+            let mut c = riskstream_kafka::client_config(
+                &self.config()?.kafka,
+                riskstream_kafka::Role::Consumer,
+            );
+            c.set("group.id", "raw-ours");
+            c.create()?
+        } else {
+            ClientConfig::new()
+                .set("bootstrap.servers", self.broker.bootstrap_servers())
+                .set("group.id", "raw")
+                .create()?
+        };
+        let mut list = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            list.add_partition_offset("transactions", p, Offset::Beginning)?;
+        }
+        consumer.assign(&list)?;
+        let started = Instant::now();
+        let mut count = 0usize;
+        let mut bytes = 0usize;
+        let mut idle = Instant::now();
+        while count < n && idle.elapsed() < Duration::from_secs(5) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                if m.topic() != "transactions" {
+                    continue;
                 }
-                std::thread::sleep(Duration::from_micros(500));
+                bytes += m.payload_len();
+                count += 1;
+                idle = Instant::now();
             }
-            let _ = producer.flush(Duration::from_secs(30));
-            produced.store(sent, Ordering::Release);
-            feeding.store(false, Ordering::Release);
-        })
-    };
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap_servers())
-        .set("group.id", "latency")
-        .set("fetch.wait.max.ms", "5")
-        .create()?;
-    let mut list = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        list.add_partition_offset("verdicts", p, Offset::Beginning)?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "raw consume ({}): {count} of {n} messages ({:.0} MB) in {secs:.2} s = {:.0} messages/s",
+            if ours {
+                "riskstream's consumer settings"
+            } else {
+                "librdkafka defaults"
+            },
+            bytes as f64 / 1e6,
+            count as f64 / secs
+        );
+        Ok(())
     }
-    reader.assign(&list)?;
-    let started = Instant::now();
-    let mut latencies: Vec<u32> = Vec::new();
-    // The verdicts' own `latency_ms`: produce to scored (before the verdict is produced).
-    let mut scored: Vec<u32> = Vec::new();
-    let mut seen = 0u64;
-    let mut window: VecDeque<u32> = VecDeque::new();
-    loop {
-        if let Some(Ok(m)) = reader.poll(Duration::from_millis(50)) {
-            seen += 1;
-            let payload = m.payload().unwrap_or_default();
-            let v: serde_json::Value = serde_json::from_slice(payload)?;
-            let processed = v["processed_at"].as_str().unwrap_or_default();
-            let at = chrono::DateTime::parse_from_rfc3339(processed)?.timestamp_millis();
-            let ingest = at - v["latency_ms"].as_i64().unwrap_or(0);
-            let latency = (chrono::Utc::now().timestamp_millis() - ingest).max(0) as u32;
-            if started.elapsed() > warmup {
-                latencies.push(latency);
-                scored.push(v["latency_ms"].as_i64().unwrap_or(0).max(0) as u32);
-            }
-            window.push_back(latency);
-            if window.len() > 1000 {
-                window.pop_front();
-            }
+
+    /// The defaults, `RISKSTREAM__…` overrides from the environment, W1's time bound, the broker.
+    fn config(&self) -> Result<Config> {
+        if std::env::var_os("RISKSTREAM__TIME__MAX_OUT_OF_ORDERNESS").is_none() {
+            std::env::set_var("RISKSTREAM__TIME__MAX_OUT_OF_ORDERNESS", "2s");
         }
-        if !feeding.load(Ordering::Acquire) && seen >= produced.load(Ordering::Acquire) {
-            break;
-        }
-        if started.elapsed() > warmup + Duration::from_secs(seconds + 30) {
-            break;
-        }
+        // KAFKA_BENCH_CONFIG: a configuration file layered over the defaults (client settings).
+        let file = std::env::var_os("KAFKA_BENCH_CONFIG").map(std::path::PathBuf::from);
+        let mut config = Config::load(file.as_deref())?;
+        config.kafka.brokers = self.broker.bootstrap_servers();
+        config.kafka.group_id = "bench".into();
+        config.kafka.commit_interval = Duration::from_millis(100);
+        Ok(config)
     }
-    feeder.join().map_err(|_| "feeder panicked")?;
-    stop.store(true, Ordering::Release);
-    handle.join().map_err(|_| "pipeline panicked")??;
-    scored.sort_unstable();
-    let qs = |q: f64| {
-        scored
-            .get(((scored.len() as f64 - 1.0) * q) as usize)
-            .copied()
+
+    fn start_pipeline(&self, config: &Config) -> Result<(Arc<AtomicBool>, PipelineThread)> {
+        let compiled = RuleCompiler::new(&config.event_schema()?).compile_text(BUNDLE, 1)?;
+        let rules = Arc::new(RuleTable::new(compiled));
+        let stop = Arc::new(AtomicBool::new(false));
+        let assignment = Assignment::Fixed(
+            (0..self.partitions)
+                .map(|p| (p, Offset::Beginning))
+                .collect(),
+        );
+        let handle = {
+            let (config, stop) = (config.clone(), stop.clone());
+            std::thread::spawn(move || {
+                riskstream_kafka::run(&config, rules, assignment, stop, None)
+            })
+        };
+        Ok((stop, handle))
+    }
+
+    /// Offsets the bench group has committed, summed over partitions.
+    fn committed(&self, consumer: &BaseConsumer) -> i64 {
+        let mut list = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            list.add_partition("transactions", p);
+        }
+        consumer
+            .committed_offsets(list, Duration::from_secs(5))
+            .map(|l| {
+                l.elements()
+                    .iter()
+                    .map(|e| match e.offset() {
+                        Offset::Offset(o) => o,
+                        _ => 0,
+                    })
+                    .sum()
+            })
             .unwrap_or(0)
-    };
-    println!(
-        "  produce to scored (the verdicts' latency_ms): p50 {} ms, p99 {} ms, max {} ms",
-        qs(0.5),
-        qs(0.99),
-        qs(1.0)
-    );
-    latencies.sort_unstable();
-    let q = |q: f64| {
-        latencies
-            .get(((latencies.len() as f64 - 1.0) * q) as usize)
-            .copied()
-            .unwrap_or(0)
-    };
-    println!(
-        "latency at {rate} events/s for {seconds} s (after {} s warm-up), produce to verdict read back, {} verdicts: p50 {} ms, p90 {} ms, p99 {} ms, p99.9 {} ms, max {} ms",
-        warmup.as_secs(),
-        latencies.len(),
-        q(0.5),
-        q(0.9),
-        q(0.99),
-        q(0.999),
-        q(1.0)
-    );
-    Ok(())
+    }
+
+    fn saturate(&self, n: usize) -> Result<()> {
+        let config = self.config()?;
+        let watcher: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.broker.bootstrap_servers())
+            .set("group.id", "bench")
+            .create()?;
+        let started = Instant::now();
+        let (stop, handle) = self.start_pipeline(&config)?;
+        // Done once every event's output is acknowledged and its offset committed.
+        while self.committed(&watcher) < n as i64 && !handle.is_finished() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let secs = started.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Release);
+        let summary = handle.join().map_err(|_| "pipeline panicked")??;
+        println!(
+            "saturation: {n} events scored, verdicts acknowledged and offsets committed in {secs:.2} s = {:.0} events/s",
+            n as f64 / secs
+        );
+        println!("{summary}");
+        Ok(())
+    }
+
+    fn latency(&self, events: &[Vec<u8>], rate: u64, seconds: u64) -> Result<()> {
+        let config = self.config()?;
+        let (stop, handle) = self.start_pipeline(&config)?;
+        let produced = Arc::new(AtomicU64::new(0));
+        let feeding = Arc::new(AtomicBool::new(true));
+        let warmup = Duration::from_secs(3);
+        // The feeder replays W1 at a steady rate; each message's timestamp is its send time.
+        let feeder = {
+            // KAFKA_BENCH_FEEDER_LINGER_MS: the feeder's batching delay (part of the latency).
+            let linger = std::env::var("KAFKA_BENCH_FEEDER_LINGER_MS").unwrap_or("10".into());
+            let producer = producer(&self.broker, &linger)?;
+            let events: Vec<Vec<u8>> = events.to_vec();
+            let (produced, feeding) = (produced.clone(), feeding.clone());
+            let partitions = self.partitions;
+            let total = warmup + Duration::from_secs(seconds);
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let mut sent = 0u64;
+                while started.elapsed() < total {
+                    let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+                    while sent < due {
+                        let e = &events[sent as usize % events.len()];
+                        send(&producer, sent as i32 % partitions, e);
+                        sent += 1;
+                    }
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+                let _ = producer.flush(Duration::from_secs(30));
+                produced.store(sent, Ordering::Release);
+                feeding.store(false, Ordering::Release);
+            })
+        };
+        let reader: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.broker.bootstrap_servers())
+            .set("group.id", "latency")
+            .set("fetch.wait.max.ms", "5")
+            .create()?;
+        let mut list = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            list.add_partition_offset("verdicts", p, Offset::Beginning)?;
+        }
+        reader.assign(&list)?;
+        let started = Instant::now();
+        let mut latencies: Vec<u32> = Vec::new();
+        // The verdicts' own `latency_ms`: produce to scored (before the verdict is produced).
+        let mut scored: Vec<u32> = Vec::new();
+        let mut seen = 0u64;
+        // The worst latency read back in each second of the run, to tell stalls from queueing.
+        let mut worst: Vec<u32> = Vec::new();
+        loop {
+            if let Some(Ok(m)) = reader.poll(Duration::from_millis(50)) {
+                seen += 1;
+                let payload = m.payload().unwrap_or_default();
+                let timing: Timing = serde_json::from_slice(payload)?;
+                let at = chrono::DateTime::parse_from_rfc3339(timing.processed_at)?;
+                let ingest = at.timestamp_millis() - timing.latency_ms;
+                let latency = (chrono::Utc::now().timestamp_millis() - ingest).max(0) as u32;
+                let second = started.elapsed().as_secs() as usize;
+                if worst.len() <= second {
+                    worst.resize(second + 1, 0);
+                }
+                worst[second] = worst[second].max(latency);
+                if started.elapsed() > warmup {
+                    latencies.push(latency);
+                    scored.push(timing.latency_ms.max(0) as u32);
+                }
+            }
+            if !feeding.load(Ordering::Acquire) && seen >= produced.load(Ordering::Acquire) {
+                break;
+            }
+            if started.elapsed() > warmup + Duration::from_secs(seconds + 30) {
+                break;
+            }
+        }
+        feeder.join().map_err(|_| "feeder panicked")?;
+        stop.store(true, Ordering::Release);
+        handle.join().map_err(|_| "pipeline panicked")??;
+        scored.sort_unstable();
+        latencies.sort_unstable();
+        let (qs, q) = (|q| quantile(&scored, q), |q| quantile(&latencies, q));
+        println!(
+            "  produce to scored (the verdicts' latency_ms): p50 {} ms, p99 {} ms, max {} ms",
+            qs(0.5),
+            qs(0.99),
+            qs(1.0)
+        );
+        println!("  worst latency in each second (ms): {worst:?}");
+        println!(
+            "latency at {rate} events/s for {seconds} s (after {} s warm-up), produce to verdict read back, {} verdicts: p50 {} ms, p90 {} ms, p99 {} ms, p99.9 {} ms, max {} ms",
+            warmup.as_secs(),
+            latencies.len(),
+            q(0.5),
+            q(0.9),
+            q(0.99),
+            q(0.999),
+            q(1.0)
+        );
+        Ok(())
+    }
+}
+
+/// The `q` quantile of sorted values (0 when there are none).
+fn quantile(sorted: &[u32], q: f64) -> u32 {
+    sorted
+        .get(((sorted.len() as f64 - 1.0) * q) as usize)
+        .copied()
+        .unwrap_or(0)
 }

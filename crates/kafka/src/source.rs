@@ -102,16 +102,19 @@ fn commit<C: ConsumerContext>(
 
 /// A message's position and ingestion time. Latency is measured from the message's Kafka
 /// timestamp (when its producer or the broker stamped it), never from a time ahead of our clock.
-fn origin(message: &impl Message) -> (Position, i64) {
-    let now = now_ms();
-    let ingest = message
-        .timestamp()
-        .to_millis()
-        .filter(|t| *t <= now)
-        .unwrap_or(now);
+/// `clock` is the wall clock as last read: it is read again only for a message stamped after it,
+/// so that a busy consumer does not read the clock once per message.
+fn origin(message: &impl Message, clock: &mut i64) -> (Position, i64) {
     let position = Position {
         partition: message.partition(),
         offset: message.offset(),
+    };
+    let ingest = match message.timestamp().to_millis() {
+        Some(t) if t <= *clock => t,
+        stamped => {
+            *clock = now_ms();
+            stamped.filter(|t| *t <= *clock).unwrap_or(*clock)
+        }
     };
     (position, ingest)
 }
@@ -294,7 +297,10 @@ impl Source for KafkaSource {
     fn fill(&mut self, batch: &mut RawBatch, max: usize) -> Result<SourceState, SourceError> {
         /// How long an empty poll waits before `fill` returns to let the driver look around.
         const IDLE_POLL: Duration = Duration::from_millis(100);
+        /// Messages taken between looks at the linger deadline (one clock read each).
+        const DEADLINE_EVERY: usize = 32;
         let mut deadline: Option<Instant> = None;
+        let mut clock = now_ms();
         for (payload, position, ingest) in self.carry.drain(..) {
             batch.push(&payload, position, ingest);
             deadline.get_or_insert_with(|| Instant::now() + self.linger);
@@ -309,7 +315,7 @@ impl Source for KafkaSource {
             };
             match self.consumer.poll(timeout) {
                 Some(Ok(message)) => {
-                    let (position, ingest) = origin(&message);
+                    let (position, ingest) = origin(&message, &mut clock);
                     self.at_end.remove(&position.partition);
                     batch.push(message.payload().unwrap_or_default(), position, ingest);
                     deadline.get_or_insert_with(|| Instant::now() + self.linger);
@@ -318,16 +324,13 @@ impl Source for KafkaSource {
                     self.at_end.insert(partition);
                 }
                 Some(Err(e)) => self.log_error(&e),
-                None => {
-                    if deadline.is_none() {
-                        break; // idle: nothing arrived within IDLE_POLL
-                    }
-                }
+                // Idle (nothing arrived within IDLE_POLL), or the linger deadline has passed.
+                None => break,
             }
             if self.context().rebalanced.swap(false, Ordering::AcqRel) {
                 break;
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            if batch.len() % DEADLINE_EVERY == 0 && deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
             }
         }
@@ -355,7 +358,7 @@ impl Source for KafkaSource {
         // paused by the rebalance callback, and librdkafka re-fetches from its position.
         match self.consumer.poll(timeout) {
             Some(Ok(message)) => {
-                let (position, ingest) = origin(&message);
+                let (position, ingest) = origin(&message, &mut now_ms());
                 let payload = message.payload().unwrap_or_default().to_vec();
                 self.carry.push((payload, position, ingest));
             }

@@ -242,6 +242,11 @@ impl StateStore {
     /// [`Drop`] on a clean shutdown), and a crash falls back to the last durable state, which
     /// the source offsets recorded with it replay forward.
     pub fn write(&self, batch: StateBatch<'_>) -> Result<(), StateError> {
+        if batch.is_empty() {
+            // RocksDB would queue even an empty batch behind a write in progress (a flush
+            // applied in the background can take hundreds of milliseconds).
+            return Ok(());
+        }
         let mut options = WriteOptions::default();
         options.disable_wal(true);
         self.db
