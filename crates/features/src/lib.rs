@@ -20,6 +20,7 @@
 //! about time other than what the time stage hands it (corrected event times and the horizon
 //! below which no event can arrive any more).
 
+mod cache;
 pub mod layout;
 pub mod operator;
 pub mod window;

@@ -19,6 +19,7 @@ use metrics::Counter;
 use riskstream_rules::{Agg, CompiledBundle};
 use riskstream_state::{Cf, PendingWrite, StateBatch, StateError, StateStore};
 
+use crate::cache::{ShardedCache, StateKey};
 use crate::layout::{fnv1a, Layout, Reader, Window};
 use crate::window::{Entry, KeyWindow, Summary, NO_VALUE};
 
@@ -54,27 +55,64 @@ pub struct StateStats {
 
 /// The state of one entity key: its windows (see [`crate::layout`]), each tagged with its id
 /// (a reload may add, drop or reorder them).
-#[derive(Debug, Default, PartialEq)]
+///
+/// The windows are shared copy-on-write: a flush hands the writer thread a snapshot of every
+/// changed record (a reference count, not a copy), and a record that a later batch changes
+/// while the writer still reads it is copied then, the only copy made.
+#[derive(Debug, Clone, PartialEq)]
 struct Record {
-    windows: Vec<([u8; 8], KeyWindow)>,
+    windows: Arc<[([u8; 8], KeyWindow)]>,
+}
+
+impl Default for Record {
+    fn default() -> Self {
+        Self {
+            windows: Arc::from(Vec::new()),
+        }
+    }
 }
 
 impl Record {
     const FORMAT: u8 = 4;
 
-    /// The window `id`, expected at `slot` (where the current layout puts it).
-    fn window(&mut self, slot: usize, id: [u8; 8]) -> &mut KeyWindow {
-        let at = match self.windows.get(slot) {
-            Some((have, _)) if *have == id => slot,
-            _ => match self.windows.iter().position(|(have, _)| *have == id) {
-                Some(at) => at,
-                None => {
-                    self.windows.push((id, KeyWindow::default()));
-                    self.windows.len() - 1
-                }
-            },
-        };
-        &mut self.windows[at].1
+    /// The windows, for changing (one copy-on-write check for all of them): the windows `ids`
+    /// first, in that order, then any others a reload left behind (until a sweep drops them).
+    /// Reordered only when the layout changed or a window is new.
+    fn windows_mut(&mut self, ids: &[[u8; 8]]) -> &mut [([u8; 8], KeyWindow)] {
+        let in_order = ids.len() <= self.windows.len()
+            && ids
+                .iter()
+                .zip(self.windows.iter())
+                .all(|(id, (have, _))| id == have);
+        if !in_order {
+            let mut rest = self.windows.to_vec();
+            let mut windows = Vec::with_capacity(ids.len() + rest.len());
+            for id in ids {
+                let window = match rest.iter().position(|(have, _)| have == id) {
+                    Some(at) => rest.remove(at).1,
+                    None => KeyWindow::default(),
+                };
+                windows.push((*id, window));
+            }
+            windows.extend(rest);
+            self.windows = windows.into();
+        }
+        Arc::make_mut(&mut self.windows)
+    }
+
+    /// Drops the windows `keep` rejects; whether any went.
+    fn retain(&mut self, keep: impl Fn(&[u8; 8]) -> bool) -> bool {
+        if self.windows.iter().all(|(id, _)| keep(id)) {
+            return false;
+        }
+        let windows: Vec<_> = self
+            .windows
+            .iter()
+            .filter(|(id, _)| keep(id))
+            .cloned()
+            .collect();
+        self.windows = windows.into();
+        true
     }
 
     fn is_empty(&self) -> bool {
@@ -86,7 +124,7 @@ impl Record {
     }
 
     fn approx_bytes(&self) -> usize {
-        self.windows.capacity() * std::mem::size_of::<([u8; 8], KeyWindow)>()
+        self.windows.len() * std::mem::size_of::<([u8; 8], KeyWindow)>()
             + self
                 .windows
                 .iter()
@@ -121,65 +159,9 @@ impl Record {
             bytes = rest;
             windows.push((*id, KeyWindow::decode_from(&mut bytes)?));
         }
-        bytes.is_empty().then_some(Record { windows })
-    }
-}
-
-/// A state key as the cache holds it: inline up to [`StateKey::INLINE`] bytes (an 8-byte
-/// entity id and a key of up to 38 bytes, a UUID included), so that a lookup compares keys
-/// without another trip to memory; longer keys on the heap.
-#[derive(Clone)]
-enum StateKey {
-    Inline {
-        len: u8,
-        bytes: [u8; StateKey::INLINE],
-    },
-    Heap(Box<[u8]>),
-}
-
-impl StateKey {
-    const INLINE: usize = 46;
-
-    fn as_bytes(&self) -> &[u8] {
-        match self {
-            StateKey::Inline { len, bytes } => &bytes[..*len as usize],
-            StateKey::Heap(bytes) => bytes,
-        }
-    }
-}
-
-impl From<&[u8]> for StateKey {
-    fn from(key: &[u8]) -> Self {
-        if key.len() > StateKey::INLINE {
-            return StateKey::Heap(key.into());
-        }
-        let mut bytes = [0; StateKey::INLINE];
-        bytes[..key.len()].copy_from_slice(key);
-        StateKey::Inline {
-            len: key.len() as u8,
-            bytes,
-        }
-    }
-}
-
-impl std::borrow::Borrow<[u8]> for StateKey {
-    fn borrow(&self) -> &[u8] {
-        self.as_bytes()
-    }
-}
-
-impl PartialEq for StateKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for StateKey {}
-
-impl std::hash::Hash for StateKey {
-    /// As the bytes hash, so that lookups by `&[u8]` find it.
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_bytes().hash(state)
+        bytes.is_empty().then_some(Record {
+            windows: windows.into(),
+        })
     }
 }
 
@@ -209,7 +191,7 @@ fn entry_bytes(key: &[u8], record: &Record) -> usize {
 /// store holds after a flush is exactly the state after the last computed batch.
 pub struct FeatureOperator {
     store: Arc<StateStore>,
-    cache: HashMap<StateKey, Cached>,
+    cache: ShardedCache<Cached>,
     cache_bytes: usize,
     cache_max_bytes: usize,
     batch_no: u64,
@@ -295,7 +277,7 @@ impl FeatureOperator {
             store_only: stored > 0,
             store_only_seen: false,
             store,
-            cache: HashMap::new(),
+            cache: ShardedCache::default(),
             cache_bytes: 0,
             cache_max_bytes,
             batch_no: 0,
@@ -357,6 +339,7 @@ impl FeatureOperator {
                 .map(|w| WindowInput::new(w, events))
                 .collect::<Result<Vec<_>, _>>()?;
             let keys: Vec<&ArrayRef> = entity.columns.iter().map(|&i| events.column(i)).collect();
+            let ids: Vec<[u8; 8]> = entity.windows.iter().map(|w| w.id).collect();
             for (row, &t) in event_time.iter().enumerate() {
                 self.key.clear();
                 self.key.extend_from_slice(&entity.id);
@@ -375,8 +358,9 @@ impl FeatureOperator {
                     &self.cache_misses,
                     &mut self.cache_bytes,
                 )?;
+                let windows = cached.record.windows_mut(&ids);
                 for (slot, input) in inputs.iter().enumerate() {
-                    let window = cached.record.window(slot, input.window.id);
+                    let window = &mut windows[slot].1;
                     window.prepare(input.window.shape);
                     if let Some(horizon) = horizon {
                         let dropped = window.evict(horizon - input.window.shape.window_ms);
@@ -477,23 +461,33 @@ impl FeatureOperator {
 
     /// Writes every changed record and `meta` entries in one write batch, applied in the
     /// background: once it is ([`Self::wait`]), the store holds the state after the last
-    /// computed batch. Call between batches. The cache keeps every record it writes (emptied
-    /// ones included) until the write is applied, so lookups never see an older stored version.
+    /// computed batch. Call between batches. What the caller waits for is taking a snapshot of
+    /// each changed record (shared, copied only if a later batch changes it before the writer
+    /// has encoded it); encoding and RocksDB's insert run on the writer thread. The cache keeps
+    /// every record it writes (emptied ones included) until the write is applied, so lookups
+    /// never see an older stored version.
     pub fn flush(&mut self, meta: &[(&[u8], &[u8])]) -> Result<(), FeatureError> {
         self.wait()?;
-        let mut batch = self.store.batch();
-        let mut written = 0;
+        let mut snapshots: Vec<(StateKey, Record)> = Vec::new();
         for (key, cached) in self.cache.iter_mut() {
             if cached.dirty {
-                write_record(&mut batch, key.as_bytes(), cached, &mut self.scratch)?;
-                written += 1;
+                snapshots.push((key.clone(), cached.record.clone()));
+                cached.dirty = false;
             }
         }
-        for (k, v) in meta {
-            batch.put(Cf::Meta, k, v)?;
-        }
-        self.pending = Some(self.store.write_in_background(batch)?);
-        self.records_written.increment(written);
+        let meta: Vec<(Vec<u8>, Vec<u8>)> =
+            meta.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
+        self.records_written.increment(snapshots.len() as u64);
+        self.pending = Some(self.store.write_in_background(move |batch| {
+            let mut scratch = Vec::new();
+            for (key, record) in &snapshots {
+                put_record(batch, key.as_bytes(), record, &mut scratch)?;
+            }
+            for (k, v) in &meta {
+                batch.put(Cf::Meta, k, v)?;
+            }
+            Ok(())
+        })?);
         Ok(())
     }
 
@@ -531,16 +525,20 @@ impl FeatureOperator {
             .map(|w| (w.id, watermark - allowed_lateness_ms - w.shape.window_ms))
             .collect();
         let evict_record = |record: &mut Record| -> (usize, bool) {
-            let before = record.windows.len();
-            record.windows.retain(|(id, _)| live.contains_key(id));
-            let mut changed = record.windows.len() != before;
+            let mut changed = record.retain(|id| live.contains_key(id));
             let mut dropped = 0;
-            for (id, window) in &mut record.windows {
-                if let Some(&horizon) = live.get(id) {
-                    let n = window.evict(horizon);
-                    dropped += n;
-                    changed |= n > 0;
+            for slot in 0..record.windows.len() {
+                let (id, window) = &record.windows[slot];
+                let Some(&horizon) = live.get(id) else {
+                    continue;
+                };
+                // A snapshot the writer holds is copied only when something may go.
+                if !window.can_evict(horizon) {
+                    continue;
                 }
+                let n = record.windows_mut(&[])[slot].1.evict(horizon);
+                dropped += n;
+                changed |= n > 0;
             }
             (dropped, changed)
         };
@@ -641,41 +639,37 @@ impl FeatureOperator {
 
 /// The cached record for `key`, loaded from the store on a miss.
 fn load<'c>(
-    cache: &'c mut HashMap<StateKey, Cached>,
+    cache: &'c mut ShardedCache<Cached>,
     store: &StateStore,
     key: &[u8],
     batch_no: u64,
     misses: &Counter,
     cache_bytes: &mut usize,
 ) -> Result<&'c mut Cached, FeatureError> {
-    use hashbrown::hash_map::EntryRef;
-    match cache.entry_ref(key) {
-        EntryRef::Occupied(entry) => {
-            let cached = entry.into_mut();
-            cached.last_used = batch_no;
-            Ok(cached)
-        }
-        EntryRef::Vacant(entry) => {
-            misses.increment(1);
-            let record = match store.get_with(Cf::Features, key, Record::decode)? {
-                Some(Some(record)) => record,
-                Some(None) => {
-                    return Err(FeatureError::Corrupt {
-                        key: String::from_utf8_lossy(&key[8..]).into_owned(),
-                    })
-                }
-                None => Record::default(),
-            };
-            let bytes = entry_bytes(key, &record);
-            *cache_bytes += bytes;
-            Ok(entry.insert(Cached {
-                record,
-                dirty: false,
-                last_used: batch_no,
-                bytes,
-            }))
-        }
+    let (cached, inserted) = cache.get_or_try_insert(key, || {
+        misses.increment(1);
+        let record = match store.get_with(Cf::Features, key, Record::decode)? {
+            Some(Some(record)) => record,
+            Some(None) => {
+                return Err(FeatureError::Corrupt {
+                    key: String::from_utf8_lossy(&key[8..]).into_owned(),
+                })
+            }
+            None => Record::default(),
+        };
+        let bytes = entry_bytes(key, &record);
+        Ok(Cached {
+            record,
+            dirty: false,
+            last_used: batch_no,
+            bytes,
+        })
+    })?;
+    if inserted {
+        *cache_bytes += cached.bytes;
     }
+    cached.last_used = batch_no;
+    Ok(cached)
 }
 
 /// Puts (or, when empty, deletes) `cached` under `key` and marks it clean.
@@ -685,14 +679,24 @@ fn write_record(
     cached: &mut Cached,
     scratch: &mut Vec<u8>,
 ) -> Result<(), FeatureError> {
-    if cached.record.is_empty() {
-        batch.delete(Cf::Features, key)?;
-    } else {
-        cached.record.encode(scratch);
-        batch.put(Cf::Features, key, scratch)?;
-    }
+    put_record(batch, key, &cached.record, scratch)?;
     cached.dirty = false;
     Ok(())
+}
+
+/// Adds `record` under `key` to `batch`; an empty record is deleted.
+fn put_record(
+    batch: &mut StateBatch<'_>,
+    key: &[u8],
+    record: &Record,
+    scratch: &mut Vec<u8>,
+) -> Result<(), StateError> {
+    if record.is_empty() {
+        batch.delete(Cf::Features, key)
+    } else {
+        record.encode(scratch);
+        batch.put(Cf::Features, key, scratch)
+    }
 }
 
 impl<'a> WindowInput<'a> {

@@ -678,10 +678,16 @@ impl KeyWindow {
         scratch.len() as u64
     }
 
+    /// Whether [`Self::evict`] at `horizon` may drop anything (when `false`, it surely
+    /// drops nothing).
+    pub fn can_evict(&self, horizon: i64) -> bool {
+        !self.entries.is_empty() && horizon >= self.evictable_at
+    }
+
     /// Drops the events no query can reach any more: those at or before `horizon`, by whole
     /// panes once the window is indexed. Returns the number dropped.
     pub fn evict(&mut self, horizon: i64) -> usize {
-        if self.entries.is_empty() || horizon < self.evictable_at {
+        if !self.can_evict(horizon) {
             return 0;
         }
         let dropped = match &mut self.index {

@@ -5,23 +5,16 @@
 
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
-};
+use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{Float64Type, Int64Type};
-use riskstream_common::{Config, EventSchema};
 use riskstream_features::FeatureOperator;
 use riskstream_rules::{CompiledBundle, RuleCompiler};
 use riskstream_state::StateStore;
 
-const MIN: i64 = 60_000;
-
-fn schema() -> EventSchema {
-    Config::defaults().unwrap().event_schema().unwrap()
-}
+mod common;
 
 fn bundle(features: &str, version: u64) -> CompiledBundle {
-    RuleCompiler::new(&schema())
+    RuleCompiler::new(&common::schema())
         .compile_text(
             &format!(
                 "features:\n{features}rules:\n  - {{id: r, when: \"amount < 0\", score: 1}}\ndecision: {{review_at: 1, block_at: 2}}\n"
@@ -33,32 +26,8 @@ fn bundle(features: &str, version: u64) -> CompiledBundle {
 
 /// One customer's events: `(minute, amount)`.
 fn events(rows: &[(i64, f64)]) -> (RecordBatch, Vec<i64>) {
-    let schema = schema();
-    let n = rows.len();
-    let times: Vec<i64> = rows
-        .iter()
-        .map(|(m, _)| 1_735_689_600_000 + m * MIN)
-        .collect();
-    let columns: Vec<ArrayRef> = schema
-        .arrow()
-        .fields()
-        .iter()
-        .map(|f| match f.name().as_str() {
-            "ts" => Arc::new(TimestampMillisecondArray::from(times.clone()).with_timezone("UTC"))
-                as ArrayRef,
-            "amount" => {
-                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.1))) as ArrayRef
-            }
-            "customer_id" => Arc::new(StringArray::from(vec!["c1"; n])) as ArrayRef,
-            "tx_type" => Arc::new(StringArray::from(vec!["CNP"; n])) as ArrayRef,
-            "tx_id" | "terminal_id" => Arc::new(StringArray::from(vec!["x"; n])) as ArrayRef,
-            _ => Arc::new(Float64Array::from(vec![0.0; n])) as ArrayRef,
-        })
-        .collect();
-    (
-        RecordBatch::try_new(Arc::clone(schema.arrow()), columns).unwrap(),
-        times,
-    )
+    let rows: Vec<(i64, &str, f64)> = rows.iter().map(|&(m, a)| (m, "c1", a)).collect();
+    common::events(&rows, "CNP")
 }
 
 /// The value of feature `name` in the last row of `out`.

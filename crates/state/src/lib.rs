@@ -197,23 +197,21 @@ impl StateStore {
         }
     }
 
-    /// Applies a batch like [`Self::write`], on a thread of its own, so that the caller goes on
-    /// while RocksDB inserts it. Batches are applied whole; the caller orders them by waiting.
-    pub fn write_in_background(
-        self: &Arc<Self>,
-        batch: StateBatch<'_>,
-    ) -> Result<PendingWrite, StateError> {
+    /// Builds a batch with `build` and applies it like [`Self::write`], both on a thread of
+    /// its own, so that the caller goes on while the batch is encoded and RocksDB inserts it
+    /// (the caller hands over what to write, for example shared snapshots of its records).
+    /// Batches are applied whole; the caller orders them by waiting.
+    pub fn write_in_background<F>(self: &Arc<Self>, build: F) -> Result<PendingWrite, StateError>
+    where
+        F: FnOnce(&mut StateBatch<'_>) -> Result<(), StateError> + Send + 'static,
+    {
         let store = Arc::clone(self);
-        let batch = batch.batch;
         let handle = std::thread::Builder::new()
             .name("state-writer".into())
             .spawn(move || {
-                let mut options = WriteOptions::default();
-                options.disable_wal(true);
-                store
-                    .db
-                    .write_opt(batch, &options)
-                    .map_err(|e| store.rocks(e))
+                let mut batch = store.batch();
+                build(&mut batch)?;
+                store.write(batch)
             })
             .map_err(|source| StateError::Thread {
                 path: self.path.clone(),
