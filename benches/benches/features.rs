@@ -11,6 +11,9 @@
 //!
 //! - `features_by_window`: 10K keys at W1's 1M-event rate (200K events a day), window 10m, 1h,
 //!   1d, 30d — from a fraction of an event per key and window to 600.
+//! - `features_by_window_same_state`: the same four windows with the rate scaled so that each
+//!   holds about 100 events per key: the state is the same size for all four, which separates
+//!   the window's length from the memory its events occupy.
 //! - `features_by_keys`: a 1-day window at W1's 10M-event rate (2M events a day), 10K, 100K and
 //!   1M keys — from 200 events per key and window to 2.
 
@@ -108,11 +111,12 @@ impl Stream {
 
 /// An operator with its store, fed as the pipeline feeds it.
 struct Harness {
-    _dir: tempfile::TempDir,
     operator: FeatureOperator,
     bundle: CompiledBundle,
     stream: Stream,
     batches: u64,
+    /// Dropped last: the operator's last write must land before its directory goes.
+    _dir: tempfile::TempDir,
 }
 
 impl Harness {
@@ -200,6 +204,27 @@ fn windows(c: &mut Criterion) {
     );
 }
 
+/// Window length alone: the event rate scaled so that every window holds about 100 events per
+/// key (10K keys, 1M events per window length, in the indexed regime), so that the state takes
+/// about the same memory whatever the length and what is left is the cost of the length
+/// itself. (The 10-minute case holds about twice as much: `allowed_lateness`, 10 minutes, keeps
+/// its events for as long again.)
+fn windows_same_state(c: &mut Criterion) {
+    const MIN: i64 = 60_000;
+    const KEYS: u64 = 10_000;
+    let per_day = |window_ms: i64| 100.0 * KEYS as f64 * DAY_MS as f64 / window_ms as f64;
+    run(
+        c,
+        "features_by_window_same_state",
+        &[
+            ("10m", 10 * MIN, KEYS, per_day(10 * MIN)),
+            ("1h", 60 * MIN, KEYS, per_day(60 * MIN)),
+            ("1d", DAY_MS, KEYS, per_day(DAY_MS)),
+            ("30d", 30 * DAY_MS, KEYS, per_day(30 * DAY_MS)),
+        ],
+    );
+}
+
 fn keys(c: &mut Criterion) {
     run(
         c,
@@ -212,5 +237,5 @@ fn keys(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, windows, keys);
+criterion_group!(benches, windows, windows_same_state, keys);
 criterion_main!(benches);
