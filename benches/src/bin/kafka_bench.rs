@@ -277,8 +277,9 @@ impl Bench {
         let warmup = Duration::from_secs(3);
         // The feeder replays W1 at a steady rate; each message's timestamp is its send time.
         let feeder = {
-            // KAFKA_BENCH_FEEDER_LINGER_MS: the feeder's batching delay (part of the latency).
-            let linger = std::env::var("KAFKA_BENCH_FEEDER_LINGER_MS").unwrap_or("10".into());
+            // KAFKA_BENCH_FEEDER_LINGER_MS: the feeder's batching delay (part of the latency);
+            // by default librdkafka's own, 5 ms.
+            let linger = std::env::var("KAFKA_BENCH_FEEDER_LINGER_MS").unwrap_or("5".into());
             let producer = producer(&self.broker, &linger)?;
             let events: Vec<Vec<u8>> = events.to_vec();
             let (produced, feeding) = (produced.clone(), feeding.clone());
