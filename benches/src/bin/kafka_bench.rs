@@ -202,7 +202,7 @@ impl Bench {
         // KAFKA_BENCH_CONFIG: a configuration file layered over the defaults (client settings).
         let file = std::env::var_os("KAFKA_BENCH_CONFIG").map(std::path::PathBuf::from);
         let mut config = Config::load(file.as_deref())?;
-        config.kafka.brokers = self.broker.bootstrap_servers();
+        self.broker.connect(&mut config.kafka);
         config.kafka.group_id = "bench".into();
         config.kafka.commit_interval = Duration::from_millis(100);
         Ok(config)
@@ -305,7 +305,10 @@ impl Bench {
         let reader: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.broker.bootstrap_servers())
             .set("group.id", "latency")
-            .set("fetch.wait.max.ms", "5")
+            .set(
+                "fetch.wait.max.ms",
+                riskstream_kafka::broker::FETCH_WAIT_MAX_MS,
+            )
             .create()?;
         let mut list = TopicPartitionList::new();
         for p in 0..self.partitions {

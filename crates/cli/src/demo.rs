@@ -74,7 +74,7 @@ pub fn run(
     broker.create_topic(&topics.dlq, 2)?;
     broker.create_topic(&topics.late, 2)?;
     broker.create_topic(&labels_topic, 4)?;
-    config.kafka.brokers = broker.bootstrap_servers();
+    broker.connect(&mut config.kafka);
     config.kafka.topics.labels = labels_topic.clone();
     config.kafka.group_id = "riskstream-demo".into();
     eprintln!(
@@ -345,7 +345,10 @@ impl Reporter {
                 .set("bootstrap.servers", &config.kafka.brokers)
                 .set("group.id", "riskstream-demo-reporter")
                 .set("enable.auto.commit", "false")
-                .set("fetch.wait.max.ms", "10")
+                .set(
+                    "fetch.wait.max.ms",
+                    riskstream_kafka::broker::FETCH_WAIT_MAX_MS,
+                )
                 .clone()
         };
         let topics = &config.kafka.topics;
@@ -376,7 +379,10 @@ impl Reporter {
             .set("bootstrap.servers", &config.kafka.brokers)
             .set("group.id", "riskstream-demo-reporter")
             .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "10")
+            .set(
+                "fetch.wait.max.ms",
+                riskstream_kafka::broker::FETCH_WAIT_MAX_MS,
+            )
             .create()?;
         let mut list = TopicPartitionList::new();
         let topics = &config.kafka.topics;

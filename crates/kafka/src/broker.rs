@@ -5,9 +5,17 @@
 //! clients exercised against it are the ones used against a real cluster. It keeps at most
 //! 5 MB and 100,000 message sets per partition (a librdkafka limit): give topics enough
 //! partitions and pace producers by consumer lag. Nothing else here may rely on that limit.
+//!
+//! It answers a fetch that found no data only after the fetch's whole `fetch.wait.max.ms`, even
+//! when data arrives meanwhile (a real broker answers as soon as there is some): a caught-up
+//! consumer waits that long for each new message. [`EmbeddedBroker::connect`] shortens it.
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
+use riskstream_common::KafkaConfig;
+
+/// `fetch.wait.max.ms` for consumers of the embedded broker (see the module doc).
+pub const FETCH_WAIT_MAX_MS: &str = "2";
 
 /// The embedded broker could not be started or configured.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +45,16 @@ impl EmbeddedBroker {
     /// The bootstrap address clients connect to.
     pub fn bootstrap_servers(&self) -> String {
         self.cluster.bootstrap_servers()
+    }
+
+    /// Points `kafka` at this broker, with consumers waiting at most [`FETCH_WAIT_MAX_MS`] for
+    /// an empty fetch (unless `kafka.consumer` sets it).
+    pub fn connect(&self, kafka: &mut KafkaConfig) {
+        kafka.brokers = self.bootstrap_servers();
+        kafka
+            .consumer
+            .entry("fetch.wait.max.ms".into())
+            .or_insert_with(|| FETCH_WAIT_MAX_MS.into());
     }
 
     /// Creates `topic` with `partitions` partitions (replication 1).
