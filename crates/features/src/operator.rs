@@ -468,7 +468,10 @@ impl FeatureOperator {
     /// never see an older stored version.
     pub fn flush(&mut self, meta: &[(&[u8], &[u8])]) -> Result<(), FeatureError> {
         self.wait()?;
-        let mut snapshots: Vec<(StateKey, Record)> = Vec::new();
+        // Counted first (the flags sit in the cache's slots, read in order) so that the list of
+        // snapshots is allocated once.
+        let dirty = self.cache.values().filter(|c| c.dirty).count();
+        let mut snapshots: Vec<(StateKey, Record)> = Vec::with_capacity(dirty);
         for (key, cached) in self.cache.iter_mut() {
             if cached.dirty {
                 snapshots.push((key.clone(), cached.record.clone()));
@@ -489,6 +492,12 @@ impl FeatureOperator {
             Ok(())
         })?);
         Ok(())
+    }
+
+    /// Whether the write of the last [`Self::flush`] is still being applied (a flush now would
+    /// wait for it).
+    pub fn writing(&self) -> bool {
+        self.pending.as_ref().is_some_and(PendingWrite::running)
     }
 
     /// Waits for the write of the last [`Self::flush`], then lets the cache drop the records

@@ -300,8 +300,9 @@ impl Pipeline {
         out.rules_version = bundle.version();
         self.evict(&bundle, now_ms)?;
         match self.last_flush {
-            Some(at) if now_ms - at >= self.flush_interval_ms => {
-                // Applied in the background; scoring goes on.
+            // Applied in the background; scoring goes on. While the last one is still being
+            // applied, the next waits for a later batch rather than hold this one up.
+            Some(at) if now_ms - at >= self.flush_interval_ms && !self.features.writing() => {
                 self.write_state()?;
                 self.last_flush = Some(now_ms);
             }

@@ -77,6 +77,11 @@ impl std::fmt::Debug for PendingWrite {
 }
 
 impl PendingWrite {
+    /// Whether the batch is still being built or applied.
+    pub fn running(&self) -> bool {
+        !self.handle.is_finished()
+    }
+
     /// Waits until the batch is applied; its error, if it failed.
     pub fn wait(self) -> Result<(), StateError> {
         self.handle
