@@ -3,7 +3,8 @@
 # librdkafka consume rate (the ceiling), pipeline saturation throughput, and produce-to-verdict
 # latency at a steady rate.
 #
-# Usage: scripts/bench-kafka.sh [EVENTS] [RATE] [SECONDS]   (default 1000000 50000 20)
+# Usage: scripts/bench-kafka.sh [EVENTS] [RATE] [SECONDS]   (default 1000000 50000 16; the latency
+# run needs RATE × (SECONDS + 3) events: it never replays an event time)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -11,7 +12,7 @@ ensure_build_deps
 
 n="${1:-1000000}"
 rate="${2:-50000}"
-seconds="${3:-20}"
+seconds="${3:-16}"
 ensure_w1_input "$n"
 echo "==> cargo build --release (kafka_bench)"
 cargo build --release --locked -p riskstream -p riskstream-benches --bins

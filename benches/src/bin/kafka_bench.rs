@@ -74,7 +74,7 @@ fn main() -> Result<()> {
         }
         "latency" => {
             let rate: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(50_000);
-            let seconds: u64 = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(20);
+            let seconds: u64 = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(16);
             bench.latency(&events, rate, seconds)
         }
         _ => Err("mode: raw | saturate | latency".into()),
@@ -270,11 +270,21 @@ impl Bench {
     }
 
     fn latency(&self, events: &[Vec<u8>], rate: u64, seconds: u64) -> Result<()> {
+        let warmup = Duration::from_secs(3);
+        let needed = rate * (warmup.as_secs() + seconds);
+        if needed > events.len() as u64 {
+            // Replaying the file again would send its event times again: every event late.
+            return Err(format!(
+                "{rate} events/s for {seconds} s (plus {} s warm-up) needs {needed} events; the input has {}: generate a larger one",
+                warmup.as_secs(),
+                events.len()
+            )
+            .into());
+        }
         let config = self.config()?;
         let (stop, handle) = self.start_pipeline(&config)?;
         let produced = Arc::new(AtomicU64::new(0));
         let feeding = Arc::new(AtomicBool::new(true));
-        let warmup = Duration::from_secs(3);
         // The feeder replays W1 at a steady rate; each message's timestamp is its send time.
         let feeder = {
             // KAFKA_BENCH_FEEDER_LINGER_MS: the feeder's batching delay (part of the latency);
@@ -290,8 +300,7 @@ impl Bench {
                 let mut sent = 0u64;
                 while started.elapsed() < total {
                     let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
-                    while sent < due {
-                        let e = &events[sent as usize % events.len()];
+                    while let Some(e) = events.get(sent as usize).filter(|_| sent < due) {
                         send(&producer, sent as i32 % partitions, e);
                         sent += 1;
                     }
