@@ -126,27 +126,6 @@ impl From<&[u8]> for StateKey {
     }
 }
 
-impl std::borrow::Borrow<[u8]> for StateKey {
-    fn borrow(&self) -> &[u8] {
-        self.as_bytes()
-    }
-}
-
-impl PartialEq for StateKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
-impl Eq for StateKey {}
-
-impl std::hash::Hash for StateKey {
-    /// As the bytes hash, so that lookups by `&[u8]` find it.
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_bytes().hash(state)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

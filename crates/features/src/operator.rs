@@ -573,11 +573,8 @@ impl FeatureOperator {
                         Some(mut record) => {
                             let (n, changed) = evict_record(&mut record);
                             dropped += n;
-                            if record.is_empty() {
-                                batch.delete(Cf::Features, key)?;
-                            } else if changed {
-                                record.encode(scratch);
-                                batch.put(Cf::Features, key, scratch)?;
+                            if changed || record.is_empty() {
+                                put_record(&mut batch, key, &record, scratch)?;
                             }
                         }
                         // Unreadable leftovers (an older format): drop them.
