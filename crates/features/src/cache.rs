@@ -2,8 +2,9 @@
 //!
 //! A hash map grows by moving every entry at once: one map of a few hundred thousand records
 //! took 70–150 ms to grow, all inside one batch, and every event queued behind it waited that
-//! long. Sixty-four maps, a key's shard chosen by bits of its hash that neither the shard's
-//! bucket index nor its tag bytes use, each grow at their own moment by a sixty-fourth as much.
+//! long. 256 maps, a key's shard chosen by bits of its hash that neither the shard's bucket
+//! index nor its tag bytes use, each grow at their own moment by a 256th as much. A shard is
+//! also the unit in which a flush collects changed records between batches.
 //!
 //! This module only holds records; what to load, write or drop is the operator's.
 
@@ -13,7 +14,7 @@ use hashbrown::hash_table::Entry;
 use hashbrown::{DefaultHashBuilder, HashTable};
 
 /// Shards per cache.
-const SHARDS: usize = 64;
+const SHARDS: usize = 256;
 /// A hash's bits that choose its shard start here: above any bucket index a shard can have
 /// (its low bits) and below its tag byte (the top seven bits).
 const SHARD_SHIFT: u32 = 40;
@@ -80,6 +81,34 @@ impl<V> ShardedCache<V> {
         self.shards
             .iter_mut()
             .flat_map(|s| s.iter_mut().map(|(k, v)| (&*k, v)))
+    }
+
+    /// The entries from position `from` of [`Self::iter_mut`]'s order on (skipping whole
+    /// shards by their lengths).
+    pub fn iter_mut_from(&mut self, from: usize) -> impl Iterator<Item = (&StateKey, &mut V)> {
+        let mut skip = from;
+        let mut first = 0;
+        for shard in self.shards.iter() {
+            if skip < shard.len() {
+                break;
+            }
+            skip -= shard.len();
+            first += 1;
+        }
+        self.shards[first..]
+            .iter_mut()
+            .flat_map(|s| s.iter_mut().map(|(k, v)| (&*k, v)))
+            .skip(skip)
+    }
+
+    /// Number of shards.
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// The entries of shard `shard`.
+    pub fn shard_iter_mut(&mut self, shard: usize) -> impl Iterator<Item = (&StateKey, &mut V)> {
+        self.shards[shard].iter_mut().map(|(k, v)| (&*k, v))
     }
 
     pub fn retain(&mut self, mut keep: impl FnMut(&StateKey, &mut V) -> bool) {

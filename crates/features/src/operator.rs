@@ -175,7 +175,61 @@ struct Cached {
     last_used: u64,
     /// What this entry counts for in `cache_bytes`.
     bytes: usize,
+    /// The last flush that has taken this record's changes (see [`Collecting`]).
+    collected: u64,
 }
+
+/// A flush in progress. It stands for the state at the moment it began, but taking a snapshot
+/// of every changed record at once stopped scoring for tens of milliseconds (a reference-count
+/// increment per record, each a cache miss). Instead the snapshot is collected a few cache
+/// shards per batch, and a record that a batch is about to change before its shard's turn is
+/// collected first, as it was: copy on first write, one flush (an epoch) at a time.
+struct Collecting {
+    /// This flush's number; a record with `collected` below it has not been taken yet.
+    epoch: u64,
+    /// Shards before this one have been swept.
+    next_shard: usize,
+    /// In chunks of [`SNAPSHOT_CHUNK`]: one list of 200K snapshots grew by copying megabytes,
+    /// up to 20 ms inside one batch.
+    snapshots: Vec<Vec<(StateKey, Record)>>,
+    /// Records taken so far.
+    taken: usize,
+    meta: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Snapshots per chunk of a flush's list.
+const SNAPSHOT_CHUNK: usize = 4096;
+
+impl Collecting {
+    /// Takes `cached`'s changes into this flush unless it already has them; call before
+    /// changing a record while this flush is being collected. Whether it took a snapshot.
+    fn take(&mut self, key: &[u8], cached: &mut Cached) -> bool {
+        if cached.collected >= self.epoch {
+            return false;
+        }
+        cached.collected = self.epoch;
+        if !cached.dirty {
+            return false;
+        }
+        if self
+            .snapshots
+            .last()
+            .is_none_or(|chunk| chunk.len() == SNAPSHOT_CHUNK)
+        {
+            self.snapshots.push(Vec::with_capacity(SNAPSHOT_CHUNK));
+        }
+        if let Some(chunk) = self.snapshots.last_mut() {
+            chunk.push((StateKey::from(key), cached.record.clone()));
+        }
+        self.taken += 1;
+        cached.dirty = false;
+        true
+    }
+}
+
+/// Changed records a batch takes for a flush in progress (about a millisecond's work; at least
+/// one cache shard): 200K changed records take a hundred batches.
+const COLLECT_PER_BATCH: usize = 2048;
 
 fn entry_bytes(key: &[u8], record: &Record) -> usize {
     // Key, map slot and record, roughly.
@@ -213,6 +267,10 @@ pub struct FeatureOperator {
     evicted: Counter,
     /// The write of the last flush, while RocksDB applies it.
     pending: Option<PendingWrite>,
+    /// A flush being collected, before its write starts.
+    collecting: Option<Collecting>,
+    /// Flushes begun.
+    epoch: u64,
 }
 
 impl Drop for FeatureOperator {
@@ -290,6 +348,8 @@ impl FeatureOperator {
             records_written: metrics::counter!("riskstream_state_records_written_total"),
             evicted: metrics::counter!("riskstream_state_evicted_events_total"),
             pending: None,
+            collecting: None,
+            epoch: 0,
         })
     }
 
@@ -357,6 +417,7 @@ impl FeatureOperator {
                     self.batch_no,
                     &self.cache_misses,
                     &mut self.cache_bytes,
+                    &mut self.collecting,
                 )?;
                 let windows = cached.record.windows_mut(&ids);
                 for (slot, input) in inputs.iter().enumerate() {
@@ -414,10 +475,12 @@ impl FeatureOperator {
         })
     }
 
-    /// Ends a batch: when the cache is over its memory cap, writes the least recently used
+    /// Ends a batch: collects the next cache shards for a flush in progress
+    /// ([`Self::flush`]), and when the cache is over its memory cap, writes the least recently used
     /// records that changed (one write batch) and drops them until the cache is at 75 % of
     /// its cap.
     pub fn end_batch(&mut self) -> Result<(), FeatureError> {
+        self.collect(COLLECT_PER_BATCH)?;
         if self.cache_bytes <= self.cache_max_bytes {
             return Ok(());
         }
@@ -460,30 +523,60 @@ impl FeatureOperator {
     }
 
     /// Writes every changed record and `meta` entries in one write batch, applied in the
-    /// background: once it is ([`Self::wait`]), the store holds the state after the last
-    /// computed batch. Call between batches. What the caller waits for is taking a snapshot of
-    /// each changed record (shared, copied only if a later batch changes it before the writer
-    /// has encoded it); encoding and RocksDB's insert run on the writer thread. The cache keeps
-    /// every record it writes (emptied ones included) until the write is applied, so lookups
-    /// never see an older stored version.
+    /// background: once it is ([`Self::wait`]), the store holds the state as of this call.
+    /// Call between batches.
+    ///
+    /// The call itself only marks the moment. The changed records are collected over the
+    /// next batches ([`Self::end_batch`] takes a few cache shards each time, and a record a
+    /// batch is about to change is taken first, as it was), so that no batch waits for all of
+    /// them; then encoding and RocksDB's insert run on the writer thread. Taking a record
+    /// shares it: it is copied only if a batch changes it before the writer has encoded it.
+    /// The cache keeps every record it writes (emptied ones included) until the write is
+    /// applied, so lookups never see an older stored version.
     pub fn flush(&mut self, meta: &[(&[u8], &[u8])]) -> Result<(), FeatureError> {
         self.wait()?;
-        // Counted first (the flags sit in the cache's slots, read in order) so that the list of
-        // snapshots is allocated once.
-        let dirty = self.cache.values().filter(|c| c.dirty).count();
-        let mut snapshots: Vec<(StateKey, Record)> = Vec::with_capacity(dirty);
-        for (key, cached) in self.cache.iter_mut() {
-            if cached.dirty {
-                snapshots.push((key.clone(), cached.record.clone()));
-                cached.dirty = false;
+        self.epoch += 1;
+        self.collecting = Some(Collecting {
+            epoch: self.epoch,
+            next_shard: 0,
+            snapshots: Vec::new(),
+            taken: 0,
+            meta: meta.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
+        });
+        Ok(())
+    }
+
+    /// Collects whole cache shards for the flush in progress, if any, until `budget` records
+    /// have been taken (at least one shard); once all shards are, starts its write. (Whole
+    /// shards: a shard's order changes when it grows, so a position inside one would not
+    /// survive the next batch.)
+    fn collect(&mut self, budget: usize) -> Result<(), FeatureError> {
+        let Some(collecting) = &mut self.collecting else {
+            return Ok(());
+        };
+        let mut taken = 0;
+        while collecting.next_shard < self.cache.shards() && taken < budget {
+            for (key, cached) in self.cache.shard_iter_mut(collecting.next_shard) {
+                taken += usize::from(collecting.take(key.as_bytes(), cached));
             }
+            collecting.next_shard += 1;
         }
-        let meta: Vec<(Vec<u8>, Vec<u8>)> =
-            meta.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect();
-        self.records_written.increment(snapshots.len() as u64);
+        if collecting.next_shard < self.cache.shards() {
+            return Ok(());
+        }
+        let Some(Collecting {
+            snapshots,
+            taken,
+            meta,
+            ..
+        }) = self.collecting.take()
+        else {
+            return Ok(());
+        };
+        self.records_written.increment(taken as u64);
         self.pending = Some(self.store.write_in_background(move |batch| {
             let mut scratch = Vec::new();
-            for (key, record) in &snapshots {
+            for (key, record) in snapshots.iter().flatten() {
                 put_record(batch, key.as_bytes(), record, &mut scratch)?;
             }
             for (k, v) in &meta {
@@ -494,15 +587,16 @@ impl FeatureOperator {
         Ok(())
     }
 
-    /// Whether the write of the last [`Self::flush`] is still being applied (a flush now would
-    /// wait for it).
+    /// Whether the last [`Self::flush`] is still being collected or applied (a flush now
+    /// would wait for it).
     pub fn writing(&self) -> bool {
-        self.pending.as_ref().is_some_and(PendingWrite::running)
+        self.collecting.is_some() || self.pending.as_ref().is_some_and(PendingWrite::running)
     }
 
-    /// Waits for the write of the last [`Self::flush`], then lets the cache drop the records
-    /// it emptied.
+    /// Waits for the last [`Self::flush`]: collects what it has not yet, waits for its write,
+    /// then lets the cache drop the records it emptied.
     pub fn wait(&mut self) -> Result<(), FeatureError> {
+        self.collect(usize::MAX)?;
         let Some(pending) = self.pending.take() else {
             return Ok(());
         };
@@ -605,7 +699,10 @@ impl FeatureOperator {
         }
         let from = self.cache_cursor;
         self.cache_cursor += store_keys;
-        for (key, cached) in self.cache.iter_mut().skip(from).take(store_keys) {
+        for (key, cached) in self.cache.iter_mut_from(from).take(store_keys) {
+            if let Some(collecting) = &mut self.collecting {
+                collecting.take(key.as_bytes(), cached);
+            }
             let (n, changed) = evict_record(&mut cached.record);
             dropped += n;
             if changed {
@@ -651,6 +748,7 @@ fn load<'c>(
     batch_no: u64,
     misses: &Counter,
     cache_bytes: &mut usize,
+    collecting: &mut Option<Collecting>,
 ) -> Result<&'c mut Cached, FeatureError> {
     let (cached, inserted) = cache.get_or_try_insert(key, || {
         misses.increment(1);
@@ -669,12 +767,17 @@ fn load<'c>(
             dirty: false,
             last_used: batch_no,
             bytes,
+            // Unchanged: nothing for a flush to take (and one in progress marks it below).
+            collected: 0,
         })
     })?;
     if inserted {
         *cache_bytes += cached.bytes;
     }
     cached.last_used = batch_no;
+    if let Some(collecting) = collecting {
+        collecting.take(key, cached);
+    }
     Ok(cached)
 }
 

@@ -150,6 +150,12 @@ impl StateStore {
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         options.set_compression_type(DBCompressionType::Lz4);
+        // Flushes and compactions yield the CPU to scoring: they have seconds, a batch has
+        // milliseconds.
+        let mut env = rocksdb::Env::new().map_err(err)?;
+        env.lower_thread_pool_cpu_priority();
+        env.lower_high_priority_thread_pool_cpu_priority();
+        options.set_env(&env);
         options.increase_parallelism(2);
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&Cache::new_lru_cache(64 << 20));
@@ -214,6 +220,7 @@ impl StateStore {
         let handle = std::thread::Builder::new()
             .name("state-writer".into())
             .spawn(move || {
+                yield_cpu_to_scoring();
                 let mut batch = store.batch();
                 build(&mut batch)?;
                 store.write(batch)
@@ -322,6 +329,17 @@ impl Drop for StateStore {
         if let Err(e) = self.flush() {
             eprintln!("warning: {e}: state written since the last flush is lost");
         }
+    }
+}
+
+/// Lowers the calling thread's CPU priority (nice 10): a background write has seconds, the
+/// batch being scored meanwhile has milliseconds, and on a small machine they share cores.
+/// Best effort: where the priority cannot be changed, the thread runs as it is.
+fn yield_cpu_to_scoring() {
+    #[cfg(target_os = "linux")]
+    {
+        // On Linux the nice value belongs to the thread: this changes only the calling one.
+        let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
     }
 }
 
