@@ -338,22 +338,26 @@ struct FiredView<'a> {
     mode: &'a str,
 }
 
+/// Client settings of the reporter's consumers: the embedded broker, no commits.
+fn reporter_client(config: &Config) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", "riskstream-demo-reporter")
+        .set("enable.auto.commit", "false")
+        .set(
+            "fetch.wait.max.ms",
+            riskstream_kafka::broker::FETCH_WAIT_MAX_MS,
+        );
+    client
+}
+
 impl Reporter {
     fn new(config: &Config, partitions: i32) -> Result<Self> {
-        let client = || {
-            ClientConfig::new()
-                .set("bootstrap.servers", &config.kafka.brokers)
-                .set("group.id", "riskstream-demo-reporter")
-                .set("enable.auto.commit", "false")
-                .set(
-                    "fetch.wait.max.ms",
-                    riskstream_kafka::broker::FETCH_WAIT_MAX_MS,
-                )
-                .clone()
-        };
         let topics = &config.kafka.topics;
-        let lag_consumer: BaseConsumer =
-            client().set("group.id", &config.kafka.group_id).create()?;
+        let lag_consumer: BaseConsumer = reporter_client(config)
+            .set("group.id", &config.kafka.group_id)
+            .create()?;
         Ok(Self {
             lag_consumer,
             verdicts_topic: topics.verdicts.clone(),
@@ -375,15 +379,7 @@ impl Reporter {
 
     /// A consumer of the verdicts, DLQ and late topics from their beginning.
     fn outputs_reader(config: &Config, partitions: i32) -> Result<BaseConsumer> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &config.kafka.brokers)
-            .set("group.id", "riskstream-demo-reporter")
-            .set("enable.auto.commit", "false")
-            .set(
-                "fetch.wait.max.ms",
-                riskstream_kafka::broker::FETCH_WAIT_MAX_MS,
-            )
-            .create()?;
+        let consumer: BaseConsumer = reporter_client(config).create()?;
         let mut list = TopicPartitionList::new();
         let topics = &config.kafka.topics;
         for p in 0..partitions {

@@ -78,9 +78,7 @@ impl<V> ShardedCache<V> {
     }
 
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (&StateKey, &mut V)> {
-        self.shards
-            .iter_mut()
-            .flat_map(|s| s.iter_mut().map(|(k, v)| (&*k, v)))
+        self.iter_mut_from(0)
     }
 
     /// The entries from position `from` of [`Self::iter_mut`]'s order on (skipping whole

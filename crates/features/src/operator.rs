@@ -192,8 +192,6 @@ struct Collecting {
     /// In chunks of [`SNAPSHOT_CHUNK`]: one list of 200K snapshots grew by copying megabytes,
     /// up to 20 ms inside one batch.
     snapshots: Vec<Vec<(StateKey, Record)>>,
-    /// Records taken so far.
-    taken: usize,
     meta: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -211,17 +209,15 @@ impl Collecting {
         if !cached.dirty {
             return false;
         }
-        if self
-            .snapshots
-            .last()
-            .is_none_or(|chunk| chunk.len() == SNAPSHOT_CHUNK)
-        {
-            self.snapshots.push(Vec::with_capacity(SNAPSHOT_CHUNK));
+        let snapshot = (StateKey::from(key), cached.record.clone());
+        match self.snapshots.last_mut() {
+            Some(chunk) if chunk.len() < SNAPSHOT_CHUNK => chunk.push(snapshot),
+            _ => {
+                let mut chunk = Vec::with_capacity(SNAPSHOT_CHUNK);
+                chunk.push(snapshot);
+                self.snapshots.push(chunk);
+            }
         }
-        if let Some(chunk) = self.snapshots.last_mut() {
-            chunk.push((StateKey::from(key), cached.record.clone()));
-        }
-        self.taken += 1;
         cached.dirty = false;
         true
     }
@@ -540,7 +536,6 @@ impl FeatureOperator {
             epoch: self.epoch,
             next_shard: 0,
             snapshots: Vec::new(),
-            taken: 0,
             meta: meta.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
         });
         Ok(())
@@ -565,14 +560,12 @@ impl FeatureOperator {
             return Ok(());
         }
         let Some(Collecting {
-            snapshots,
-            taken,
-            meta,
-            ..
+            snapshots, meta, ..
         }) = self.collecting.take()
         else {
             return Ok(());
         };
+        let taken: usize = snapshots.iter().map(Vec::len).sum();
         self.records_written.increment(taken as u64);
         self.pending = Some(self.store.write_in_background(move |batch| {
             let mut scratch = Vec::new();
