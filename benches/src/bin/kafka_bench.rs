@@ -4,7 +4,12 @@
 //! kafka_bench raw       W1.jsonl   # ceiling: a bare librdkafka consumer reading the messages
 //! kafka_bench saturate  W1.jsonl   # all events preloaded; pipeline throughput until all acked
 //! kafka_bench latency   W1.jsonl [RATE] [SECONDS] [PARTITIONS]  # steady rate; produce-to-verdict latency
+//! kafka_bench saturate-reloading W1.jsonl  # saturate while rules are updated 20 times a second
+//! kafka_bench reload    W1.jsonl [RATE] [SECONDS]  # steady rate; a PUT every 200 ms; PUT response to first verdict
 //! ```
+//!
+//! The reload modes run the control plane as `riskstream run` does: the control topic on the
+//! same broker, the admin API on a loopback port, updates as HTTP `PUT /api/v1/rules`.
 //!
 //! Partitions: 64 for `raw` and `saturate` (the embedded broker keeps at most 5 MB per partition,
 //! and the whole file must fit), 4 by default for `latency`. The embedded broker finds a fetch
@@ -24,9 +29,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use riskstream_admin::ControlPlane;
 use riskstream_common::Config;
 use riskstream_kafka::{Assignment, EmbeddedBroker};
-use riskstream_rules::{RuleCompiler, RuleTable};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -64,22 +69,23 @@ fn main() -> Result<()> {
     for topic in ["transactions", "verdicts", "dlq", "late"] {
         bench.broker.create_topic(topic, partitions)?;
     }
+    bench.broker.create_topic("riskstream.rules", 1)?;
     match mode {
         "raw" => {
             bench.preload(&events)?;
             bench.raw(events.len(), false)?;
             bench.raw(events.len(), true)
         }
-        "saturate" => {
+        "saturate" | "saturate-reloading" => {
             bench.preload(&events)?;
-            bench.saturate(events.len())
+            bench.saturate(events.len(), mode == "saturate-reloading")
         }
-        "latency" => {
+        "latency" | "reload" => {
             let rate: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(50_000);
             let seconds: u64 = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(16);
-            bench.latency(&events, rate, seconds)
+            bench.latency(&events, rate, seconds, mode == "reload")
         }
-        _ => Err("mode: raw | saturate | latency".into()),
+        _ => Err("mode: raw | saturate | saturate-reloading | latency | reload".into()),
     }
 }
 
@@ -123,6 +129,26 @@ struct Timing<'a> {
     processed_at: &'a str,
     /// Ingest (the input message's timestamp) to scored.
     latency_ms: i64,
+    rules_version: u64,
+}
+
+/// `PUT /api/v1/rules` replacing `version` with W1's bundle at another high-amount threshold;
+/// the new version and when the response arrived (ms since the epoch).
+fn put(client: &reqwest::blocking::Client, base: &str, version: u64) -> Result<(u64, i64)> {
+    let bundle = BUNDLE.replace(
+        "amount > 220\"",
+        &format!("amount > {}\"", 220 + version % 7),
+    );
+    let response = client
+        .put(format!("{base}/api/v1/rules"))
+        .header("if-match", format!("\"{version}\""))
+        .body(bundle)
+        .send()?;
+    let at = chrono::Utc::now().timestamp_millis();
+    if !response.status().is_success() {
+        return Err(format!("PUT answered {}: {}", response.status(), response.text()?).into());
+    }
+    Ok((version + 1, at))
 }
 
 /// The pipeline thread and its outcome.
@@ -207,12 +233,17 @@ impl Bench {
         self.broker.connect(&mut config.kafka);
         config.kafka.group_id = "bench".into();
         config.kafka.commit_interval = Duration::from_millis(100);
+        config.admin.listen = "127.0.0.1:0".into();
         Ok(config)
     }
 
-    fn start_pipeline(&self, config: &Config) -> Result<(Arc<AtomicBool>, PipelineThread)> {
-        let compiled = RuleCompiler::new(&config.event_schema()?).compile_text(BUNDLE, 1)?;
-        let rules = Arc::new(RuleTable::new(compiled));
+    fn start_pipeline(
+        &self,
+        config: &Config,
+    ) -> Result<(Arc<AtomicBool>, PipelineThread, ControlPlane)> {
+        let plane = ControlPlane::start(config, Some(BUNDLE), None, None)?;
+        let rules = plane.control.table();
+        let observers = plane.observers();
         let stop = Arc::new(AtomicBool::new(false));
         let assignment = Assignment::Fixed(
             (0..self.partitions)
@@ -222,10 +253,10 @@ impl Bench {
         let handle = {
             let (config, stop) = (config.clone(), stop.clone());
             std::thread::spawn(move || {
-                riskstream_kafka::run(&config, rules, assignment, stop, None)
+                riskstream_kafka::run_observed(&config, rules, assignment, stop, None, observers)
             })
         };
-        Ok((stop, handle))
+        Ok((stop, handle, plane))
     }
 
     /// Offsets the bench group has committed, summed over partitions.
@@ -248,30 +279,47 @@ impl Bench {
             .unwrap_or(0)
     }
 
-    fn saturate(&self, n: usize) -> Result<()> {
+    fn saturate(&self, n: usize, reloading: bool) -> Result<()> {
         let config = self.config()?;
         let watcher: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.broker.bootstrap_servers())
             .set("group.id", "bench")
             .create()?;
         let started = Instant::now();
-        let (stop, handle) = self.start_pipeline(&config)?;
+        let (stop, handle, plane) = self.start_pipeline(&config)?;
+        let updating = Arc::new(AtomicBool::new(reloading));
+        let updater = {
+            let base = format!("http://{}", plane.address());
+            let updating = updating.clone();
+            std::thread::spawn(move || -> std::result::Result<u64, String> {
+                let client = reqwest::blocking::Client::new();
+                let mut version = 1;
+                while updating.load(Ordering::Acquire) {
+                    version = put(&client, &base, version).map_err(|e| e.to_string())?.0;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok(version - 1)
+            })
+        };
         // Done once every event's output is acknowledged and its offset committed.
         while self.committed(&watcher) < n as i64 && !handle.is_finished() {
             std::thread::sleep(Duration::from_millis(50));
         }
         let secs = started.elapsed().as_secs_f64();
+        updating.store(false, Ordering::Release);
+        let updates = updater.join().map_err(|_| "updater panicked")??;
         stop.store(true, Ordering::Release);
         let summary = handle.join().map_err(|_| "pipeline panicked")??;
         println!(
-            "saturation: {n} events scored, verdicts acknowledged and offsets committed in {secs:.2} s = {:.0} events/s",
+            "saturation{}: {n} events scored, verdicts acknowledged and offsets committed in {secs:.2} s = {:.0} events/s",
+            if reloading { format!(" with {updates} rules updates ({:.1}/s)", updates as f64 / secs) } else { String::new() },
             n as f64 / secs
         );
         println!("{summary}");
         Ok(())
     }
 
-    fn latency(&self, events: &[Vec<u8>], rate: u64, seconds: u64) -> Result<()> {
+    fn latency(&self, events: &[Vec<u8>], rate: u64, seconds: u64, reloads: bool) -> Result<()> {
         let warmup = Duration::from_secs(3);
         let needed = rate * (warmup.as_secs() + seconds);
         if needed > events.len() as u64 {
@@ -284,7 +332,29 @@ impl Bench {
             .into());
         }
         let config = self.config()?;
-        let (stop, handle) = self.start_pipeline(&config)?;
+        let (stop, handle, plane) = self.start_pipeline(&config)?;
+        // With `reloads`: a PUT every 200 ms after the warm-up, noting when each answered.
+        let answered: Arc<std::sync::Mutex<Vec<(u64, i64)>>> = Arc::default();
+        let updater = reloads.then(|| {
+            let base = format!("http://{}", plane.address());
+            let answered = answered.clone();
+            let until = warmup + Duration::from_secs(seconds);
+            std::thread::spawn(move || -> std::result::Result<(), String> {
+                let client = reqwest::blocking::Client::new();
+                let started = Instant::now();
+                std::thread::sleep(warmup);
+                let mut version = 1;
+                while started.elapsed() < until {
+                    let (next, at) = put(&client, &base, version).map_err(|e| e.to_string())?;
+                    if let Ok(mut answered) = answered.lock() {
+                        answered.push((next, at));
+                    }
+                    version = next;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Ok(())
+            })
+        });
         let produced = Arc::new(AtomicU64::new(0));
         let feeding = Arc::new(AtomicBool::new(true));
         // The feeder replays W1 at a steady rate; each message's timestamp is its send time.
@@ -333,12 +403,18 @@ impl Bench {
         let mut seen = 0u64;
         // The worst latency read back in each second of the run, to tell stalls from queueing.
         let mut worst: Vec<u32> = Vec::new();
+        // The first verdict of each version: when it was scored (ms since the epoch).
+        let mut first_scored: std::collections::BTreeMap<u64, i64> = Default::default();
         loop {
             if let Some(Ok(m)) = reader.poll(Duration::from_millis(50)) {
                 seen += 1;
                 let payload = m.payload().unwrap_or_default();
                 let timing: Timing = serde_json::from_slice(payload)?;
                 let at = chrono::DateTime::parse_from_rfc3339(timing.processed_at)?;
+                first_scored
+                    .entry(timing.rules_version)
+                    .and_modify(|t| *t = (*t).min(at.timestamp_millis()))
+                    .or_insert(at.timestamp_millis());
                 let ingest = at.timestamp_millis() - timing.latency_ms;
                 let latency = (chrono::Utc::now().timestamp_millis() - ingest).max(0) as u32;
                 let second = started.elapsed().as_secs() as usize;
@@ -359,8 +435,27 @@ impl Bench {
             }
         }
         feeder.join().map_err(|_| "feeder panicked")?;
+        if let Some(updater) = updater {
+            updater.join().map_err(|_| "updater panicked")??;
+        }
         stop.store(true, Ordering::Release);
         handle.join().map_err(|_| "pipeline panicked")??;
+        if reloads {
+            let answered = answered.lock().map_err(|_| "poisoned")?;
+            let mut delays: Vec<u32> = answered
+                .iter()
+                .filter_map(|(v, at)| first_scored.get(v).map(|s| (s - at).max(0) as u32))
+                .collect();
+            delays.sort_unstable();
+            println!(
+                "reload: {} updates through PUT; PUT response to the first verdict of the new version: p50 {} ms, p99 {} ms, max {} ms ({} versions never scored an event)",
+                answered.len(),
+                quantile(&delays, 0.5),
+                quantile(&delays, 0.99),
+                quantile(&delays, 1.0),
+                answered.len() - delays.len()
+            );
+        }
         scored.sort_unstable();
         latencies.sort_unstable();
         let (qs, q) = (|q| quantile(&scored, q), |q| quantile(&latencies, q));

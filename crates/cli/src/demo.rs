@@ -17,9 +17,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use riskstream_admin::ControlPlane;
 use riskstream_common::Config;
 use riskstream_kafka::{Assignment, EmbeddedBroker, LabelStore};
-use riskstream_rules::RuleTable;
 
 use crate::generator::{Generator, Scenario};
 
@@ -58,7 +58,7 @@ struct Truth {
 /// Runs the demo; `shutdown` ends it early (Ctrl-C).
 pub fn run(
     mut config: Config,
-    rules: Arc<RuleTable>,
+    bundle: &str,
     options: DemoOptions,
     shutdown: Arc<AtomicBool>,
 ) -> Result<()> {
@@ -74,6 +74,7 @@ pub fn run(
     broker.create_topic(&topics.dlq, 2)?;
     broker.create_topic(&topics.late, 2)?;
     broker.create_topic(&labels_topic, 4)?;
+    broker.create_topic(&topics.rules, 1)?;
     broker.connect(&mut config.kafka);
     config.kafka.topics.labels = labels_topic.clone();
     config.kafka.group_id = "riskstream-demo".into();
@@ -87,17 +88,36 @@ pub fn run(
         labels_topic
     );
 
-    // The pipeline, exactly as `riskstream run` runs it.
+    // The pipeline and its control plane, exactly as `riskstream run` runs them.
     let pipeline_stop = Arc::new(AtomicBool::new(false));
     let labels = Arc::new(LabelStore::new(1_000_000));
+    let plane = ControlPlane::start(
+        &config,
+        Some(bundle),
+        Some(labels.clone()),
+        riskstream_admin::telemetry::prometheus().ok(),
+    )?;
+    eprintln!(
+        "admin API at http://{} (rules: GET/PUT /api/v1/rules, metrics: /metrics)",
+        plane.address()
+    );
     let pipeline = {
         let config = config.clone();
         let stop = pipeline_stop.clone();
         let labels = labels.clone();
+        let rules = plane.control.table();
+        let observers = plane.observers();
         std::thread::Builder::new()
             .name("pipeline".into())
             .spawn(move || {
-                riskstream_kafka::run(&config, rules, Assignment::Group, stop, Some(labels))
+                riskstream_kafka::run_observed(
+                    &config,
+                    rules,
+                    Assignment::Group,
+                    stop,
+                    Some(labels),
+                    observers,
+                )
             })?
     };
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use riskstream_admin::{telemetry, ControlPlane};
 use riskstream_common::Config;
 use riskstream_pipeline::{JsonLinesSink, JsonLinesSource, Pipeline};
 use riskstream_rules::{RuleCompiler, RuleTable};
@@ -131,7 +132,6 @@ const DEFAULT_BUNDLE: &str = include_str!("../../../config/rules/default.yaml");
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -141,20 +141,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RISKSTREAM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Plain => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn run(cli: Cli) -> Result<ExitCode> {
     let config = Config::load(cli.config.as_deref())?;
+    let format = match cli.log_format {
+        LogFormat::Plain => telemetry::LogFormat::Plain,
+        LogFormat::Json => telemetry::LogFormat::Json,
+    };
+    // Flushes exported traces when `run` returns.
+    let _telemetry = telemetry::init_tracing(format, &config.telemetry)?;
     match cli.command {
         Command::Score {
             bundle,
@@ -181,16 +175,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run { bundle, state } => {
             let mut config = config;
             config.state.dir = state.or(config.state.dir);
-            let rules = load_rules(&config, bundle.as_deref())?;
+            let seed = match &bundle {
+                Some(path) => read_bundle(path)?,
+                None => DEFAULT_BUNDLE.to_string(),
+            };
             let shutdown = shutdown_on_signal()?;
-            tracing::info!(brokers = %config.kafka.brokers, topic = %config.kafka.topics.transactions, "starting");
+            tracing::info!(brokers = %config.kafka.brokers, topic = %config.kafka.topics.transactions, rules_topic = %config.kafka.topics.rules, "starting");
             let labels = Arc::new(riskstream_kafka::LabelStore::new(1_000_000));
-            let summary = riskstream_kafka::run(
+            let metrics = match telemetry::prometheus() {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    tracing::warn!(error = %e, "/metrics disabled");
+                    None
+                }
+            };
+            // Rules come from the control topic; the bundle given (or the default) seeds it
+            // when it is empty.
+            let plane = ControlPlane::start(&config, Some(&seed), Some(labels.clone()), metrics)
+                .context("cannot start the control plane (control topic, admin API)")?;
+            let summary = riskstream_kafka::run_observed(
                 &config,
-                rules,
+                plane.control.table(),
                 riskstream_kafka::Assignment::Group,
                 shutdown,
                 Some(labels),
+                plane.observers(),
             )?;
             eprintln!("{summary}");
             Ok(ExitCode::SUCCESS)
@@ -203,7 +212,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             seed,
             bundle,
         } => {
-            let rules = load_rules(&config, bundle.as_deref())?;
+            let bundle = match &bundle {
+                Some(path) => read_bundle(path)?,
+                None => DEFAULT_BUNDLE.to_string(),
+            };
+            // Fail before starting anything when the bundle is invalid.
+            check_bundle(&config, &bundle)?;
             let shutdown = shutdown_on_signal()?;
             let options = demo::DemoOptions {
                 duration,
@@ -212,7 +226,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 seed,
                 partitions: partitions.max(1),
             };
-            demo::run(config, rules, options, shutdown)?;
+            demo::run(config, &bundle, options, shutdown)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Broker {
@@ -222,18 +236,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// The compiled bundle from `path`, or the built-in default bundle.
-fn load_rules(config: &Config, path: Option<&Path>) -> Result<Arc<RuleTable>> {
-    let compiler = RuleCompiler::new(&config.event_schema()?);
-    let compiled = match path {
-        Some(path) => compiler
-            .compile_text(&read_bundle(path)?, 1)
-            .with_context(|| format!("in {}", path.display()))?,
-        None => compiler
-            .compile_text(DEFAULT_BUNDLE, 1)
-            .context("in the built-in default bundle")?,
-    };
-    Ok(Arc::new(RuleTable::new(compiled)))
+/// Checks a bundle document against the configured schema.
+fn check_bundle(config: &Config, text: &str) -> Result<()> {
+    RuleCompiler::new(&config.event_schema()?)
+        .compile_text(text, 1)
+        .context("in the rule bundle")?;
+    Ok(())
 }
 
 /// A flag set by SIGINT or SIGTERM (a second signal exits at once).
@@ -269,6 +277,8 @@ fn broker(config: &Config, topics: &[String], configured: bool) -> Result<ExitCo
         for name in [&t.transactions, &t.verdicts, &t.late, &t.dlq] {
             wanted.push((name.clone(), 8));
         }
+        // The control topic orders rule updates: one partition.
+        wanted.push((t.rules.clone(), 1));
         if let Some(labels) = t.labels() {
             wanted.push((labels.to_string(), 8));
         }

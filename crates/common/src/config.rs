@@ -44,6 +44,85 @@ pub struct Config {
     pub state: StateConfig,
     /// The Kafka cluster, topics and client settings of `riskstream run`.
     pub kafka: KafkaConfig,
+    /// The admin HTTP API.
+    pub admin: AdminConfig,
+    /// Traces.
+    pub telemetry: TelemetryConfig,
+}
+
+/// The `[admin]` section: the admin HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Listen address, `host:port`.
+    pub listen: String,
+    /// Bearer token for mutating endpoints.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// A file holding the bearer token (trailing whitespace ignored).
+    #[serde(default)]
+    pub token_file: Option<std::path::PathBuf>,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Recent events kept for backtests.
+    pub backtest_events: usize,
+    /// How long a rules update waits for the control topic to confirm it.
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// Name of this instance in published rule versions; empty: host name and process id.
+    pub instance_id: String,
+}
+
+impl AdminConfig {
+    /// The configured bearer token: `token`, else the contents of `token_file`. An empty token
+    /// counts as none.
+    pub fn bearer_token(&self) -> Result<Option<Secret>, ConfigError> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError::Value(format!(
+                        "admin.token_file {}: cannot read it: {e}",
+                        path.display()
+                    ))
+                })?;
+                Some(Secret(text.trim_end().to_string()))
+            }
+            (None, None) => None,
+        };
+        Ok(token.filter(|t| !t.0.is_empty()))
+    }
+}
+
+/// A secret string: never printed by `Debug` or `Display`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; keep it out of logs and error messages.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The `[telemetry]` section: trace export.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP traces endpoint; empty: no export.
+    pub otlp_endpoint: String,
+    pub service_name: String,
 }
 
 /// The `[kafka]` section: the cluster, the topics and librdkafka settings.
@@ -87,6 +166,8 @@ pub struct TopicsConfig {
     pub dlq: String,
     /// Feedback labels `{tx_id, fraud, …}`; empty when not consumed.
     pub labels: String,
+    /// The control topic of published rule bundles (one partition, compacted).
+    pub rules: String,
 }
 
 impl TopicsConfig {
@@ -199,6 +280,11 @@ impl Config {
                 "kafka.auto_offset_reset must be `earliest` or `latest`, not `{}`",
                 self.kafka.auto_offset_reset
             )));
+        }
+        if self.admin.max_body_bytes == 0 {
+            return Err(ConfigError::Value(
+                "admin.max_body_bytes must be at least 1".into(),
+            ));
         }
         if self.kafka.max_unacked == 0 {
             return Err(ConfigError::Value(

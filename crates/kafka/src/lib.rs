@@ -1,7 +1,8 @@
 //! Kafka at both ends of the pipeline: the transactions consumer ([`KafkaSource`]), the
 //! verdicts / DLQ / late producer ([`KafkaSink`]), the labels consumer ([`LabelsConsumer`]),
 //! the bookkeeping that commits an offset only once its outputs are acknowledged
-//! ([`DeliveryTracker`]), and the embedded Kafka-protocol broker ([`EmbeddedBroker`]).
+//! ([`DeliveryTracker`]), the control topic of rule bundles ([`RulesControl`]), and the
+//! embedded Kafka-protocol broker ([`EmbeddedBroker`]).
 //!
 //! This crate speaks Kafka and nothing else: it does not decode, score or keep feature state;
 //! the pipeline crate does that over whatever [`riskstream_pipeline::Source`] and
@@ -10,6 +11,7 @@
 
 pub mod acks;
 pub mod broker;
+pub mod control;
 pub mod labels;
 pub mod sink;
 pub mod source;
@@ -19,6 +21,7 @@ use riskstream_common::KafkaConfig;
 
 pub use acks::DeliveryTracker;
 pub use broker::EmbeddedBroker;
+pub use control::{ControlError, Outcome, RulesControl, RulesVersion};
 pub use labels::{Label, LabelStore, LabelsConsumer};
 pub use sink::KafkaSink;
 pub use source::KafkaSource;
@@ -82,7 +85,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use riskstream_common::Config;
-use riskstream_pipeline::{Pipeline, PipelineError, Summary};
+use riskstream_pipeline::{Pipeline, PipelineError, RecentEvents, StatusBoard, Summary};
 use riskstream_rules::RuleTable;
 
 pub use source::Assignment;
@@ -98,6 +101,32 @@ pub fn run(
     shutdown: Arc<AtomicBool>,
     labels: Option<Arc<LabelStore>>,
 ) -> Result<Summary, PipelineError> {
+    run_observed(
+        config,
+        rules,
+        assignment,
+        shutdown,
+        labels,
+        Observers::default(),
+    )
+}
+
+/// Who watches a running pipeline: the admin API's status board and backtest buffer.
+#[derive(Debug, Default, Clone)]
+pub struct Observers {
+    pub status: Option<Arc<StatusBoard>>,
+    pub recent: Option<Arc<RecentEvents>>,
+}
+
+/// [`run`], reporting progress and recent events to `observers`.
+pub fn run_observed(
+    config: &Config,
+    rules: Arc<RuleTable>,
+    assignment: Assignment,
+    shutdown: Arc<AtomicBool>,
+    labels: Option<Arc<LabelStore>>,
+    observers: Observers,
+) -> Result<Summary, PipelineError> {
     let tracker = Arc::new(DeliveryTracker::new());
     let mut sink = KafkaSink::new(&config.kafka, tracker.clone())?;
     let mut source = KafkaSource::new(
@@ -108,6 +137,13 @@ pub fn run(
         shutdown.clone(),
     )?;
     let mut pipeline = Pipeline::new(config, rules, &config.kafka.topics.transactions)?;
+    if let Some(status) = observers.status {
+        source.report_to(Arc::clone(&status));
+        pipeline.report_to(status);
+    }
+    if let Some(recent) = observers.recent {
+        pipeline.keep_recent(recent);
+    }
     let labels = match (config.kafka.topics.labels(), labels) {
         (Some(topic), Some(store)) => Some(
             LabelsConsumer::start(&config.kafka, topic, store, shutdown.clone()).map_err(|e| {

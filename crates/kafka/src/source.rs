@@ -8,17 +8,17 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use metrics::Counter;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use riskstream_common::{KafkaConfig, Position, RawBatch};
 use riskstream_pipeline::source::now_ms;
-use riskstream_pipeline::{Source, SourceError, SourceState};
+use riskstream_pipeline::{Source, SourceError, SourceState, StatusBoard};
 
 use crate::acks::DeliveryTracker;
 use crate::{client_config, Role};
@@ -33,9 +33,49 @@ pub struct SourceContext {
     rebalanced: AtomicBool,
     /// While set, newly assigned partitions are paused too.
     paused: AtomicBool,
+    /// Where positions and lag go (from librdkafka's statistics, once a second).
+    status: OnceLock<Arc<StatusBoard>>,
 }
 
-impl ClientContext for SourceContext {}
+impl ClientContext for SourceContext {
+    /// librdkafka's statistics (`statistics.interval.ms`): positions, end offsets and lag per
+    /// partition, into the consumer lag gauge and the status board.
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        let known = |offset: i64| Some(offset).filter(|o| *o >= 0);
+        let mut seen = Vec::new();
+        for (&id, p) in &topic.partitions {
+            // -1 is librdkafka's internal unassigned partition; unowned ones report nothing new.
+            if id < 0 || !p.desired {
+                continue;
+            }
+            let position = known(p.app_offset).or(known(p.committed_offset));
+            let high = known(p.hi_offset);
+            let lag = match (high, position) {
+                (Some(high), Some(position)) => Some((high - position).max(0)),
+                _ => known(p.consumer_lag),
+            };
+            if let Some(lag) = lag {
+                metrics::gauge!("riskstream_consumer_lag", "topic" => self.topic.clone(), "partition" => id.to_string())
+                    .set(lag as f64);
+            }
+            seen.push((id, position, known(p.committed_offset), high, lag));
+        }
+        if let Some(status) = self.status.get() {
+            status.update(|s| {
+                for (id, position, committed, high, lag) in seen {
+                    let partition = s.partitions.entry(id).or_default();
+                    partition.position = position;
+                    partition.committed = committed;
+                    partition.high_watermark = high;
+                    partition.lag = lag;
+                }
+            });
+        }
+    }
+}
 
 impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -187,14 +227,18 @@ impl KafkaSource {
             assigned: Mutex::new(Vec::new()),
             rebalanced: AtomicBool::new(false),
             paused: AtomicBool::new(false),
+            status: OnceLock::new(),
         };
         let stream_error = |e: KafkaError| SourceError::Stream {
             name: topic.clone(),
             message: e.to_string(),
         };
-        let consumer: BaseConsumer<SourceContext> = client_config(config, Role::Consumer)
-            .create_with_context(context)
-            .map_err(stream_error)?;
+        let mut client = client_config(config, Role::Consumer);
+        if client.get("statistics.interval.ms").is_none() {
+            client.set("statistics.interval.ms", "1000");
+        }
+        let consumer: BaseConsumer<SourceContext> =
+            client.create_with_context(context).map_err(stream_error)?;
         match assignment {
             Assignment::Group => consumer.subscribe(&[&topic]).map_err(stream_error)?,
             Assignment::Fixed(partitions) => {
@@ -230,6 +274,11 @@ impl KafkaSource {
             owned: BTreeSet::new(),
             at_end: BTreeSet::new(),
         })
+    }
+
+    /// Reports positions and lag per partition to `status` (once a second).
+    pub fn report_to(&self, status: Arc<StatusBoard>) {
+        let _ = self.consumer.context().status.set(status);
     }
 
     /// The underlying consumer (lag and position queries).

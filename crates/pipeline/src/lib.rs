@@ -10,6 +10,7 @@
 
 pub mod sink;
 pub mod source;
+pub mod status;
 pub mod verdict;
 
 use std::collections::BTreeMap;
@@ -29,6 +30,7 @@ use riskstream_time::{Rejection, TimeStage};
 
 pub use sink::{JsonLinesSink, Sink, SinkError};
 pub use source::{JsonLinesSource, Source, SourceError, SourceState};
+pub use status::{PartitionStatus, PipelineStatus, RecentEvents, StatusBoard};
 pub use verdict::{TimeFlags, VerdictBatch};
 
 /// Why the pipeline stopped.
@@ -85,6 +87,10 @@ pub struct Pipeline {
     rules: Arc<RuleTable>,
     metrics: PipelineMetrics,
     last_eviction: Option<i64>,
+    /// Where progress is reported (admin API), when anyone reads it.
+    status: Option<Arc<StatusBoard>>,
+    /// Recently scored events for backtests, when kept.
+    recent: Option<Arc<RecentEvents>>,
     /// Processing time of the last state flush.
     last_flush: Option<i64>,
     flush_interval_ms: i64,
@@ -113,19 +119,27 @@ impl std::fmt::Debug for Pipeline {
 }
 
 struct PipelineMetrics {
-    scored: Counter,
-    late: Counter,
+    source: String,
+    /// `riskstream_events_total{topic, partition, outcome}` per partition seen: scored, late,
+    /// dead-lettered.
+    events: Vec<(i32, [Counter; 3])>,
     dead: Vec<(DeadReason, Counter)>,
     decisions: [Counter; 3],
     latency: metrics::Histogram,
+    watermark_lag: metrics::Gauge,
+    flushes: metrics::Histogram,
 }
+
+/// Outcomes of `riskstream_events_total`, in the order of [`PipelineMetrics::events`].
+const OUTCOMES: [&str; 3] = ["scored", "late", "dlq"];
 
 impl PipelineMetrics {
     fn new(source: &str) -> Self {
         let source = source.to_string();
         Self {
-            scored: metrics::counter!("riskstream_events_total", "source" => source.clone(), "outcome" => "scored"),
-            late: metrics::counter!("riskstream_events_total", "source" => source.clone(), "outcome" => "late"),
+            events: Vec::new(),
+            watermark_lag: metrics::gauge!("riskstream_watermark_lag_seconds"),
+            flushes: metrics::histogram!("riskstream_state_flush_seconds"),
             dead: DeadReason::ALL
                 .iter()
                 .map(|r| {
@@ -139,6 +153,53 @@ impl PipelineMetrics {
                 metrics::counter!("riskstream_verdicts_total", "decision" => d.as_str())
             }),
             latency: metrics::histogram!("riskstream_event_to_verdict_seconds"),
+            source,
+        }
+    }
+
+    /// Counts one batch's events by partition and outcome: `rows` scored, `late` and `dead`
+    /// (record indexes into `raw`).
+    fn count_events(
+        &mut self,
+        raw: &RawBatch,
+        rows: &[u32],
+        late: &[DeadLetter],
+        dead: &[DeadLetter],
+    ) {
+        let mut counts: Vec<(i32, [u64; 3])> = Vec::new();
+        let records = rows
+            .iter()
+            .map(|&r| (r as usize, 0))
+            .chain(late.iter().map(|d| (d.record, 1)))
+            .chain(dead.iter().map(|d| (d.record, 2)));
+        for (record, outcome) in records {
+            let partition = raw.position(record).partition;
+            match counts.iter_mut().find(|(p, _)| *p == partition) {
+                Some((_, c)) => c[outcome] += 1,
+                None => {
+                    let mut c = [0; 3];
+                    c[outcome] = 1;
+                    counts.push((partition, c));
+                }
+            }
+        }
+        for (partition, c) in counts {
+            let counters = match self.events.iter().position(|(p, _)| *p == partition) {
+                Some(i) => &self.events[i].1,
+                None => {
+                    let topic = self.source.clone();
+                    let counters = OUTCOMES.map(|outcome| {
+                        metrics::counter!("riskstream_events_total", "topic" => topic.clone(), "partition" => partition.to_string(), "outcome" => outcome)
+                    });
+                    self.events.push((partition, counters));
+                    &self.events[self.events.len() - 1].1
+                }
+            };
+            for (counter, n) in counters.iter().zip(c) {
+                if n > 0 {
+                    counter.increment(n);
+                }
+            }
         }
     }
 }
@@ -188,10 +249,23 @@ impl Pipeline {
             rules,
             metrics: PipelineMetrics::new(source_name),
             last_eviction: None,
+            status: None,
+            recent: None,
             last_flush: None,
             flush_interval_ms: config.state.flush_interval.as_millis() as i64,
             _temp_state: temp,
         })
+    }
+
+    /// Reports progress to `status` after every batch; marks the state restored.
+    pub fn report_to(&mut self, status: Arc<StatusBoard>) {
+        status.update(|s| s.state_restored = true);
+        self.status = Some(status);
+    }
+
+    /// Keeps recently scored events, with their feature values, in `recent` (for backtests).
+    pub fn keep_recent(&mut self, recent: Arc<RecentEvents>) {
+        self.recent = Some(recent);
     }
 
     /// The time stage (watermarks per partition).
@@ -234,6 +308,7 @@ impl Pipeline {
         out.dead = decoded.dead;
         if decoded.batch.num_rows() == 0 {
             self.count_dead(&out.dead);
+            self.metrics.count_events(raw, &[], &[], &out.dead);
             return Ok(());
         }
 
@@ -263,6 +338,7 @@ impl Pipeline {
             corrected,
         } = self.apply_time(decoded.batch, decoded.rows, assignment, out)?;
         self.count_dead(&out.dead);
+        self.metrics.count_events(raw, &rows, &out.late, &out.dead);
         if events.num_rows() == 0 {
             return Ok(());
         }
@@ -274,6 +350,9 @@ impl Pipeline {
             .compute(&bundle, &events, &event_time, horizon)?;
         self.features.end_batch()?;
         let evaluated = bundle.evaluate(&with_features)?;
+        if let Some(recent) = &self.recent {
+            recent.push(&with_features, &bundle);
+        }
         let processed_at = source::now_ms();
         verdict::encode(
             &mut out.verdicts,
@@ -295,12 +374,12 @@ impl Pipeline {
         for (count, counter) in out.decisions.iter().zip(&self.metrics.decisions) {
             counter.increment(*count);
         }
-        self.metrics.scored.increment(rows.len() as u64);
         for &row in &rows {
             let ms = (processed_at - raw.ingest_ms(row as usize)).max(0);
             self.metrics.latency.record(ms as f64 / 1000.0);
         }
         out.rules_version = bundle.version();
+        self.report(out, rows.len(), now_ms);
         self.evict(&bundle, now_ms)?;
         match self.last_flush {
             // Applied in the background; scoring goes on. While the last one is still being
@@ -313,6 +392,47 @@ impl Pipeline {
             None => self.last_flush = Some(now_ms),
         }
         Ok(())
+    }
+
+    /// Records in the status board that `partitions` were assigned (or revoked).
+    fn report_partitions(&self, partitions: &[i32], assigned: bool) {
+        if let Some(status) = &self.status {
+            status.update(|s| {
+                for &p in partitions {
+                    let partition = s.partitions.entry(p).or_default();
+                    partition.assigned = assigned;
+                    if !assigned {
+                        partition.watermark_ms = None;
+                    }
+                }
+            });
+        }
+    }
+
+    /// Updates the status board (when one is attached) and the watermark lag after a batch.
+    fn report(&self, out: &Processed, events: usize, now_ms: i64) {
+        let watermark = self.time.watermark(now_ms);
+        if let Some(wm) = watermark {
+            self.metrics
+                .watermark_lag
+                .set((now_ms - wm).max(0) as f64 / 1000.0);
+        }
+        let Some(status) = &self.status else {
+            return;
+        };
+        status.update(|s| {
+            s.rules_version = out.rules_version;
+            s.batches += 1;
+            s.events += events as u64;
+            s.verdicts += out.verdicts.len() as u64;
+            s.watermark_ms = watermark;
+            s.watermark_lag_ms = watermark.map(|wm| (now_ms - wm).max(0));
+            s.last_batch_at_ms = Some(now_ms);
+            s.last_state_flush_at_ms = self.last_flush;
+            for (partition, wm) in self.time.partition_watermarks() {
+                s.partitions.entry(partition).or_default().watermark_ms = Some(wm);
+            }
+        });
     }
 
     /// Writes the feature state changed since the last flush and the partitions' progress to
@@ -338,7 +458,10 @@ impl Pipeline {
             .iter()
             .map(|(k, v)| (k.as_slice(), v.as_slice()))
             .collect();
+        let _span = tracing::info_span!("state_flush", partitions = meta.len()).entered();
+        let started = Instant::now();
         self.features.flush(&meta)?;
+        self.metrics.flushes.record(started.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -392,7 +515,6 @@ impl Pipeline {
             }
         }
         out.dead.sort_by_key(|d| d.record);
-        self.metrics.late.increment(out.late.len() as u64);
         timed.batch = filter_record_batch(&timed.batch, &BooleanArray::from(keep.clone()))
             .map_err(ScoreError::from)?;
         retain_kept(&mut timed.rows, &keep);
@@ -614,21 +736,30 @@ pub fn run(
                         (raw, batch)
                     }
                     Input::Revoked(partitions) => {
-                        for p in partitions {
+                        for &p in &partitions {
                             pipeline.time.remove_partition(p);
                         }
+                        pipeline.report_partitions(&partitions, false);
                         continue;
                     }
                     Input::Assigned(partitions) => {
                         let now = source::now_ms();
-                        for p in partitions {
+                        for &p in &partitions {
                             pipeline.time.add_partition(p, now);
                         }
+                        pipeline.report_partitions(&partitions, true);
                         continue;
                     }
                 };
                 let mut out = Processed::default();
+                let span = tracing::info_span!(
+                    "batch",
+                    events = raw.len(),
+                    rules_version = tracing::field::Empty
+                );
+                let _entered = span.enter();
                 pipeline.process_decoded(&raw, batch, &mut out, source::now_ms())?;
+                span.record("rules_version", out.rules_version);
                 summary.add(&raw, &out);
                 if to_write.send((raw, out)).is_err() {
                     // The writer stopped (its error is reported): keep the stored state at the

@@ -1,0 +1,678 @@
+//! The admin HTTP API (axum): health, readiness, Prometheus metrics, status, rule bundles
+//! (read, validate, update with `If-Match`, versions, rollback) and backtests.
+//!
+//! Rule updates go through the control topic ([`RulesControl`]): a `PUT` validates, publishes
+//! and answers once this instance runs the new version (or with 409 when another update got
+//! there first). Mutating endpoints take a bearer token when one is configured; bodies are
+//! size-limited; every error is JSON with a message a person can act on.
+//!
+//! What it must not do: score events, touch feature state, or block its runtime (publishing,
+//! compiling and backtests run on blocking threads).
+
+pub mod backtest;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use riskstream_common::Secret;
+use riskstream_kafka::{LabelStore, Outcome, RulesControl, RulesVersion};
+use riskstream_pipeline::{RecentEvents, StatusBoard};
+use riskstream_rules::{BundleError, Problem};
+use serde::Serialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+/// The committed OpenAPI document of this API, served at `/api/v1/openapi.yaml`.
+pub const OPENAPI: &str = include_str!("../openapi.yaml");
+
+/// Everything the handlers read.
+#[derive(Clone)]
+pub struct AdminState {
+    pub control: Arc<RulesControl>,
+    pub status: Arc<StatusBoard>,
+    pub recent: Arc<RecentEvents>,
+    pub labels: Option<Arc<LabelStore>>,
+    pub metrics: Option<PrometheusHandle>,
+    pub token: Option<Secret>,
+    pub instance: String,
+    /// The event id field (labels are looked up by it).
+    pub event_id: String,
+    /// How long a rules update waits for the control topic.
+    pub publish_timeout: Duration,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState")
+            .field("instance", &self.instance)
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The API's routes over `state`; bodies above `max_body_bytes` get 413.
+pub fn router(state: AdminState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/api/v1/openapi.yaml", get(openapi))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/rules", get(rules).put(put_rules))
+        .route("/api/v1/rules/validate", post(validate))
+        .route("/api/v1/rules/versions", get(versions))
+        .route("/api/v1/rules/versions/{version}", get(version))
+        .route("/api/v1/rules/rollback/{version}", post(rollback))
+        .route("/api/v1/rules/backtest", post(backtest::handle))
+        .route("/api/v1/checkpoints", get(checkpoints).post(checkpoints))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+/// The admin API running on its own thread and runtime.
+#[derive(Debug)]
+pub struct AdminServer {
+    address: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The admin API could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot listen on {address} (admin.listen): {source}")]
+    Listen {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the admin API's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl AdminServer {
+    /// Binds `listen` and serves `router` until dropped.
+    pub fn start(listen: &str, router: Router) -> Result<Self, AdminError> {
+        let listen_error = |source| AdminError::Listen {
+            address: listen.to_string(),
+            source,
+        };
+        let std_listener = std::net::TcpListener::bind(listen).map_err(listen_error)?;
+        std_listener.set_nonblocking(true).map_err(listen_error)?;
+        let address = std_listener.local_addr().map_err(listen_error)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(8)
+            .thread_name("admin")
+            .enable_all()
+            .build()
+            .map_err(AdminError::Runtime)?;
+        let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
+        let listener = {
+            let _guard = runtime.enter();
+            tokio::net::TcpListener::from_std(std_listener).map_err(listen_error)?
+        };
+        let thread = std::thread::Builder::new()
+            .name("admin-api".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let served = axum::serve(listener, router)
+                        .with_graceful_shutdown(async {
+                            let _ = stopped.await;
+                        })
+                        .await;
+                    if let Err(e) = served {
+                        tracing::error!(error = %e, "admin API stopped");
+                    }
+                });
+            })
+            .map_err(AdminError::Runtime)?;
+        tracing::info!(%address, "admin API listening");
+        Ok(Self {
+            address,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// An error answer: `{"error": code, "message": …, "problems": [...]?, …}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            extra: serde_json::Map::new(),
+        }
+    }
+
+    fn with(mut self, key: &str, value: impl Serialize) -> Self {
+        if let Ok(value) = serde_json::to_value(value) {
+            self.extra.insert(key.to_string(), value);
+        }
+        self
+    }
+
+    /// 422 listing every problem of a rejected bundle (each naming its rule or feature).
+    pub fn bundle(error: &BundleError) -> Self {
+        let first = error
+            .problems
+            .first()
+            .map(Problem::to_string)
+            .unwrap_or_default();
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_bundle",
+            format!(
+                "rule bundle rejected ({} problem{}): {first}",
+                error.problems.len(),
+                if error.problems.len() == 1 { "" } else { "s" }
+            ),
+        )
+        .with("problems", &error.problems)
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = serde_json::Map::new();
+        body.insert("error".into(), self.code.into());
+        body.insert("message".into(), self.message.into());
+        body.extend(self.extra);
+        (self.status, Json(serde_json::Value::Object(body))).into_response()
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                status,
+                "body_too_large",
+                "request body exceeds admin.max_body_bytes; split the bundle or raise the limit",
+            )
+        } else {
+            ApiError::new(status, "bad_body", rejection.body_text())
+        }
+    }
+}
+
+/// Requires `Authorization: Bearer <token>` on every mutating request when a token is set.
+async fn authorize(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    let mutating = !matches!(*request.method(), Method::GET | Method::HEAD);
+    if let (true, Some(token)) = (mutating, &state.token) {
+        let offered = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // Constant time over the bytes (a different length answers at once; the length of
+        // the token is not the secret).
+        let matches: bool = offered.as_bytes().ct_eq(token.expose().as_bytes()).into();
+        if !matches {
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this endpoint changes the running system: send `Authorization: Bearer <token>` with the token configured in admin.token or admin.token_file",
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// 200 once state is restored, partitions are assigned and rules are loaded; 503 with what is
+/// missing otherwise.
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let snapshot = state.status.snapshot();
+    let mut waiting = Vec::new();
+    if !snapshot.state_restored {
+        waiting.push("feature state is not restored yet");
+    }
+    if !snapshot.partitions.values().any(|p| p.assigned) {
+        waiting.push("no source partition is assigned yet");
+    }
+    // Rules: the control topic was read before the API started, so a version always runs.
+    let rules_version = state.control.version();
+    if waiting.is_empty() {
+        Json(json!({"status": "ready", "rules_version": rules_version})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_ready", "waiting_for": waiting, "rules_version": rules_version})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics_text(State(state): State<AdminState>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            )],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "metrics_disabled",
+            "this instance runs without the Prometheus recorder",
+        )
+        .into_response(),
+    }
+}
+
+async fn openapi() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/yaml"),
+        )],
+        OPENAPI,
+    )
+        .into_response()
+}
+
+async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    let version = state.control.version();
+    let published = state.control.get(version);
+    Json(json!({
+        "instance": state.instance,
+        "rules": {
+            "version": version,
+            "published_at_ms": published.as_ref().map(|v| v.published_at),
+            "origin": published.as_ref().map(|v| v.origin.clone()),
+            "versions": state.control.versions().len(),
+        },
+        "pipeline": state.status.snapshot(),
+        "backtest_buffer_events": state.recent.len(),
+        // Checkpoints are not implemented yet (state is flushed to RocksDB, not checkpointed).
+        "last_checkpoint": null,
+    }))
+}
+
+#[derive(Serialize)]
+struct VersionSummary {
+    version: u64,
+    published_at_ms: i64,
+    origin: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    comment: Option<String>,
+}
+
+impl From<&RulesVersion> for VersionSummary {
+    fn from(v: &RulesVersion) -> Self {
+        Self {
+            version: v.version,
+            published_at_ms: v.published_at,
+            origin: v.origin.clone(),
+            comment: v.comment.clone(),
+        }
+    }
+}
+
+/// A version in full: its summary, the document as submitted and as parsed.
+fn version_body(control: &RulesControl, v: &RulesVersion) -> serde_json::Value {
+    let document = control
+        .compiler()
+        .compile_text(&v.bundle, v.version)
+        .ok()
+        .and_then(|c| serde_json::to_value(c.doc()).ok());
+    json!({
+        "version": v.version,
+        "published_at_ms": v.published_at,
+        "origin": v.origin,
+        "comment": v.comment,
+        "bundle": v.bundle,
+        "document": document,
+    })
+}
+
+fn etag(version: u64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or(HeaderValue::from_static("\"0\""))
+}
+
+async fn rules(State(state): State<AdminState>) -> Result<Response, ApiError> {
+    let control = Arc::clone(&state.control);
+    blocking(move || {
+        let version = control.version();
+        let v = control.get(version).ok_or_else(|| {
+            ApiError::internal(format!("running version {version} is not in the history"))
+        })?;
+        let mut response = Json(version_body(&control, &v)).into_response();
+        response.headers_mut().insert(header::ETAG, etag(version));
+        Ok(response)
+    })
+    .await
+}
+
+async fn versions(State(state): State<AdminState>) -> Json<serde_json::Value> {
+    let versions: Vec<VersionSummary> = state
+        .control
+        .versions()
+        .iter()
+        .map(|v| VersionSummary::from(v.as_ref()))
+        .collect();
+    Json(json!({"current": state.control.version(), "versions": versions}))
+}
+
+async fn version(
+    State(state): State<AdminState>,
+    Path(number): Path<u64>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let control = Arc::clone(&state.control);
+    blocking(move || match control.get(number) {
+        Some(v) => Ok(Json(version_body(&control, &v))),
+        None => Err(unknown_version(number, control.version())),
+    })
+    .await
+}
+
+fn unknown_version(number: u64, current: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "unknown_version",
+        format!("rules version {number} does not exist; versions run from 1 to {current} (GET /api/v1/rules/versions)"),
+    )
+}
+
+/// The bundle text of a request body.
+fn bundle_text(body: Result<Bytes, BytesRejection>) -> Result<String, ApiError> {
+    let body = body?;
+    String::from_utf8(body.to_vec()).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            format!("the rule bundle must be UTF-8 YAML or JSON: {e}"),
+        )
+    })
+}
+
+/// The version named by `If-Match` (`"3"`, `3` or `W/"3"`).
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or("").trim();
+    let text = text.strip_prefix("W/").unwrap_or(text).trim_matches('"');
+    text.parse::<u64>().map(Some).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_if_match",
+            format!("If-Match must name the rules version the update replaces (e.g. `If-Match: \"3\"`), not `{text}`"),
+        )
+    })
+}
+
+async fn validate(
+    State(state): State<AdminState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let text = bundle_text(body)?;
+    let control = Arc::clone(&state.control);
+    blocking(move || match control.validate(&text) {
+        Ok(compiled) => Ok(Json(json!({
+            "valid": true,
+            "rules": compiled.doc().rules.len(),
+            "features": compiled.doc().features.len(),
+        }))),
+        Err(e) => Err(ApiError::bundle(&e)),
+    })
+    .await
+}
+
+async fn put_rules(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let text = bundle_text(body)?;
+    let Some(expected) = if_match(&headers)? else {
+        return Err(ApiError::new(
+            StatusCode::PRECONDITION_REQUIRED,
+            "if_match_required",
+            format!(
+                "send `If-Match: \"{}\"` (the version you are replacing, see GET /api/v1/rules) so that concurrent edits cannot overwrite each other",
+                state.control.version()
+            ),
+        ));
+    };
+    let comment = headers
+        .get("x-rules-comment")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    publish(&state, text, expected, comment).await
+}
+
+async fn rollback(
+    State(state): State<AdminState>,
+    Path(number): Path<u64>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Some(old) = state.control.get(number) else {
+        return Err(unknown_version(number, state.control.version()));
+    };
+    let expected = if_match(&headers)?.unwrap_or_else(|| state.control.version());
+    let comment = Some(format!("rollback to version {number}"));
+    publish(&state, old.bundle.clone(), expected, comment).await
+}
+
+/// Validates `text`, publishes it to replace `expected` and answers with the outcome.
+async fn publish(
+    state: &AdminState,
+    text: String,
+    expected: u64,
+    comment: Option<String>,
+) -> Result<Response, ApiError> {
+    let control = Arc::clone(&state.control);
+    let timeout = state.publish_timeout;
+    blocking(move || {
+        let current = control.version();
+        if expected != current {
+            return Err(conflict(expected, current));
+        }
+        let compiled = control.validate(&text).map_err(|e| ApiError::bundle(&e))?;
+        drop(compiled);
+        let outcome = control
+            .publish(&text, expected, comment, timeout)
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "control_topic",
+                    e.to_string(),
+                )
+            })?;
+        match outcome {
+            Outcome::Applied(version) => {
+                let mut response =
+                    Json(json!({"version": version, "replaced": expected})).into_response();
+                response.headers_mut().insert(header::ETAG, etag(version));
+                Ok(response)
+            }
+            Outcome::Conflict { expected, current } => Err(conflict(expected, current)),
+            Outcome::Rejected(e) => Err(ApiError::bundle(&e)),
+        }
+    })
+    .await
+}
+
+fn conflict(expected: u64, current: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "stale_version",
+        format!("the update replaces version {expected}, but version {current} is running now; GET /api/v1/rules, reapply your change to it and send If-Match: \"{current}\""),
+    )
+    .with("expected", expected)
+    .with("current", current)
+}
+
+async fn checkpoints() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "not_implemented",
+        "checkpoints are not implemented yet: feature state is written to the state directory every state.flush_interval and at shutdown",
+    )
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no endpoint {method} {uri}; see GET /api/v1/openapi.yaml"),
+    )
+}
+
+/// Runs `f` where blocking is allowed.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("request handler failed: {e}")))?
+}
+
+/// An instance's control plane: the control topic follower, the status board and recent-event
+/// buffer the pipeline reports to, and the admin API serving them.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub control: Arc<RulesControl>,
+    pub status: Arc<StatusBoard>,
+    pub recent: Arc<RecentEvents>,
+    server: AdminServer,
+}
+
+/// The control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlPlaneError {
+    #[error(transparent)]
+    Control(#[from] riskstream_kafka::ControlError),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error(transparent)]
+    Config(#[from] riskstream_common::ConfigError),
+    #[error(transparent)]
+    Schema(#[from] riskstream_common::SchemaError),
+}
+
+impl ControlPlane {
+    /// Reads the control topic (seeding it with `seed` when empty), then serves the admin API
+    /// on `admin.listen`. Returns once the newest bundle runs: score with
+    /// [`RulesControl::table`] and report to [`Self::observers`].
+    pub fn start(
+        config: &riskstream_common::Config,
+        seed: Option<&str>,
+        labels: Option<Arc<LabelStore>>,
+        metrics: Option<PrometheusHandle>,
+    ) -> Result<Self, ControlPlaneError> {
+        let instance = instance_id(&config.admin);
+        let compiler = riskstream_rules::RuleCompiler::new(&config.event_schema()?);
+        let control = RulesControl::start(&config.kafka, compiler, seed, &instance)?;
+        let status = Arc::new(StatusBoard::new(&config.kafka.topics.transactions));
+        let recent = Arc::new(RecentEvents::new(config.admin.backtest_events));
+        let state = AdminState {
+            control: Arc::clone(&control),
+            status: Arc::clone(&status),
+            recent: Arc::clone(&recent),
+            labels,
+            metrics,
+            token: config.admin.bearer_token()?,
+            instance,
+            event_id: config.schema.event_id.clone(),
+            publish_timeout: config.admin.publish_timeout,
+        };
+        if state.token.is_none() {
+            tracing::warn!(listen = %config.admin.listen, "no admin token configured: rule updates are open to anyone who reaches the admin API");
+        }
+        let server = AdminServer::start(
+            &config.admin.listen,
+            router(state, config.admin.max_body_bytes),
+        )?;
+        Ok(Self {
+            control,
+            status,
+            recent,
+            server,
+        })
+    }
+
+    /// The status board and recent-event buffer for the pipeline to report to.
+    pub fn observers(&self) -> riskstream_kafka::Observers {
+        riskstream_kafka::Observers {
+            status: Some(Arc::clone(&self.status)),
+            recent: Some(Arc::clone(&self.recent)),
+        }
+    }
+
+    /// Where the admin API listens.
+    pub fn address(&self) -> SocketAddr {
+        self.server.address()
+    }
+}
+
+/// `admin.instance_id`, else the host name and process id.
+fn instance_id(config: &riskstream_common::AdminConfig) -> String {
+    if !config.instance_id.is_empty() {
+        return config.instance_id.clone();
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "riskstream".into());
+    format!("{host}-{}", std::process::id())
+}

@@ -1,0 +1,658 @@
+//! The control topic: the one source of truth for rule bundles across a deployment.
+//!
+//! Every update is a record on the single-partition, compacted `kafka.topics.rules` topic:
+//! `{version, replaces, request_id, origin, published_at, comment, bundle}`. Every instance
+//! consumes the topic from its start and applies the records in log order with the same rule:
+//! a record applies when it `replaces` the version running at that point of the log and its
+//! bundle compiles; otherwise it is a conflict (or a rejection) and changes nothing. Because all
+//! instances read the same log and decide alike, they agree on every version, and two updates
+//! naming the same `If-Match` can never both win: the log orders them and only the first
+//! replaces the version it names.
+//!
+//! [`RulesControl::start`] reads the topic to its end before it returns (seeding it with a given
+//! bundle when it is empty), so an instance scores nothing before it runs the newest bundle.
+//! A follower thread then applies new records as they arrive and swaps the [`RuleTable`].
+//! [`RulesControl::publish`] appends a record and waits until this instance's follower has
+//! decided it.
+//!
+//! What it must not do: apply a bundle that did not come through the topic, or block an async
+//! runtime (every call that waits is blocking; run it where blocking is allowed).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Gauge};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use riskstream_common::KafkaConfig;
+use riskstream_rules::{BundleError, CompiledBundle, RuleCompiler, RuleTable};
+use serde::{Deserialize, Serialize};
+
+use crate::{client_config, Role};
+
+/// The control topic could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("control topic {topic}: {message}")]
+    Kafka { topic: String, message: String },
+    #[error("control topic {topic} has {partitions} partitions; it must have exactly 1 (the log order decides between concurrent updates)")]
+    Partitions { topic: String, partitions: usize },
+    #[error("control topic {topic} holds no rule bundle and none was given to seed it")]
+    Empty { topic: String },
+    #[error("the bundle seeding control topic {topic} was rejected: {source}")]
+    Seed {
+        topic: String,
+        #[source]
+        source: BundleError,
+    },
+    #[error("control topic {topic} did not confirm the update within {timeout:?}; it may still apply (check GET /api/v1/rules)")]
+    Timeout { topic: String, timeout: Duration },
+    #[error("rules control is shutting down")]
+    Closed,
+}
+
+/// One record of the control topic.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ControlRecord {
+    /// The version this record becomes when it applies (`replaces + 1`).
+    version: u64,
+    /// The version it must replace to apply.
+    replaces: u64,
+    request_id: String,
+    origin: String,
+    /// Milliseconds since the epoch.
+    published_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    comment: Option<String>,
+    /// The bundle document (YAML or JSON text), as submitted.
+    bundle: String,
+}
+
+/// A version that applied: the bundle text and where it came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct RulesVersion {
+    pub version: u64,
+    /// Milliseconds since the epoch, by the publishing instance's clock.
+    pub published_at: i64,
+    /// The instance that published it.
+    pub origin: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// The bundle document as submitted.
+    pub bundle: String,
+    /// Offset of its record in the control topic.
+    pub offset: i64,
+}
+
+/// What became of a published update.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// It is now the running version.
+    Applied(u64),
+    /// It named a version that was no longer running; nothing changed.
+    Conflict { expected: u64, current: u64 },
+    /// Its bundle did not compile here; nothing changed.
+    Rejected(BundleError),
+}
+
+struct Shared {
+    topic: String,
+    table: Arc<RuleTable>,
+    compiler: RuleCompiler,
+    versions: Mutex<BTreeMap<u64, Arc<RulesVersion>>>,
+    waiters: Mutex<HashMap<String, mpsc::Sender<Outcome>>>,
+    metrics: ControlMetrics,
+}
+
+struct ControlMetrics {
+    version: Gauge,
+    applied: Counter,
+    conflicts: Counter,
+    rejected: Counter,
+    invalid: Counter,
+}
+
+impl ControlMetrics {
+    fn new() -> Self {
+        Self {
+            version: metrics::gauge!("riskstream_rules_version"),
+            applied: metrics::counter!("riskstream_rules_reloads_total", "outcome" => "applied"),
+            conflicts: metrics::counter!("riskstream_rules_reloads_total", "outcome" => "conflict"),
+            rejected: metrics::counter!("riskstream_rules_reloads_total", "outcome" => "rejected"),
+            invalid: metrics::counter!("riskstream_rules_reloads_total", "outcome" => "invalid_record"),
+        }
+    }
+}
+
+/// This instance's view of the control topic: the rule table it feeds, every applied version,
+/// and the producer that publishes updates.
+pub struct RulesControl {
+    shared: Arc<Shared>,
+    producer: ThreadedProducer<DefaultProducerContext>,
+    origin: String,
+    sequence: AtomicU64,
+    shutdown: Arc<AtomicBool>,
+    follower: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for RulesControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RulesControl")
+            .field("topic", &self.shared.topic)
+            .field("version", &self.version())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long one poll of the control topic waits.
+const POLL: Duration = Duration::from_millis(50);
+/// How often a start that cannot reach the broker says so.
+const STARTUP_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl RulesControl {
+    /// Creates the control topic if it is missing, reads it to its end, seeds it with `seed`
+    /// (a bundle document) when it holds no version, and starts following it. Waits for the
+    /// broker as long as it takes (logging every few seconds); returns once the newest bundle
+    /// runs. `origin` names this instance in the versions it publishes.
+    pub fn start(
+        config: &KafkaConfig,
+        compiler: RuleCompiler,
+        seed: Option<&str>,
+        origin: &str,
+    ) -> Result<Arc<Self>, ControlError> {
+        let topic = config.topics.rules.clone();
+        let kafka_error = |e: rdkafka::error::KafkaError| ControlError::Kafka {
+            topic: topic.clone(),
+            message: e.to_string(),
+        };
+        let mut consumer_config = client_config(config, Role::Consumer);
+        consumer_config
+            .set("group.id", format!("{}-rules-{origin}", config.group_id))
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "10");
+        let consumer: BaseConsumer = consumer_config.create().map_err(kafka_error)?;
+        let mut partition = TopicPartitionList::new();
+        partition
+            .add_partition_offset(&topic, 0, Offset::Beginning)
+            .map_err(kafka_error)?;
+        if topic_missing(&consumer, &topic) {
+            create_topic(config, &topic);
+        }
+        let end = wait_for_end(&consumer, &topic)?;
+        consumer.assign(&partition).map_err(kafka_error)?;
+
+        let mut producer_config: ClientConfig = client_config(config, Role::Producer);
+        producer_config
+            .set("linger.ms", "0")
+            .set("compression.type", "none")
+            .set("message.timeout.ms", "30000");
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            producer_config.create().map_err(kafka_error)?;
+
+        // Read what is there, deciding each record as the follower will.
+        let mut log = Log::default();
+        let mut compiled = None;
+        while log.next_offset < end {
+            if let Some(message) = poll(&consumer, &topic)? {
+                log.next_offset = message.offset() + 1;
+                if let Some(done) = log.decide(&compiler, message.payload(), message.offset()) {
+                    compiled = Some(done);
+                }
+            }
+        }
+        let control_seed = match (&compiled, seed) {
+            (None, Some(seed)) => Some(seed),
+            (None, None) => return Err(ControlError::Empty { topic }),
+            (Some(_), _) => None,
+        };
+        let sequence = AtomicU64::new(0);
+        if let Some(seed) = control_seed {
+            // Another instance may seed at the same moment: whichever record comes first in
+            // the log applies, and this one then runs that bundle instead.
+            let request_id = format!("{origin}-seed-{}", now_ms());
+            let record = ControlRecord {
+                version: 1,
+                replaces: 0,
+                request_id: request_id.clone(),
+                origin: origin.to_string(),
+                published_at: now_ms(),
+                comment: Some("seeded from the bundle given at start".into()),
+                bundle: seed.to_string(),
+            };
+            send(&producer, &topic, &record)?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !log.seen.contains_key(&request_id) {
+                if Instant::now() > deadline {
+                    return Err(ControlError::Timeout {
+                        topic,
+                        timeout: Duration::from_secs(60),
+                    });
+                }
+                if let Some(message) = poll(&consumer, &topic)? {
+                    log.next_offset = message.offset() + 1;
+                    if let Some(done) = log.decide(&compiler, message.payload(), message.offset()) {
+                        compiled = Some(done);
+                    }
+                }
+            }
+            if let (None, Some(Outcome::Rejected(source))) = (&compiled, log.seen.get(&request_id))
+            {
+                return Err(ControlError::Seed {
+                    topic,
+                    source: source.clone(),
+                });
+            }
+        }
+        let Some(compiled) = compiled else {
+            return Err(ControlError::Empty { topic });
+        };
+        tracing::info!(%topic, version = compiled.version(), versions = log.versions.len(), "rules loaded from the control topic");
+        let metrics = ControlMetrics::new();
+        metrics.version.set(compiled.version() as f64);
+        let shared = Arc::new(Shared {
+            topic: topic.clone(),
+            table: Arc::new(RuleTable::new(compiled)),
+            compiler,
+            versions: Mutex::new(log.versions),
+            waiters: Mutex::new(HashMap::new()),
+            metrics,
+        });
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let follower = {
+            let shared = Arc::clone(&shared);
+            let shutdown = Arc::clone(&shutdown);
+            std::thread::Builder::new()
+                .name("rules-control".into())
+                .spawn(move || follow(&shared, &consumer, &shutdown))
+                .map_err(|e| ControlError::Kafka {
+                    topic: topic.clone(),
+                    message: format!("cannot start the follower thread: {e}"),
+                })?
+        };
+        Ok(Arc::new(Self {
+            shared,
+            producer,
+            origin: origin.to_string(),
+            sequence,
+            shutdown,
+            follower: Mutex::new(Some(follower)),
+        }))
+    }
+
+    /// The rule table this control feeds: hand it to the pipeline.
+    pub fn table(&self) -> Arc<RuleTable> {
+        Arc::clone(&self.shared.table)
+    }
+
+    /// The running version.
+    pub fn version(&self) -> u64 {
+        self.shared.table.version()
+    }
+
+    /// The compiler bundles are checked with (the event schema of this deployment).
+    pub fn compiler(&self) -> &RuleCompiler {
+        &self.shared.compiler
+    }
+
+    /// Every applied version, oldest first.
+    pub fn versions(&self) -> Vec<Arc<RulesVersion>> {
+        lock(&self.shared.versions).values().cloned().collect()
+    }
+
+    /// One applied version.
+    pub fn get(&self, version: u64) -> Option<Arc<RulesVersion>> {
+        lock(&self.shared.versions).get(&version).cloned()
+    }
+
+    /// Checks `bundle` as the version after the running one, without publishing it.
+    pub fn validate(&self, bundle: &str) -> Result<CompiledBundle, BundleError> {
+        self.shared
+            .compiler
+            .compile_text(bundle, self.version() + 1)
+    }
+
+    /// Publishes `bundle` to replace version `expected` and waits (at most `timeout`) until
+    /// this instance's follower has decided it. Blocking.
+    pub fn publish(
+        &self,
+        bundle: &str,
+        expected: u64,
+        comment: Option<String>,
+        timeout: Duration,
+    ) -> Result<Outcome, ControlError> {
+        let current = self.version();
+        if expected != current {
+            // Already stale here; the log would refuse it too.
+            return Ok(Outcome::Conflict { expected, current });
+        }
+        let request_id = format!(
+            "{}-{}-{}",
+            self.origin,
+            now_ms(),
+            self.sequence.fetch_add(1, Ordering::Relaxed)
+        );
+        let (tx, rx) = mpsc::channel();
+        lock(&self.shared.waiters).insert(request_id.clone(), tx);
+        let record = ControlRecord {
+            version: expected + 1,
+            replaces: expected,
+            request_id: request_id.clone(),
+            origin: self.origin.clone(),
+            published_at: now_ms(),
+            comment,
+            bundle: bundle.to_string(),
+        };
+        let sent = send(&self.producer, &self.shared.topic, &record);
+        let outcome = sent.and_then(|()| {
+            rx.recv_timeout(timeout).map_err(|e| match e {
+                mpsc::RecvTimeoutError::Timeout => ControlError::Timeout {
+                    topic: self.shared.topic.clone(),
+                    timeout,
+                },
+                mpsc::RecvTimeoutError::Disconnected => ControlError::Closed,
+            })
+        });
+        lock(&self.shared.waiters).remove(&request_id);
+        outcome
+    }
+
+    /// Stops following the topic (the table keeps its last bundle).
+    pub fn stop(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        if let Some(thread) = lock(&self.follower).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for RulesControl {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Decisions over the log, shared by the start-up read and the follower.
+#[derive(Default)]
+struct Log {
+    versions: BTreeMap<u64, Arc<RulesVersion>>,
+    /// Outcomes by request id (start-up only: to find the seed's).
+    seen: HashMap<String, Outcome>,
+    next_offset: i64,
+}
+
+impl Log {
+    /// Decides one start-up record; returns the compiled bundle when it applied.
+    fn decide(
+        &mut self,
+        compiler: &RuleCompiler,
+        payload: Option<&[u8]>,
+        offset: i64,
+    ) -> Option<CompiledBundle> {
+        let current = self.versions.keys().next_back().copied().unwrap_or(0);
+        let (record, outcome, compiled) = match decide(compiler, current, payload, offset) {
+            Decided::Invalid => return None,
+            Decided::Conflict(record, outcome) | Decided::Rejected(record, outcome) => {
+                (record, outcome, None)
+            }
+            Decided::Applied(record, version, compiled) => {
+                self.versions.insert(version.version, Arc::new(version));
+                (
+                    record,
+                    Outcome::Applied(compiled.version()),
+                    Some(*compiled),
+                )
+            }
+        };
+        self.seen.insert(record.request_id, outcome);
+        compiled
+    }
+}
+
+enum Decided {
+    Invalid,
+    Conflict(ControlRecord, Outcome),
+    Rejected(ControlRecord, Outcome),
+    Applied(ControlRecord, RulesVersion, Box<CompiledBundle>),
+}
+
+/// The one rule every instance applies to a record, given the version running before it.
+fn decide(compiler: &RuleCompiler, current: u64, payload: Option<&[u8]>, offset: i64) -> Decided {
+    let record: ControlRecord = match payload.map(serde_json::from_slice) {
+        Some(Ok(record)) => record,
+        Some(Err(e)) => {
+            tracing::warn!(offset, error = %e, "control record is not a rules update; skipped");
+            return Decided::Invalid;
+        }
+        None => return Decided::Invalid, // a tombstone
+    };
+    if record.replaces != current || record.version != current + 1 {
+        let outcome = Outcome::Conflict {
+            expected: record.replaces,
+            current,
+        };
+        return Decided::Conflict(record, outcome);
+    }
+    match compiler.compile_text(&record.bundle, record.version) {
+        Ok(compiled) => {
+            let version = RulesVersion {
+                version: record.version,
+                published_at: record.published_at,
+                origin: record.origin.clone(),
+                comment: record.comment.clone(),
+                bundle: record.bundle.clone(),
+                offset,
+            };
+            Decided::Applied(record, version, Box::new(compiled))
+        }
+        Err(e) => {
+            tracing::warn!(offset, request = %record.request_id, error = %e, "control record rejected");
+            Decided::Rejected(record, Outcome::Rejected(e))
+        }
+    }
+}
+
+/// The follower: applies new records until `shutdown`.
+fn follow(shared: &Shared, consumer: &BaseConsumer, shutdown: &AtomicBool) {
+    while !shutdown.load(Ordering::Acquire) {
+        let message = match poll(consumer, &shared.topic) {
+            Ok(Some(message)) => message,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "control topic");
+                std::thread::sleep(POLL);
+                continue;
+            }
+        };
+        let current = shared.table.version();
+        let decided = {
+            let _span = tracing::info_span!("rules_reload", offset = message.offset()).entered();
+            decide(
+                &shared.compiler,
+                current,
+                message.payload(),
+                message.offset(),
+            )
+        };
+        let (record, outcome) = match decided {
+            Decided::Invalid => {
+                shared.metrics.invalid.increment(1);
+                continue;
+            }
+            Decided::Conflict(record, outcome) => {
+                shared.metrics.conflicts.increment(1);
+                (record, outcome)
+            }
+            Decided::Rejected(record, outcome) => {
+                shared.metrics.rejected.increment(1);
+                (record, outcome)
+            }
+            Decided::Applied(record, version, compiled) => {
+                let number = compiled.version();
+                lock(&shared.versions).insert(number, Arc::new(version));
+                if let Err(e) = shared.table.publish(Arc::from(compiled)) {
+                    // Unreachable while the log is the only writer; say so if it happens.
+                    tracing::error!(error = %e, "rule table refused a version from the control topic");
+                }
+                shared.metrics.applied.increment(1);
+                shared.metrics.version.set(number as f64);
+                tracing::info!(version = number, origin = %record.origin, "rules reloaded");
+                (record, Outcome::Applied(number))
+            }
+        };
+        if let Some(waiter) = lock(&shared.waiters).remove(&record.request_id) {
+            let _ = waiter.send(outcome);
+        }
+    }
+}
+
+/// One message of the control topic, or `None` after [`POLL`] without one.
+fn poll<'c>(
+    consumer: &'c BaseConsumer,
+    topic: &str,
+) -> Result<Option<rdkafka::message::BorrowedMessage<'c>>, ControlError> {
+    match consumer.poll(POLL) {
+        None => Ok(None),
+        Some(Ok(message)) => Ok(Some(message)),
+        Some(Err(e)) => Err(ControlError::Kafka {
+            topic: topic.to_string(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+/// The end offset of the control topic's partition, waiting for the broker as long as it takes.
+fn wait_for_end(consumer: &BaseConsumer, topic: &str) -> Result<i64, ControlError> {
+    let started = Instant::now();
+    let mut last_log = Instant::now();
+    loop {
+        match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            Ok(metadata) => {
+                let partitions = metadata
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == topic && t.error().is_none())
+                    .map(|t| t.partitions().len());
+                match partitions {
+                    Some(1) => {
+                        if let Ok((_, high)) =
+                            consumer.fetch_watermarks(topic, 0, Duration::from_secs(5))
+                        {
+                            return Ok(high);
+                        }
+                    }
+                    Some(0) | None => {}
+                    Some(partitions) => {
+                        return Err(ControlError::Partitions {
+                            topic: topic.to_string(),
+                            partitions,
+                        })
+                    }
+                }
+            }
+            Err(e) => {
+                if last_log.elapsed() >= STARTUP_LOG_EVERY {
+                    tracing::warn!(%topic, error = %e, waited = ?started.elapsed(), "waiting for the control topic");
+                    last_log = Instant::now();
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether the cluster reports `topic` as unknown (an unreachable cluster: not known yet).
+fn topic_missing(consumer: &BaseConsumer, topic: &str) -> bool {
+    consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .ok()
+        .and_then(|m| {
+            m.topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .map(|t| t.error().is_some() || t.partitions().is_empty())
+        })
+        .unwrap_or(false)
+}
+
+/// Creates the control topic (one partition, compacted). A cluster that refuses is told
+/// about in the log; the topic may have been created meanwhile or be auto-created.
+fn create_topic(config: &KafkaConfig, topic: &str) {
+    let admin: AdminClient<_> = match client_config(config, Role::Producer).create() {
+        Ok(admin) => admin,
+        Err(e) => {
+            tracing::warn!(%topic, error = %e, "cannot create an admin client to create the control topic");
+            return;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start a runtime to create the control topic");
+            return;
+        }
+    };
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+    let options = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(10)));
+    match runtime.block_on(admin.create_topics([&new], &options)) {
+        Ok(results) => {
+            for result in results {
+                match result {
+                    Ok(_) => tracing::info!(%topic, "control topic created"),
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((_, code)) => {
+                        tracing::warn!(%topic, error = %code, "cannot create the control topic")
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::warn!(%topic, error = %e, "cannot create the control topic"),
+    }
+}
+
+fn send(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    record: &ControlRecord,
+) -> Result<(), ControlError> {
+    let payload = serde_json::to_vec(record).map_err(|e| ControlError::Kafka {
+        topic: topic.to_string(),
+        message: format!("cannot encode the update: {e}"),
+    })?;
+    producer
+        .send(
+            BaseRecord::to(topic)
+                .partition(0)
+                .key(record.request_id.as_bytes())
+                .payload(&payload),
+        )
+        .map_err(|(e, _)| ControlError::Kafka {
+            topic: topic.to_string(),
+            message: e.to_string(),
+        })?;
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
