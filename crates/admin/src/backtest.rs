@@ -17,7 +17,7 @@ use std::sync::Arc;
 use arrow::array::{Array, AsArray, RecordBatch};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use riskstream_kafka::LabelStore;
@@ -104,9 +104,18 @@ impl Quality {
     }
 }
 
-/// `POST /api/v1/rules/backtest`: the body is the candidate bundle.
+/// Query parameters of a backtest.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct Params {
+    /// A SQL boolean over event fields: only matching buffered events are scored.
+    #[serde(rename = "where")]
+    filter: Option<String>,
+}
+
+/// `POST /api/v1/rules/backtest[?where=SQL]`: the body is the candidate bundle.
 pub(crate) async fn handle(
     State(state): State<AdminState>,
+    Query(params): Query<Params>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Report>, ApiError> {
     let text = bundle_text(body)?;
@@ -117,13 +126,21 @@ pub(crate) async fn handle(
     blocking(move || {
         let active = control.table().load();
         let candidate = compile_quietly(control.compiler(), &text)?;
-        let batches = recent.snapshot();
+        let filter = params
+            .filter
+            .as_deref()
+            .map(|sql| compile_filter(control.compiler(), sql))
+            .transpose()?;
+        let mut batches = recent.snapshot();
         if batches.is_empty() {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "no_events",
                 "the backtest buffer is empty: no event has been scored yet (admin.backtest_events sets its size)",
             ));
+        }
+        if let Some(filter) = &filter {
+            batches = select(filter, batches)?;
         }
         run(&candidate, &active, &batches, labels.as_deref(), &event_id)
     })
@@ -136,6 +153,55 @@ fn compile_quietly(compiler: &RuleCompiler, text: &str) -> Result<CompiledBundle
     let recorder = metrics::NoopRecorder;
     metrics::with_local_recorder(&recorder, || compiler.compile_text(text, 0))
         .map_err(|e| ApiError::bundle(&e))
+}
+
+/// A `where` filter compiled as a one-rule bundle over the event fields (the same SQL dialect,
+/// functions and checks as rules).
+fn compile_filter(compiler: &RuleCompiler, sql: &str) -> Result<CompiledBundle, ApiError> {
+    let doc = serde_json::json!({
+        "rules": [{"id": "where", "when": sql, "score": 1}],
+        "decision": {"review_at": 1, "block_at": 2},
+    });
+    let recorder = metrics::NoopRecorder;
+    metrics::with_local_recorder(&recorder, || compiler.compile_text(&doc.to_string(), 0)).map_err(
+        |e| {
+            let detail = e
+                .problems
+                .first()
+                .map(|p| p.message.clone())
+                .unwrap_or_default();
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_filter",
+                format!(
+                    "the `where` filter is not a valid SQL boolean over event fields: {detail}"
+                ),
+            )
+        },
+    )
+}
+
+/// The rows of each batch that `filter` selects (batches left empty are dropped).
+fn select(
+    filter: &CompiledBundle,
+    batches: Vec<(RecordBatch, Arc<CompiledBundle>)>,
+) -> Result<Vec<(RecordBatch, Arc<CompiledBundle>)>, ApiError> {
+    let mut selected = Vec::with_capacity(batches.len());
+    for (batch, scored_by) in batches {
+        let events = project(filter, &batch, &scored_by)
+            .map_err(|c| ApiError::internal(format!("buffered events lack column `{c}`")))?;
+        let evaluated =
+            metrics::with_local_recorder(&metrics::NoopRecorder, || filter.evaluate(&events))
+                .map_err(|e| ApiError::internal(format!("backtest filter failed: {e}")))?;
+        let Some(hits) = evaluated.scores.hits.first() else {
+            continue;
+        };
+        let mask = arrow::array::BooleanArray::from(hits.fired.clone());
+        let kept = arrow::compute::filter_record_batch(&batch, &mask)
+            .map_err(|e| ApiError::internal(format!("backtest filter failed: {e}")))?;
+        selected.push((kept, scored_by));
+    }
+    Ok(selected)
 }
 
 /// Scores `batches` with both bundles and compares.

@@ -312,6 +312,34 @@ fn a_backtest_reports_hits_changed_decisions_and_label_quality_without_changing_
     assert_eq!(active["false_negatives"], 30, "{report}");
     assert_eq!(active["precision"], 1.0, "{report}");
 
+    // Only the events a `where` filter selects: amounts 100..199.
+    let response = client
+        .post(format!("{base}/api/v1/rules/backtest"))
+        .query(&[("where", "amount >= 100")])
+        .bearer_auth(TOKEN)
+        .body(bundle(100))
+        .send()?;
+    assert_eq!(response.status().as_u16(), 200);
+    let report: serde_json::Value = response.json()?;
+    assert_eq!(report["events"], 100, "{report}");
+    assert_eq!(report["rules"][0]["hits"], 99, "{report}");
+    assert_eq!(report["rules"][1]["hits"], 0, "{report}");
+    let response = client
+        .post(format!("{base}/api/v1/rules/backtest"))
+        .query(&[("where", "no_such_field > 1")])
+        .bearer_auth(TOKEN)
+        .body(bundle(100))
+        .send()?;
+    assert_eq!(response.status().as_u16(), 400);
+    let body: serde_json::Value = response.json()?;
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no_such_field"),
+        "{body}"
+    );
+
     // A candidate with a windowed feature the running bundle does not compute is refused.
     let with_feature = format!(
         "features:\n  - {{name: cust_count_1h, entity: customer_id, agg: count, window: 1h}}\n{}",
