@@ -364,3 +364,46 @@ fn a_backtest_reports_hits_changed_decisions_and_label_quality_without_changing_
     instance.stop()?;
     Ok(())
 }
+
+#[test]
+fn an_update_during_a_broker_outage_answers_503_and_applies_once_the_broker_is_back() -> TestResult
+{
+    let broker = broker()?;
+    let config = config(&broker, "publish_timeout = \"1s\"")?;
+    let instance = Instance::start(&config, &bundle(101), false)?;
+    let client = http()?;
+    let base = &instance.base;
+
+    broker.down(1)?;
+    let (status, body) = put_rules(&client, base, &bundle(120), Some(1), None)?;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "control_topic", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("may still apply"),
+        "{body}"
+    );
+    assert_eq!(instance.plane.control.version(), 1);
+    // Reads keep working from what this instance knows.
+    let (status, rules) = get_json(&client, base, "/api/v1/rules")?;
+    assert_eq!((status, rules["version"].as_u64()), (200, Some(1)));
+
+    // Back up: the queued update reaches the log and applies, as the 503 warned; an update
+    // naming the old version is now stale.
+    broker.up(1)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while instance.plane.control.version() != 2 {
+        assert!(Instant::now() < deadline, "the queued update never applied");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, rules) = get_json(&client, base, "/api/v1/rules")?;
+    assert_eq!(rules["bundle"], bundle(120));
+    let (status, body) = put_rules(&client, base, &bundle(130), Some(1), None)?;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = put_rules(&client, base, &bundle(130), Some(2), None)?;
+    assert_eq!(status, 200, "{body}");
+    instance.stop()?;
+    Ok(())
+}

@@ -201,12 +201,22 @@ impl RulesControl {
         // Read what is there, deciding each record as the follower will.
         let mut log = Log::default();
         let mut compiled = None;
+        let mut idle_since = Instant::now();
         while log.next_offset < end {
             if let Some(message) = poll(&consumer, &topic)? {
                 log.next_offset = message.offset() + 1;
+                idle_since = Instant::now();
                 if let Some(done) = log.decide(&compiler, message.payload(), message.offset()) {
                     compiled = Some(done);
                 }
+            } else if idle_since.elapsed() > STARTUP_LOG_EVERY {
+                // Nothing readable up to the end (e.g. offsets without a record, such as
+                // transaction markers): the consumer's position says whether it got there.
+                if read_position(&consumer, &topic).is_some_and(|p| p >= end) {
+                    break;
+                }
+                tracing::warn!(%topic, at = log.next_offset, end, "still reading the control topic");
+                idle_since = Instant::now();
             }
         }
         let control_seed = match (&compiled, seed) {
@@ -526,6 +536,15 @@ fn poll<'c>(
             topic: topic.to_string(),
             message: e.to_string(),
         }),
+    }
+}
+
+/// The consumer's position in the control topic's partition.
+fn read_position(consumer: &BaseConsumer, topic: &str) -> Option<i64> {
+    let positions = consumer.position().ok()?;
+    match positions.find_partition(topic, 0)?.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
     }
 }
 
