@@ -203,6 +203,8 @@ pub fn run(
         produced.load(Ordering::Relaxed),
         &fraud_total,
     );
+    // The control plane's clients go before the broker they talk to.
+    drop(plane);
     drop(broker);
     Ok(())
 }
