@@ -12,7 +12,7 @@
 //! same broker, the admin API on a loopback port, updates as HTTP `PUT /api/v1/rules`.
 //!
 //! Partitions: 64 for `raw` and `saturate` (the embedded broker keeps at most 5 MB per partition,
-//! and the whole file must fit), 4 by default for `latency`. The embedded broker finds a fetch
+//! and the whole file must fit), 4 by default for `latency` and `reload`. The embedded broker finds a fetch
 //! offset by walking a partition's message sets from the oldest (librdkafka's mock cluster keeps
 //! no offset index), so at a steady rate its cost grows with the square of the partition count:
 //! with 64 partitions at 50K events/s that walk alone took a core, with 8 it took a quarter of
@@ -56,7 +56,7 @@ fn main() -> Result<()> {
         .map(<[u8]>::to_vec)
         .collect();
     let partitions = match mode {
-        "latency" => args
+        "latency" | "reload" => args
             .get(5)
             .and_then(|a| a.parse().ok())
             .unwrap_or(LATENCY_PARTITIONS),
@@ -340,9 +340,9 @@ impl Bench {
             let answered = answered.clone();
             let until = warmup + Duration::from_secs(seconds);
             std::thread::spawn(move || -> std::result::Result<(), String> {
-                let client = reqwest::blocking::Client::new();
                 let started = Instant::now();
                 std::thread::sleep(warmup);
+                let client = reqwest::blocking::Client::new();
                 let mut version = 1;
                 while started.elapsed() < until {
                     let (next, at) = put(&client, &base, version).map_err(|e| e.to_string())?;

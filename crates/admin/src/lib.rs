@@ -526,9 +526,8 @@ async fn publish(
             return Err(conflict(expected, current));
         }
         let compiled = control.validate(&text).map_err(|e| ApiError::bundle(&e))?;
-        drop(compiled);
         let outcome = control
-            .publish(&text, expected, comment, timeout)
+            .publish(&text, expected, comment, timeout, Some(compiled))
             .map_err(|e| {
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -108,8 +108,14 @@ struct Shared {
     table: Arc<RuleTable>,
     compiler: RuleCompiler,
     versions: Mutex<BTreeMap<u64, Arc<RulesVersion>>>,
-    waiters: Mutex<HashMap<String, mpsc::Sender<Outcome>>>,
+    waiters: Mutex<HashMap<String, Waiter>>,
     metrics: ControlMetrics,
+}
+
+/// A `publish` waiting for its record to be decided, with the bundle it already compiled.
+struct Waiter {
+    outcome: mpsc::Sender<Outcome>,
+    compiled: Option<CompiledBundle>,
 }
 
 struct ControlMetrics {
@@ -331,13 +337,15 @@ impl RulesControl {
     }
 
     /// Publishes `bundle` to replace version `expected` and waits (at most `timeout`) until
-    /// this instance's follower has decided it. Blocking.
+    /// this instance's follower has decided it. `compiled`, from [`Self::validate`] just
+    /// before, spares the follower compiling it again. Blocking.
     pub fn publish(
         &self,
         bundle: &str,
         expected: u64,
         comment: Option<String>,
         timeout: Duration,
+        compiled: Option<CompiledBundle>,
     ) -> Result<Outcome, ControlError> {
         let current = self.version();
         if expected != current {
@@ -351,7 +359,14 @@ impl RulesControl {
             self.sequence.fetch_add(1, Ordering::Relaxed)
         );
         let (tx, rx) = mpsc::channel();
-        lock(&self.shared.waiters).insert(request_id.clone(), tx);
+        let compiled = compiled.filter(|c| c.version() == expected + 1);
+        lock(&self.shared.waiters).insert(
+            request_id.clone(),
+            Waiter {
+                outcome: tx,
+                compiled,
+            },
+        );
         let record = ControlRecord {
             version: expected + 1,
             replaces: expected,
@@ -408,7 +423,8 @@ impl Log {
         offset: i64,
     ) -> Option<CompiledBundle> {
         let current = self.versions.keys().next_back().copied().unwrap_or(0);
-        let (record, outcome, compiled) = match decide(compiler, current, payload, offset) {
+        let (record, outcome, compiled) = match decide(compiler, current, payload, offset, |_| None)
+        {
             Decided::Invalid => return None,
             Decided::Conflict(record, outcome) | Decided::Rejected(record, outcome) => {
                 (record, outcome, None)
@@ -435,7 +451,13 @@ enum Decided {
 }
 
 /// The one rule every instance applies to a record, given the version running before it.
-fn decide(compiler: &RuleCompiler, current: u64, payload: Option<&[u8]>, offset: i64) -> Decided {
+fn decide(
+    compiler: &RuleCompiler,
+    current: u64,
+    payload: Option<&[u8]>,
+    offset: i64,
+    precompiled: impl FnOnce(&str) -> Option<CompiledBundle>,
+) -> Decided {
     let record: ControlRecord = match payload.map(serde_json::from_slice) {
         Some(Ok(record)) => record,
         Some(Err(e)) => {
@@ -451,7 +473,11 @@ fn decide(compiler: &RuleCompiler, current: u64, payload: Option<&[u8]>, offset:
         };
         return Decided::Conflict(record, outcome);
     }
-    match compiler.compile_text(&record.bundle, record.version) {
+    let compiled = match precompiled(&record.request_id) {
+        Some(compiled) if compiled.version() == record.version => Ok(compiled),
+        _ => compiler.compile_text(&record.bundle, record.version),
+    };
+    match compiled {
         Ok(compiled) => {
             let version = RulesVersion {
                 version: record.version,
@@ -490,6 +516,11 @@ fn follow(shared: &Shared, consumer: &BaseConsumer, shutdown: &AtomicBool) {
                 current,
                 message.payload(),
                 message.offset(),
+                |request| {
+                    lock(&shared.waiters)
+                        .get_mut(request)
+                        .and_then(|w| w.compiled.take())
+                },
             )
         };
         let (record, outcome) = match decided {
@@ -519,7 +550,7 @@ fn follow(shared: &Shared, consumer: &BaseConsumer, shutdown: &AtomicBool) {
             }
         };
         if let Some(waiter) = lock(&shared.waiters).remove(&record.request_id) {
-            let _ = waiter.send(outcome);
+            let _ = waiter.outcome.send(outcome);
         }
     }
 }
