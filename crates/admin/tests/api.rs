@@ -407,3 +407,49 @@ fn an_update_during_a_broker_outage_answers_503_and_applies_once_the_broker_is_b
     instance.stop()?;
     Ok(())
 }
+
+#[test]
+fn the_served_openapi_document_describes_the_routes_the_api_has() -> TestResult {
+    let broker = broker()?;
+    let instance = Instance::start(&token_config(&broker)?, &bundle(101), false)?;
+    let client = http()?;
+    let base = &instance.base;
+    let response = client.get(format!("{base}/api/v1/openapi.yaml")).send()?;
+    assert_eq!(response.status().as_u16(), 200);
+    let text = response.text()?;
+    assert_eq!(text, riskstream_admin::OPENAPI);
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text)?;
+    let paths = doc["paths"].as_mapping().ok_or("no paths")?;
+    assert!(paths.len() >= 12, "{} paths", paths.len());
+    for (path, operations) in paths {
+        let path = path
+            .as_str()
+            .ok_or("path not a string")?
+            .replace("{version}", "1");
+        for method in operations.as_mapping().ok_or("no operations")?.keys() {
+            let method = method.as_str().unwrap_or("").to_uppercase();
+            let request = match method.as_str() {
+                "GET" => client.get(format!("{base}{path}")),
+                "PUT" => client
+                    .put(format!("{base}{path}"))
+                    .header("if-match", "\"99\""),
+                "POST" => client.post(format!("{base}{path}")),
+                other => return Err(format!("unexpected method {other}").into()),
+            };
+            let response = request.bearer_auth(TOKEN).body(bundle(5)).send()?;
+            let status = response.status().as_u16();
+            let body = response.text()?;
+            // The route exists (the fallback answers `not_found`; a wrong method, 405).
+            assert!(
+                status != 405 && !body.contains("\"not_found\""),
+                "{method} {path}: {status} {body}"
+            );
+        }
+    }
+    // And a path it does not document is unknown.
+    let (status, body) = get_json(&client, base, "/api/v1/nope")?;
+    assert_eq!(status, 404);
+    assert_eq!(body["error"], "not_found");
+    instance.stop()?;
+    Ok(())
+}
