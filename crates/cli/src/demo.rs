@@ -91,6 +91,14 @@ pub fn run(
     // The pipeline and its control plane, exactly as `riskstream run` runs them.
     let pipeline_stop = Arc::new(AtomicBool::new(false));
     let labels = Arc::new(LabelStore::new(1_000_000));
+    // The demo should run anywhere: when `admin.listen` is taken, any free loopback port will do.
+    if std::net::TcpListener::bind(&config.admin.listen).is_err() {
+        eprintln!(
+            "admin.listen {} is in use; the demo's admin API takes a free loopback port instead",
+            config.admin.listen
+        );
+        config.admin.listen = "127.0.0.1:0".into();
+    }
     let plane = ControlPlane::start(
         &config,
         Some(bundle),
