@@ -25,4 +25,4 @@ pub mod layout;
 pub mod operator;
 pub mod window;
 
-pub use operator::{FeatureError, FeatureOperator, StateStats};
+pub use operator::{FeatureError, FeatureOperator, StateStats, Warmth};

@@ -7,6 +7,7 @@
 //! when [`FeatureOperator::flush`] is called (the pipeline does so periodically, before a
 //! checkpoint and at shutdown), never record by record.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch};
@@ -265,6 +266,11 @@ pub struct FeatureOperator {
     pending: Option<PendingWrite>,
     /// A flush being collected, before its write starts.
     collecting: Option<Collecting>,
+    /// When each window began to fill: the earliest event time of the batch that first
+    /// computed it (by window id; persisted with every flush under [`STARTED_PREFIX`]).
+    started: BTreeMap<[u8; 8], i64>,
+    /// The bundle version `started` was last pruned for.
+    started_for: u64,
     /// Flushes begun.
     epoch: u64,
 }
@@ -323,10 +329,36 @@ impl Column {
     }
 }
 
+/// Metadata keys of the moments windows began to fill: prefix + window id.
+const STARTED_PREFIX: &[u8] = b"features/started/";
+
+/// A windowed feature's warm-up: it is warming until the watermark passes `warm_at_ms`, when
+/// its window holds every event it should.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Warmth {
+    pub feature: String,
+    pub window_ms: i64,
+    /// Event time from which its window holds events (`None`: not computed yet).
+    pub started_ms: Option<i64>,
+    pub warm_at_ms: Option<i64>,
+    pub warming: bool,
+}
+
 impl FeatureOperator {
     /// An operator over `store`, continuing from the state it holds.
     pub fn open(store: Arc<StateStore>, cache_max_bytes: usize) -> Result<Self, FeatureError> {
         let (stored, _) = store.visit_from(Cf::Features, &[], 1, |_, _| Ok::<_, StateError>(()))?;
+        let started = store
+            .scan_prefix(Cf::Meta, STARTED_PREFIX)?
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let id = <[u8; 8]>::try_from(key.get(STARTED_PREFIX.len()..)?).ok()?;
+                let at = <[u8; 8]>::try_from(&value[..])
+                    .ok()
+                    .map(i64::from_le_bytes)?;
+                Some((id, at))
+            })
+            .collect();
         Ok(Self {
             store_only: stored > 0,
             store_only_seen: false,
@@ -346,7 +378,39 @@ impl FeatureOperator {
             pending: None,
             collecting: None,
             epoch: 0,
+            started,
+            started_for: 0,
         })
+    }
+
+    /// Which of `bundle`'s windowed features are still warming at `watermark`: a window that
+    /// began to fill at `started` holds every event it should once the watermark reaches
+    /// `started + window`. A feature sharing a window with an older one is as warm as it.
+    pub fn warmth(&self, bundle: &CompiledBundle, watermark: Option<i64>) -> Vec<Warmth> {
+        let features = bundle.window_features();
+        let mut out: Vec<Warmth> = features
+            .iter()
+            .map(|f| Warmth {
+                feature: f.name.clone(),
+                window_ms: f.window_ms(),
+                started_ms: None,
+                warm_at_ms: None,
+                warming: true,
+            })
+            .collect();
+        for window in Layout::new(features).windows() {
+            let started = self.started.get(&window.id).copied();
+            for reader in &window.readers {
+                let w = &mut out[reader.feature];
+                w.started_ms = started;
+                w.warm_at_ms = started.map(|s| s + w.window_ms);
+                w.warming = match (w.warm_at_ms, watermark) {
+                    (Some(warm_at), Some(wm)) => wm < warm_at,
+                    _ => true,
+                };
+            }
+        }
+        out
     }
 
     /// The store behind the operator.
@@ -383,6 +447,18 @@ impl FeatureOperator {
         self.batch_no += 1;
 
         let layout = Layout::new(features);
+        if self.started_for != bundle.version() {
+            // Windows the bundle dropped are swept away; one added again later starts afresh.
+            // (Their stored start stays until a restart reads it back: a window dropped and
+            // re-added across a restart is reported by its first start.)
+            self.started_for = bundle.version();
+            let kept: Vec<[u8; 8]> = layout.windows().map(|w| w.id).collect();
+            self.started.retain(|id, _| kept.contains(id));
+        }
+        let earliest = event_time.iter().copied().min().unwrap_or(i64::MAX);
+        for window in layout.windows() {
+            self.started.entry(window.id).or_insert(earliest);
+        }
         let mut columns: Vec<Column> = features
             .iter()
             .map(|f| Column::new(f.spec.agg, rows))
@@ -536,7 +612,16 @@ impl FeatureOperator {
             epoch: self.epoch,
             next_shard: 0,
             snapshots: Vec::new(),
-            meta: meta.iter().map(|(k, v)| (k.to_vec(), v.to_vec())).collect(),
+            meta: meta
+                .iter()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .chain(self.started.iter().map(|(id, at)| {
+                    (
+                        [STARTED_PREFIX, id.as_slice()].concat(),
+                        at.to_le_bytes().to_vec(),
+                    )
+                }))
+                .collect(),
         });
         Ok(())
     }

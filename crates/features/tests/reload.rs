@@ -96,3 +96,50 @@ fn reloads_keep_share_and_reset_state_by_definition() {
     assert_eq!(last(&out, "n_1h"), Some(5.0));
     assert_eq!(last(&out, "avg_1h"), Some(32.0));
 }
+
+#[test]
+fn a_feature_added_by_a_reload_is_warming_until_its_window_has_filled_even_across_a_restart() {
+    use common::{MIN, START_MS};
+    let dir = tempfile::tempdir().unwrap();
+    let count_1h = "  - {name: n_1h, entity: customer_id, agg: count, window: 1h}\n";
+    let sum_1h = "  - {name: sum_1h, entity: customer_id, agg: sum, of: amount, window: 1h}\n";
+    let max_2h = "  - {name: max_2h, entity: customer_id, agg: max, of: amount, window: 2h}\n";
+    let v1 = bundle(count_1h, 1);
+    let v2 = bundle(&format!("{count_1h}{sum_1h}{max_2h}"), 2);
+    {
+        let store = Arc::new(StateStore::open(dir.path()).unwrap());
+        let mut operator = FeatureOperator::open(store, 64 << 20).unwrap();
+        // Not computed yet: warming, no start.
+        let before = operator.warmth(&v1, Some(START_MS));
+        assert!(before[0].warming && before[0].started_ms.is_none());
+
+        let (batch, times) = events(&[(0, 10.0), (30, 20.0)]);
+        operator.compute(&v1, &batch, &times, None).unwrap();
+        let w = operator.warmth(&v1, Some(START_MS + 59 * MIN));
+        assert_eq!(w[0].started_ms, Some(START_MS));
+        assert_eq!(w[0].warm_at_ms, Some(START_MS + 60 * MIN));
+        assert!(w[0].warming);
+        assert!(!operator.warmth(&v1, Some(START_MS + 60 * MIN))[0].warming);
+
+        // Minute 90: v2 adds a 1-hour sum (a window of its own: it aggregates `amount`) and a
+        // 2-hour max; the count keeps its start.
+        let (batch, times) = events(&[(90, 30.0)]);
+        operator.compute(&v2, &batch, &times, None).unwrap();
+        let w = operator.warmth(&v2, Some(START_MS + 100 * MIN));
+        assert_eq!(w[0].feature, "n_1h");
+        assert!(!w[0].warming, "{w:?}");
+        assert_eq!(w[1].started_ms, Some(START_MS + 90 * MIN), "{w:?}");
+        assert!(w[1].warming);
+        assert_eq!(w[2].warm_at_ms, Some(START_MS + 210 * MIN));
+        operator.flush(&[]).unwrap();
+        operator.wait().unwrap();
+    }
+    // After a restart the starts are what they were.
+    let store = Arc::new(StateStore::open(dir.path()).unwrap());
+    let operator = FeatureOperator::open(store, 64 << 20).unwrap();
+    let w = operator.warmth(&v2, Some(START_MS + 150 * MIN));
+    assert_eq!(w[0].started_ms, Some(START_MS));
+    assert_eq!(w[1].started_ms, Some(START_MS + 90 * MIN));
+    assert!(!w[1].warming, "{w:?}");
+    assert!(w[2].warming, "{w:?}");
+}

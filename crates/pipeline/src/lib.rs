@@ -30,7 +30,7 @@ use riskstream_time::{Rejection, TimeStage};
 
 pub use sink::{JsonLinesSink, Sink, SinkError};
 pub use source::{JsonLinesSource, Source, SourceError, SourceState};
-pub use status::{PartitionStatus, PipelineStatus, RecentEvents, StatusBoard};
+pub use status::{FeatureStatus, PartitionStatus, PipelineStatus, RecentEvents, StatusBoard};
 pub use verdict::{TimeFlags, VerdictBatch};
 
 /// Why the pipeline stopped.
@@ -379,7 +379,7 @@ impl Pipeline {
             self.metrics.latency.record(ms as f64 / 1000.0);
         }
         out.rules_version = bundle.version();
-        self.report(out, rows.len(), now_ms);
+        self.report(&bundle, out, rows.len(), now_ms);
         self.evict(&bundle, now_ms)?;
         match self.last_flush {
             // Applied in the background; scoring goes on. While the last one is still being
@@ -410,7 +410,7 @@ impl Pipeline {
     }
 
     /// Updates the status board (when one is attached) and the watermark lag after a batch.
-    fn report(&self, out: &Processed, events: usize, now_ms: i64) {
+    fn report(&self, bundle: &CompiledBundle, out: &Processed, events: usize, now_ms: i64) {
         let watermark = self.time.watermark(now_ms);
         if let Some(wm) = watermark {
             self.metrics
@@ -420,7 +420,20 @@ impl Pipeline {
         let Some(status) = &self.status else {
             return;
         };
+        let features: Vec<FeatureStatus> = self
+            .features
+            .warmth(bundle, watermark)
+            .into_iter()
+            .map(|w| FeatureStatus {
+                name: w.feature,
+                window_ms: w.window_ms,
+                started_ms: w.started_ms,
+                warm_at_ms: w.warm_at_ms,
+                warming: w.warming,
+            })
+            .collect();
         status.update(|s| {
+            s.features = features;
             s.rules_version = out.rules_version;
             s.batches += 1;
             s.events += events as u64;
