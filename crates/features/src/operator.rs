@@ -334,9 +334,9 @@ const STARTED_PREFIX: &[u8] = b"features/started/";
 
 /// A windowed feature's warm-up: it is warming until the watermark passes `warm_at_ms`, when
 /// its window holds every event it should.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct Warmth {
-    pub feature: String,
+    pub name: String,
     pub window_ms: i64,
     /// Event time from which its window holds events (`None`: not computed yet).
     pub started_ms: Option<i64>,
@@ -391,7 +391,7 @@ impl FeatureOperator {
         let mut out: Vec<Warmth> = features
             .iter()
             .map(|f| Warmth {
-                feature: f.name.clone(),
+                name: f.name.clone(),
                 window_ms: f.window_ms(),
                 started_ms: None,
                 warm_at_ms: None,

@@ -126,7 +126,7 @@ fn a_feature_added_by_a_reload_is_warming_until_its_window_has_filled_even_acros
         let (batch, times) = events(&[(90, 30.0)]);
         operator.compute(&v2, &batch, &times, None).unwrap();
         let w = operator.warmth(&v2, Some(START_MS + 100 * MIN));
-        assert_eq!(w[0].feature, "n_1h");
+        assert_eq!(w[0].name, "n_1h");
         assert!(!w[0].warming, "{w:?}");
         assert_eq!(w[1].started_ms, Some(START_MS + 90 * MIN), "{w:?}");
         assert!(w[1].warming);

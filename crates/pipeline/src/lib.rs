@@ -30,7 +30,7 @@ use riskstream_time::{Rejection, TimeStage};
 
 pub use sink::{JsonLinesSink, Sink, SinkError};
 pub use source::{JsonLinesSource, Source, SourceError, SourceState};
-pub use status::{FeatureStatus, PartitionStatus, PipelineStatus, RecentEvents, StatusBoard};
+pub use status::{PartitionStatus, PipelineStatus, RecentEvents, StatusBoard};
 pub use verdict::{TimeFlags, VerdictBatch};
 
 /// Why the pipeline stopped.
@@ -420,18 +420,7 @@ impl Pipeline {
         let Some(status) = &self.status else {
             return;
         };
-        let features: Vec<FeatureStatus> = self
-            .features
-            .warmth(bundle, watermark)
-            .into_iter()
-            .map(|w| FeatureStatus {
-                name: w.feature,
-                window_ms: w.window_ms,
-                started_ms: w.started_ms,
-                warm_at_ms: w.warm_at_ms,
-                warming: w.warming,
-            })
-            .collect();
+        let features = self.features.warmth(bundle, watermark);
         status.update(|s| {
             s.features = features;
             s.rules_version = out.rules_version;

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arrow::array::RecordBatch;
+use riskstream_features::Warmth;
 use riskstream_rules::CompiledBundle;
 use serde::Serialize;
 
@@ -34,20 +35,10 @@ pub struct PipelineStatus {
     /// Processing time of the last write of feature state to the store.
     pub last_state_flush_at_ms: Option<i64>,
     pub partitions: BTreeMap<i32, PartitionStatus>,
-    /// The running bundle's windowed features and whether their windows have filled yet.
-    pub features: Vec<FeatureStatus>,
-}
-
-/// A windowed feature's warm-up. A feature whose window began to fill (at `started_ms`, event
-/// time) is warming until the watermark reaches `warm_at_ms`: before that its values lack
-/// events from before it started, e.g. after a reload added it.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct FeatureStatus {
-    pub name: String,
-    pub window_ms: i64,
-    pub started_ms: Option<i64>,
-    pub warm_at_ms: Option<i64>,
-    pub warming: bool,
+    /// The running bundle's windowed features and whether their windows have filled yet: a
+    /// feature is warming until the watermark passes the start of its window plus its length
+    /// (after a reload added it, its values lack the events from before).
+    pub features: Vec<Warmth>,
 }
 
 /// One source partition.
