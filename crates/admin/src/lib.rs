@@ -28,7 +28,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use riskstream_common::Secret;
 use riskstream_kafka::{LabelStore, Outcome, RulesControl, RulesVersion};
 use riskstream_pipeline::{RecentEvents, StatusBoard};
-use riskstream_rules::{BundleError, Problem};
+use riskstream_rules::{BundleDoc, BundleError, Problem};
 use serde::Serialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -366,12 +366,11 @@ impl From<&RulesVersion> for VersionSummary {
 }
 
 /// A version in full: its summary, the document as submitted and as parsed.
-fn version_body(control: &RulesControl, v: &RulesVersion) -> serde_json::Value {
-    let document = control
-        .compiler()
-        .compile_text(&v.bundle, v.version)
+fn version_body(v: &RulesVersion) -> serde_json::Value {
+    // Parsed only: every stored version compiled when it applied.
+    let document = BundleDoc::parse(&v.bundle)
         .ok()
-        .and_then(|c| serde_json::to_value(c.doc()).ok());
+        .and_then(|doc| serde_json::to_value(doc).ok());
     json!({
         "version": v.version,
         "published_at_ms": v.published_at,
@@ -393,7 +392,7 @@ async fn rules(State(state): State<AdminState>) -> Result<Response, ApiError> {
         let v = control.get(version).ok_or_else(|| {
             ApiError::internal(format!("running version {version} is not in the history"))
         })?;
-        let mut response = Json(version_body(&control, &v)).into_response();
+        let mut response = Json(version_body(&v)).into_response();
         response.headers_mut().insert(header::ETAG, etag(version));
         Ok(response)
     })
@@ -416,7 +415,7 @@ async fn version(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let control = Arc::clone(&state.control);
     blocking(move || match control.get(number) {
-        Some(v) => Ok(Json(version_body(&control, &v))),
+        Some(v) => Ok(Json(version_body(&v))),
         None => Err(unknown_version(number, control.version())),
     })
     .await

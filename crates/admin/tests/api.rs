@@ -207,6 +207,14 @@ fn concurrent_updates_naming_one_version_have_exactly_one_winner_then_stale_gets
     assert_eq!(rules["version"], 3);
     assert_eq!(rules["bundle"], bundle(101));
     assert_eq!(rules["comment"], "rollback to version 1");
+    assert_eq!(
+        rules["document"]["rules"][0]["id"], "high_amount",
+        "{rules}"
+    );
+    assert_eq!(
+        rules["document"]["rules"][0]["when"], "amount > 101",
+        "{rules}"
+    );
     let (_, versions) = get_json(&client, &base, "/api/v1/rules/versions")?;
     let numbers: Vec<u64> = versions["versions"]
         .as_array()
