@@ -510,7 +510,8 @@ async fn rollback(
     publish(&state, old.bundle.clone(), expected, comment).await
 }
 
-/// Validates `text`, publishes it to replace `expected` and answers with the outcome.
+/// Publishes `text` to replace `expected` (the control checks it first) and answers with the
+/// outcome.
 async fn publish(
     state: &AdminState,
     text: String,
@@ -520,13 +521,8 @@ async fn publish(
     let control = Arc::clone(&state.control);
     let timeout = state.publish_timeout;
     blocking(move || {
-        let current = control.version();
-        if expected != current {
-            return Err(conflict(expected, current));
-        }
-        let compiled = control.validate(&text).map_err(|e| ApiError::bundle(&e))?;
         let outcome = control
-            .publish(&text, expected, comment, timeout, Some(compiled))
+            .publish(&text, expected, comment, timeout)
             .map_err(|e| {
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,

@@ -344,6 +344,17 @@ pub struct Warmth {
     pub warming: bool,
 }
 
+impl Warmth {
+    /// Sets `warming` for `watermark`: until the watermark reaches `warm_at_ms` (and while
+    /// there is no watermark or no start yet).
+    pub fn at(&mut self, watermark: Option<i64>) {
+        self.warming = match (self.warm_at_ms, watermark) {
+            (Some(warm_at), Some(wm)) => wm < warm_at,
+            _ => true,
+        };
+    }
+}
+
 impl FeatureOperator {
     /// An operator over `store`, continuing from the state it holds.
     pub fn open(store: Arc<StateStore>, cache_max_bytes: usize) -> Result<Self, FeatureError> {
@@ -404,10 +415,7 @@ impl FeatureOperator {
                 let w = &mut out[reader.feature];
                 w.started_ms = started;
                 w.warm_at_ms = started.map(|s| s + w.window_ms);
-                w.warming = match (w.warm_at_ms, watermark) {
-                    (Some(warm_at), Some(wm)) => wm < warm_at,
-                    _ => true,
-                };
+                w.at(watermark);
             }
         }
         out

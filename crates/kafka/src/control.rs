@@ -76,6 +76,27 @@ struct ControlRecord {
     bundle: String,
 }
 
+impl ControlRecord {
+    /// An update replacing version `replaces`, published now.
+    fn new(
+        replaces: u64,
+        request_id: String,
+        origin: &str,
+        comment: Option<String>,
+        bundle: &str,
+    ) -> Self {
+        Self {
+            version: replaces + 1,
+            replaces,
+            request_id,
+            origin: origin.to_string(),
+            published_at: now_ms(),
+            comment,
+            bundle: bundle.to_string(),
+        }
+    }
+}
+
 /// A version that applied: the bundle text and where it came from.
 #[derive(Debug, Clone, Serialize)]
 pub struct RulesVersion {
@@ -206,15 +227,10 @@ impl RulesControl {
 
         // Read what is there, deciding each record as the follower will.
         let mut log = Log::default();
-        let mut compiled = None;
         let mut idle_since = Instant::now();
         while log.next_offset < end {
-            if let Some(message) = poll(&consumer, &topic)? {
-                log.next_offset = message.offset() + 1;
+            if log.read_next(&consumer, &topic, &compiler)? {
                 idle_since = Instant::now();
-                if let Some(done) = log.decide(&compiler, message.payload(), message.offset()) {
-                    compiled = Some(done);
-                }
             } else if idle_since.elapsed() > STARTUP_LOG_EVERY {
                 // Nothing readable up to the end (e.g. offsets without a record, such as
                 // transaction markers): the consumer's position says whether it got there.
@@ -225,50 +241,42 @@ impl RulesControl {
                 idle_since = Instant::now();
             }
         }
-        let control_seed = match (&compiled, seed) {
-            (None, Some(seed)) => Some(seed),
-            (None, None) => return Err(ControlError::Empty { topic }),
-            (Some(_), _) => None,
-        };
         let sequence = AtomicU64::new(0);
-        if let Some(seed) = control_seed {
-            // Another instance may seed at the same moment: whichever record comes first in
-            // the log applies, and this one then runs that bundle instead.
-            let request_id = format!("{origin}-seed-{}", now_ms());
-            let record = ControlRecord {
-                version: 1,
-                replaces: 0,
-                request_id: request_id.clone(),
-                origin: origin.to_string(),
-                published_at: now_ms(),
-                comment: Some("seeded from the bundle given at start".into()),
-                bundle: seed.to_string(),
-            };
-            send(&producer, &topic, &record)?;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !log.seen.contains_key(&request_id) {
-                if Instant::now() > deadline {
-                    return Err(ControlError::Timeout {
+        match (&log.latest, seed) {
+            (Some(_), _) => {}
+            (None, None) => return Err(ControlError::Empty { topic }),
+            (None, Some(seed)) => {
+                // Another instance may seed at the same moment: whichever record comes first
+                // in the log applies, and this one then runs that bundle instead.
+                let record = ControlRecord::new(
+                    0,
+                    format!("{origin}-seed-{}", now_ms()),
+                    origin,
+                    Some("seeded from the bundle given at start".into()),
+                    seed,
+                );
+                send(&producer, &topic, &record)?;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !log.seen.contains_key(&record.request_id) {
+                    if Instant::now() > deadline {
+                        return Err(ControlError::Timeout {
+                            topic,
+                            timeout: Duration::from_secs(60),
+                        });
+                    }
+                    log.read_next(&consumer, &topic, &compiler)?;
+                }
+                if let (None, Some(Outcome::Rejected(source))) =
+                    (&log.latest, log.seen.get(&record.request_id))
+                {
+                    return Err(ControlError::Seed {
                         topic,
-                        timeout: Duration::from_secs(60),
+                        source: source.clone(),
                     });
                 }
-                if let Some(message) = poll(&consumer, &topic)? {
-                    log.next_offset = message.offset() + 1;
-                    if let Some(done) = log.decide(&compiler, message.payload(), message.offset()) {
-                        compiled = Some(done);
-                    }
-                }
-            }
-            if let (None, Some(Outcome::Rejected(source))) = (&compiled, log.seen.get(&request_id))
-            {
-                return Err(ControlError::Seed {
-                    topic,
-                    source: source.clone(),
-                });
             }
         }
-        let Some(compiled) = compiled else {
+        let Some(compiled) = log.latest else {
             return Err(ControlError::Empty { topic });
         };
         tracing::info!(%topic, version = compiled.version(), versions = log.versions.len(), "rules loaded from the control topic");
@@ -336,46 +344,47 @@ impl RulesControl {
             .compile_text(bundle, self.version() + 1)
     }
 
-    /// Publishes `bundle` to replace version `expected` and waits (at most `timeout`) until
-    /// this instance's follower has decided it. `compiled`, from [`Self::validate`] just
-    /// before, spares the follower compiling it again. Blocking.
+    /// Checks `bundle` against the event schema, publishes it to replace version `expected`
+    /// and waits (at most `timeout`) until this instance's follower has decided it. A stale
+    /// `expected` or an invalid bundle is answered at once, without publishing. Blocking.
     pub fn publish(
         &self,
         bundle: &str,
         expected: u64,
         comment: Option<String>,
         timeout: Duration,
-        compiled: Option<CompiledBundle>,
     ) -> Result<Outcome, ControlError> {
         let current = self.version();
         if expected != current {
             // Already stale here; the log would refuse it too.
             return Ok(Outcome::Conflict { expected, current });
         }
-        let request_id = format!(
-            "{}-{}-{}",
-            self.origin,
-            now_ms(),
-            self.sequence.fetch_add(1, Ordering::Relaxed)
+        // Compiled once: the follower applies this very bundle when the record comes back.
+        let compiled = match self.shared.compiler.compile_text(bundle, expected + 1) {
+            Ok(compiled) => compiled,
+            Err(e) => return Ok(Outcome::Rejected(e)),
+        };
+        let record = ControlRecord::new(
+            expected,
+            format!(
+                "{}-{}-{}",
+                self.origin,
+                now_ms(),
+                self.sequence.fetch_add(1, Ordering::Relaxed)
+            ),
+            &self.origin,
+            comment,
+            bundle,
         );
+        let request_id = record.request_id.clone();
         let (tx, rx) = mpsc::channel();
-        let compiled = compiled.filter(|c| c.version() == expected + 1);
         lock(&self.shared.waiters).insert(
             request_id.clone(),
             Waiter {
                 outcome: tx,
-                compiled,
+                compiled: Some(compiled),
             },
         );
-        let record = ControlRecord {
-            version: expected + 1,
-            replaces: expected,
-            request_id: request_id.clone(),
-            origin: self.origin.clone(),
-            published_at: now_ms(),
-            comment,
-            bundle: bundle.to_string(),
-        };
         let sent = send(&self.producer, &self.shared.topic, &record);
         let outcome = sent.and_then(|()| {
             rx.recv_timeout(timeout).map_err(|e| match e {
@@ -405,41 +414,50 @@ impl Drop for RulesControl {
     }
 }
 
-/// Decisions over the log, shared by the start-up read and the follower.
+/// The start-up read of the log: what applied, and every record's outcome.
 #[derive(Default)]
 struct Log {
     versions: BTreeMap<u64, Arc<RulesVersion>>,
-    /// Outcomes by request id (start-up only: to find the seed's).
+    /// The newest version that applied, compiled.
+    latest: Option<CompiledBundle>,
+    /// Outcomes by request id (to find the seed's).
     seen: HashMap<String, Outcome>,
     next_offset: i64,
 }
 
 impl Log {
-    /// Decides one start-up record; returns the compiled bundle when it applied.
-    fn decide(
+    /// Reads and decides the next record, if one arrives within a poll.
+    fn read_next(
         &mut self,
+        consumer: &BaseConsumer,
+        topic: &str,
         compiler: &RuleCompiler,
-        payload: Option<&[u8]>,
-        offset: i64,
-    ) -> Option<CompiledBundle> {
+    ) -> Result<bool, ControlError> {
+        let Some(message) = poll(consumer, topic)? else {
+            return Ok(false);
+        };
+        self.next_offset = message.offset() + 1;
         let current = self.versions.keys().next_back().copied().unwrap_or(0);
-        let (record, outcome, compiled) = match decide(compiler, current, payload, offset, |_| None)
-        {
-            Decided::Invalid => return None,
+        let (record, outcome) = match decide(
+            compiler,
+            current,
+            message.payload(),
+            message.offset(),
+            |_| None,
+        ) {
+            Decided::Invalid => return Ok(true),
             Decided::Conflict(record, outcome) | Decided::Rejected(record, outcome) => {
-                (record, outcome, None)
+                (record, outcome)
             }
             Decided::Applied(record, version, compiled) => {
                 self.versions.insert(version.version, Arc::new(version));
-                (
-                    record,
-                    Outcome::Applied(compiled.version()),
-                    Some(*compiled),
-                )
+                let outcome = Outcome::Applied(compiled.version());
+                self.latest = Some(*compiled);
+                (record, outcome)
             }
         };
         self.seen.insert(record.request_id, outcome);
-        compiled
+        Ok(true)
     }
 }
 

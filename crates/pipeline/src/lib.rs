@@ -420,9 +420,11 @@ impl Pipeline {
         let Some(status) = &self.status else {
             return;
         };
-        let features = self.features.warmth(bundle, watermark);
         status.update(|s| {
-            s.features = features;
+            if s.rules_version != out.rules_version {
+                // A window starts with the first batch of a bundle that has it.
+                s.features = self.features.warmth(bundle, watermark);
+            }
             s.rules_version = out.rules_version;
             s.batches += 1;
             s.events += events as u64;

@@ -37,7 +37,9 @@ pub struct PipelineStatus {
     pub partitions: BTreeMap<i32, PartitionStatus>,
     /// The running bundle's windowed features and whether their windows have filled yet: a
     /// feature is warming until the watermark passes the start of its window plus its length
-    /// (after a reload added it, its values lack the events from before).
+    /// (after a reload added it, its values lack the events from before). Starts change only
+    /// with the bundle, so this is refreshed when the version does; `warming` is judged when
+    /// read ([`StatusBoard::snapshot`]).
     pub features: Vec<Warmth>,
 }
 
@@ -79,8 +81,13 @@ impl StatusBoard {
         f(&mut lock(&self.inner));
     }
 
+    /// The status now; whether features are warming is judged at its watermark.
     pub fn snapshot(&self) -> PipelineStatus {
-        lock(&self.inner).clone()
+        let mut status = lock(&self.inner).clone();
+        for feature in &mut status.features {
+            feature.at(status.watermark_ms);
+        }
+        status
     }
 
     /// State restored and at least one partition owned: the instance can score.
