@@ -234,6 +234,19 @@ impl Bench {
         config.kafka.group_id = "bench".into();
         config.kafka.commit_interval = Duration::from_millis(100);
         config.admin.listen = "127.0.0.1:0".into();
+        // KAFKA_BENCH_DELIVERY=exactly_once: transactions committed with checkpoints (into a
+        // temporary directory, every `KAFKA_BENCH_CHECKPOINT_INTERVAL_MS`, default 10 s).
+        if std::env::var("KAFKA_BENCH_DELIVERY").as_deref() == Ok("exactly_once") {
+            config.kafka.delivery = riskstream_common::Delivery::ExactlyOnce;
+            let dir = std::env::temp_dir().join(format!("kafka-bench-{}", std::process::id()));
+            config.checkpoint.url = dir.join("checkpoints").display().to_string();
+            config.state.dir = Some(dir.join("state"));
+            let interval = std::env::var("KAFKA_BENCH_CHECKPOINT_INTERVAL_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(10_000);
+            config.checkpoint.interval = Duration::from_millis(interval);
+        }
         Ok(config)
     }
 
@@ -332,6 +345,12 @@ impl Bench {
             .into());
         }
         let config = self.config()?;
+        let exactly_once = config.kafka.delivery == riskstream_common::Delivery::ExactlyOnce;
+        let metrics = if exactly_once {
+            Some(riskstream_admin::telemetry::prometheus()?)
+        } else {
+            None
+        };
         let (stop, handle, plane) = self.start_pipeline(&config)?;
         // With `reloads`: a PUT every 200 ms after the warm-up, noting when each answered.
         let answered: Arc<std::sync::Mutex<Vec<(u64, i64)>>> = Arc::default();
@@ -440,6 +459,23 @@ impl Bench {
         }
         stop.store(true, Ordering::Release);
         handle.join().map_err(|_| "pipeline panicked")??;
+        if let Some(metrics) = metrics {
+            // What exactly-once adds before a read_committed consumer sees a verdict: from its
+            // batch's production to the commit of its transaction (the embedded broker shows
+            // uncommitted messages, so the read-back latency below does not include it).
+            println!(
+                "exactly_once, checkpoint every {:?}: batch produced to transaction committed (s):",
+                config.checkpoint.interval
+            );
+            for line in metrics.render().lines() {
+                if line.starts_with("riskstream_kafka_commit_wait_seconds")
+                    || line.starts_with("riskstream_checkpoint_duration_seconds")
+                    || line.starts_with("riskstream_kafka_transactions_total")
+                {
+                    println!("  {line}");
+                }
+            }
+        }
         if reloads {
             let answered = answered.lock().map_err(|_| "poisoned")?;
             let mut delays: Vec<u32> = answered

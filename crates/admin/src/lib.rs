@@ -27,7 +27,7 @@ use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use riskstream_common::Secret;
 use riskstream_kafka::{LabelStore, Outcome, RulesControl, RulesVersion};
-use riskstream_pipeline::{RecentEvents, StatusBoard};
+use riskstream_pipeline::{CheckpointHandle, RecentEvents, StatusBoard};
 use riskstream_rules::{BundleDoc, BundleError, Problem};
 use serde::Serialize;
 use serde_json::json;
@@ -50,6 +50,10 @@ pub struct AdminState {
     pub event_id: String,
     /// How long a rules update waits for the control topic.
     pub publish_timeout: Duration,
+    /// The pipeline's checkpoints (empty until it has recovered, or without checkpoints).
+    pub checkpoints: Arc<CheckpointHandle>,
+    /// Where checkpoints are stored and under which name, when they are taken.
+    pub checkpoint_store: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -75,7 +79,10 @@ pub fn router(state: AdminState, max_body_bytes: usize) -> Router {
         .route("/api/v1/rules/versions/{version}", get(version))
         .route("/api/v1/rules/rollback/{version}", post(rollback))
         .route("/api/v1/rules/backtest", post(backtest::handle))
-        .route("/api/v1/checkpoints", get(checkpoints).post(checkpoints))
+        .route(
+            "/api/v1/checkpoints",
+            get(list_checkpoints).post(take_checkpoint),
+        )
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -340,8 +347,18 @@ async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
         },
         "pipeline": state.status.snapshot(),
         "backtest_buffer_events": state.recent.len(),
-        // Checkpoints are not implemented yet (state is flushed to RocksDB, not checkpointed).
-        "last_checkpoint": null,
+        "last_checkpoint": state.checkpoints.get().and_then(|(_, c)| {
+            let stats = c.stats();
+            let latest = stats.latest?;
+            Some(json!({
+                "id": latest.id,
+                "created_at_ms": latest.created_at_ms,
+                "age_seconds": stats.latest_at.map(|at| at.elapsed().as_secs_f64()),
+                "offsets": latest.offsets,
+                "rules_version": latest.rules_version,
+                "bytes_total": latest.bytes_total,
+            }))
+        }),
     }))
 }
 
@@ -554,12 +571,101 @@ fn conflict(expected: u64, current: u64) -> ApiError {
     .with("current", current)
 }
 
-async fn checkpoints() -> ApiError {
+fn checkpoints_off() -> ApiError {
     ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "checkpoints are not implemented yet: feature state is written to the state directory every state.flush_interval and at shutdown",
+        StatusCode::CONFLICT,
+        "checkpoints_off",
+        "this instance takes no checkpoints: set checkpoint.url (or state.dir) and restart",
     )
+}
+
+/// `GET /api/v1/checkpoints`: every stored checkpoint of this instance, newest first.
+async fn list_checkpoints(
+    State(state): State<AdminState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some((url, name)) = state.checkpoint_store.clone() else {
+        return Err(checkpoints_off());
+    };
+    let listed = tokio::task::spawn_blocking(move || {
+        let store = riskstream_checkpoint::CheckpointStore::open(&url, &name)?;
+        Ok::<_, riskstream_checkpoint::CheckpointError>((
+            store.location().to_string(),
+            store.list()?,
+        ))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "checkpoint_storage",
+            e.to_string(),
+        )
+    })?;
+    let (location, listed) = listed;
+    let checkpoints: Vec<_> = listed.iter().map(checkpoint_json).collect();
+    Ok(Json(
+        json!({ "location": location, "checkpoints": checkpoints }),
+    ))
+}
+
+/// One listed checkpoint as the API shows it (without its file list).
+pub fn checkpoint_json(l: &riskstream_checkpoint::Listed) -> serde_json::Value {
+    match &l.manifest {
+        Ok(m) => json!({
+            "id": l.id,
+            "complete": true,
+            "committed": l.committed,
+            "created_at_ms": m.created_at_ms,
+            "delivery": m.delivery,
+            "offsets": m.offsets,
+            "max_event_times": m.max_event_times,
+            "rules_version": m.rules_version,
+            "files": m.files.len(),
+            "bytes_total": m.bytes_total,
+            "bytes_uploaded": m.bytes_uploaded,
+            "files_uploaded": m.files_uploaded,
+            "files_reused": m.files_reused,
+            "sync_ms": m.sync_ms,
+            "duration_ms": m.duration_ms,
+        }),
+        Err(problem) => json!({ "id": l.id, "complete": false, "problem": problem }),
+    }
+}
+
+/// `POST /api/v1/checkpoints`: takes a checkpoint at the next batch boundary and answers once
+/// it exists (201, its manifest) or after `publish_timeout` (202: still on its way).
+async fn take_checkpoint(State(state): State<AdminState>) -> Result<Response, ApiError> {
+    let Some((requests, checkpointer)) = state.checkpoints.get() else {
+        return Err(checkpoints_off());
+    };
+    let after = checkpointer.stats().latest.map_or(0, |m| m.id);
+    requests.request();
+    let checkpointer = checkpointer.clone();
+    let timeout = state.publish_timeout.max(Duration::from_secs(30));
+    let waited = tokio::task::spawn_blocking(move || checkpointer.wait(after + 1, timeout))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    match waited {
+        Ok(m) => Ok((StatusCode::CREATED, Json(json!({
+            "id": m.id,
+            "created_at_ms": m.created_at_ms,
+            "offsets": m.offsets,
+            "rules_version": m.rules_version,
+            "bytes_total": m.bytes_total,
+            "bytes_uploaded": m.bytes_uploaded,
+            "files_reused": m.files_reused,
+            "sync_ms": m.sync_ms,
+            "duration_ms": m.duration_ms,
+        })))
+            .into_response()),
+        Err(riskstream_checkpoint::CheckpointError::Timeout { .. }) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "message": "the checkpoint is requested and not complete yet (no batch since, or still uploading); GET /api/v1/checkpoints shows it once it exists" })),
+        )
+            .into_response()),
+        Err(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "checkpoint_failed", e.to_string())),
+    }
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
@@ -586,6 +692,8 @@ pub struct ControlPlane {
     pub control: Arc<RulesControl>,
     pub status: Arc<StatusBoard>,
     pub recent: Arc<RecentEvents>,
+    /// Filled by the pipeline once it has recovered.
+    pub checkpoints: Arc<CheckpointHandle>,
     server: AdminServer,
 }
 
@@ -617,6 +725,7 @@ impl ControlPlane {
         let control = RulesControl::start(&config.kafka, compiler, seed, &instance)?;
         let status = Arc::new(StatusBoard::new(&config.kafka.topics.transactions));
         let recent = Arc::new(RecentEvents::new(config.admin.backtest_events));
+        let checkpoints = Arc::new(CheckpointHandle::default());
         let state = AdminState {
             control: Arc::clone(&control),
             status: Arc::clone(&status),
@@ -627,6 +736,10 @@ impl ControlPlane {
             instance,
             event_id: config.schema.event_id.clone(),
             publish_timeout: config.admin.publish_timeout,
+            checkpoints: Arc::clone(&checkpoints),
+            checkpoint_store: config
+                .checkpoint_url()
+                .map(|url| (url, config.checkpoint_name())),
         };
         if state.token.is_none() {
             tracing::warn!(listen = %config.admin.listen, "no admin token configured: rule updates are open to anyone who reaches the admin API");
@@ -639,6 +752,7 @@ impl ControlPlane {
             control,
             status,
             recent,
+            checkpoints,
             server,
         })
     }
@@ -648,6 +762,7 @@ impl ControlPlane {
         riskstream_kafka::Observers {
             status: Some(Arc::clone(&self.status)),
             recent: Some(Arc::clone(&self.recent)),
+            checkpoints: Some(Arc::clone(&self.checkpoints)),
         }
     }
 

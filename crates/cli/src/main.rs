@@ -115,6 +115,11 @@ enum Command {
         #[arg(long)]
         bundle: Option<PathBuf>,
     },
+    /// This instance's checkpoints (`checkpoint.url`, `checkpoint.name`).
+    Checkpoints {
+        #[command(subcommand)]
+        action: CheckpointAction,
+    },
     /// Run the embedded Kafka-protocol broker as a process of its own and print its bootstrap
     /// address, for local development and tests that need a broker outside the process.
     Broker {
@@ -124,6 +129,31 @@ enum Command {
         /// Also create the configured topics (kafka.topics.*).
         #[arg(long)]
         configured_topics: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CheckpointAction {
+    /// Every stored checkpoint, newest first, complete or not.
+    List {
+        /// State directory (locates the default checkpoint storage). Default: `state.dir`.
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
+    /// One checkpoint's manifest (the newest complete one by default), with its files, and
+    /// whether every file is stored with its recorded size.
+    Inspect {
+        /// Checkpoint id.
+        id: Option<u64>,
+        /// State directory (locates the default checkpoint storage). Default: `state.dir`.
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
+    /// Ask a running instance for a checkpoint now, through its admin API; waits until it exists.
+    Create {
+        /// The instance's admin API. Default: `admin.listen`.
+        #[arg(long)]
+        admin: Option<String>,
     },
 }
 
@@ -233,7 +263,140 @@ fn run(cli: Cli) -> Result<ExitCode> {
             topics,
             configured_topics,
         } => broker(&config, &topics, configured_topics),
+        Command::Checkpoints { action } => checkpoints(config, action),
     }
+}
+
+fn checkpoint_store(config: &Config) -> Result<riskstream_checkpoint::CheckpointStore> {
+    let url = config
+        .checkpoint_url()
+        .context("no checkpoint storage: set checkpoint.url, or state.dir (--state)")?;
+    Ok(riskstream_checkpoint::CheckpointStore::open(
+        &url,
+        &config.checkpoint_name(),
+    )?)
+}
+
+fn checkpoints(mut config: Config, action: CheckpointAction) -> Result<ExitCode> {
+    match action {
+        CheckpointAction::List { state } => {
+            config.state.dir = state.or(config.state.dir);
+            let store = checkpoint_store(&config)?;
+            let listed = store.list()?;
+            println!("{}: {} checkpoint(s)", store.location(), listed.len());
+            println!(
+                "{:>6}  {:<24}  {:>12}  {:>12}  {:>7}  {:>9}  offsets",
+                "id", "created", "bytes", "uploaded", "rules", "committed"
+            );
+            for l in &listed {
+                match &l.manifest {
+                    Ok(m) => println!(
+                        "{:>6}  {:<24}  {:>12}  {:>12}  {:>7}  {:>9}  {:?}",
+                        l.id,
+                        chrono::DateTime::from_timestamp_millis(m.created_at_ms)
+                            .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+                            .unwrap_or_default(),
+                        m.bytes_total,
+                        m.bytes_uploaded,
+                        m.rules_version,
+                        if m.delivery == "exactly_once" {
+                            if l.committed {
+                                "yes"
+                            } else {
+                                "no"
+                            }
+                        } else {
+                            "-"
+                        },
+                        m.offsets
+                    ),
+                    Err(problem) => println!("{:>6}  unusable: {problem}", l.id),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CheckpointAction::Inspect { id, state } => {
+            config.state.dir = state.or(config.state.dir);
+            let store = checkpoint_store(&config)?;
+            let listed = store.list()?;
+            let found = match id {
+                Some(id) => listed.iter().find(|l| l.id == id),
+                None => listed.iter().find(|l| l.manifest.is_ok()),
+            };
+            let Some(l) = found else {
+                anyhow::bail!(
+                    "{}: no checkpoint {}",
+                    store.location(),
+                    id.map_or("is complete".to_string(), |i| i.to_string())
+                );
+            };
+            match &l.manifest {
+                Ok(m) => {
+                    println!("{}", serde_json::to_string_pretty(m)?);
+                    println!("committed: {}", l.committed);
+                    match store.verify(m) {
+                        Ok(()) => println!("files: all {} stored with their sizes", m.files.len()),
+                        Err(problem) => {
+                            println!("files: {problem}");
+                            return Ok(ExitCode::FAILURE);
+                        }
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(problem) => {
+                    println!("checkpoint {} is unusable: {problem}", l.id);
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        CheckpointAction::Create { admin } => {
+            let address = admin.unwrap_or_else(|| config.admin.listen.clone());
+            let url = if address.contains("://") {
+                format!("{address}/api/v1/checkpoints")
+            } else {
+                format!("http://{address}/api/v1/checkpoints")
+            };
+            let token = config.admin.bearer_token()?;
+            let (status, body) = http_post(&url, token.as_ref().map(|t| t.expose()))?;
+            println!("{body}");
+            Ok(if status == 201 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+/// A bodiless POST over plain HTTP/1.1 (the admin API), with an optional bearer token.
+fn http_post(url: &str, token: Option<&str>) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .context("the admin API is plain http:// (put a TLS proxy in front for remote use)")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let mut stream = std::net::TcpStream::connect(host)
+        .with_context(|| format!("cannot reach the admin API at {host}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("the admin API answered something that is not HTTP")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 /// Checks a bundle document against the configured schema.

@@ -9,8 +9,8 @@ pub mod schema;
 
 pub use batch::{DeadLetter, DeadReason, RawBatch};
 pub use config::{
-    AdminConfig, Config, ConfigError, KafkaConfig, PipelineConfig, Secret, SkewPolicy, StateConfig,
-    TelemetryConfig, TimeConfig, TopicsConfig,
+    AdminConfig, CheckpointConfig, Config, ConfigError, Delivery, KafkaConfig, PipelineConfig,
+    Secret, SkewPolicy, StateConfig, TelemetryConfig, TimeConfig, TopicsConfig,
 };
 pub use schema::{EventSchema, FieldType, SchemaConfig, SchemaError};
 

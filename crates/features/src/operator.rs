@@ -18,7 +18,7 @@ use arrow::error::ArrowError;
 use hashbrown::HashMap;
 use metrics::Counter;
 use riskstream_rules::{Agg, CompiledBundle};
-use riskstream_state::{Cf, PendingWrite, StateBatch, StateError, StateStore};
+use riskstream_state::{AfterWrite, Cf, PendingWrite, StateBatch, StateError, StateStore};
 
 use crate::cache::{ShardedCache, StateKey};
 use crate::layout::{fnv1a, Layout, Reader, Window};
@@ -194,6 +194,8 @@ struct Collecting {
     /// up to 20 ms inside one batch.
     snapshots: Vec<Vec<(StateKey, Record)>>,
     meta: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Runs on the writer thread once the flush is applied (a checkpoint).
+    after: Option<AfterWrite>,
 }
 
 /// Snapshots per chunk of a flush's list.
@@ -614,6 +616,19 @@ impl FeatureOperator {
     /// The cache keeps every record it writes (emptied ones included) until the write is
     /// applied, so lookups never see an older stored version.
     pub fn flush(&mut self, meta: &[(&[u8], &[u8])]) -> Result<(), FeatureError> {
+        self.flush_then(meta, None)
+    }
+
+    /// [`Self::flush`], then `after` on the writer thread once the write is applied and before
+    /// anything else is written to the store: `after` sees the store exactly as of this call
+    /// (a checkpoint is taken there). Records that a cache trim writes out wait for it, and an
+    /// eviction sweep's rewrite of records only in the store changes nothing an event still to
+    /// come can read.
+    pub fn flush_then(
+        &mut self,
+        meta: &[(&[u8], &[u8])],
+        after: Option<AfterWrite>,
+    ) -> Result<(), FeatureError> {
         self.wait()?;
         self.epoch += 1;
         self.collecting = Some(Collecting {
@@ -630,8 +645,14 @@ impl FeatureOperator {
                     )
                 }))
                 .collect(),
+            after,
         });
         Ok(())
+    }
+
+    /// Collects everything the flush in progress has not yet taken, now, and starts its write.
+    pub fn collect_now(&mut self) -> Result<(), FeatureError> {
+        self.collect(usize::MAX)
     }
 
     /// Collects whole cache shards for the flush in progress, if any, until `budget` records
@@ -653,23 +674,29 @@ impl FeatureOperator {
             return Ok(());
         }
         let Some(Collecting {
-            snapshots, meta, ..
+            snapshots,
+            meta,
+            after,
+            ..
         }) = self.collecting.take()
         else {
             return Ok(());
         };
         let taken: usize = snapshots.iter().map(Vec::len).sum();
         self.records_written.increment(taken as u64);
-        self.pending = Some(self.store.write_in_background(move |batch| {
-            let mut scratch = Vec::new();
-            for (key, record) in snapshots.iter().flatten() {
-                put_record(batch, key.as_bytes(), record, &mut scratch)?;
-            }
-            for (k, v) in &meta {
-                batch.put(Cf::Meta, k, v)?;
-            }
-            Ok(())
-        })?);
+        self.pending = Some(self.store.write_in_background(
+            move |batch| {
+                let mut scratch = Vec::new();
+                for (key, record) in snapshots.iter().flatten() {
+                    put_record(batch, key.as_bytes(), record, &mut scratch)?;
+                }
+                for (k, v) in &meta {
+                    batch.put(Cf::Meta, k, v)?;
+                }
+                Ok(())
+            },
+            after,
+        )?);
         Ok(())
     }
 

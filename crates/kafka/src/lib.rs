@@ -84,8 +84,10 @@ pub fn client_config(config: &KafkaConfig, role: Role) -> ClientConfig {
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use riskstream_common::Config;
-use riskstream_pipeline::{Pipeline, PipelineError, RecentEvents, StatusBoard, Summary};
+use riskstream_common::{Config, Delivery};
+use riskstream_pipeline::{
+    CheckpointHandle, Pipeline, PipelineError, RecentEvents, SourceError, StatusBoard, Summary,
+};
 use riskstream_rules::RuleTable;
 
 pub use source::Assignment;
@@ -116,6 +118,8 @@ pub fn run(
 pub struct Observers {
     pub status: Option<Arc<StatusBoard>>,
     pub recent: Option<Arc<RecentEvents>>,
+    /// Filled with the pipeline's checkpoints once it has recovered.
+    pub checkpoints: Option<Arc<CheckpointHandle>>,
 }
 
 /// [`run`], reporting progress and recent events to `observers`.
@@ -128,15 +132,53 @@ pub fn run_observed(
     observers: Observers,
 ) -> Result<Summary, PipelineError> {
     let tracker = Arc::new(DeliveryTracker::new());
-    let mut sink = KafkaSink::new(&config.kafka, tracker.clone())?;
+    let exactly_once = config.kafka.delivery == Delivery::ExactlyOnce;
+    let topic = &config.kafka.topics.transactions;
     let mut source = KafkaSource::new(
         &config.kafka,
         config.pipeline.linger,
-        tracker,
+        tracker.clone(),
         assignment,
         shutdown.clone(),
     )?;
-    let mut pipeline = Pipeline::new(config, rules, &config.kafka.topics.transactions)?;
+    // Exactly-once: a checkpoint counts only if its transaction committed. Its mark says so,
+    // or (a crash between the commit and the mark) the group's offsets, committed in it.
+    let accept = |listed: &riskstream_checkpoint::Listed| -> Result<(), String> {
+        if !exactly_once || listed.committed {
+            return Ok(());
+        }
+        let manifest = listed.manifest.as_ref().map_err(Clone::clone)?;
+        match committed_offsets(&source, topic, manifest.offsets.keys().copied()) {
+            Ok(committed) if committed == manifest.offsets => Ok(()),
+            Ok(_) => Err("its transaction did not commit".into()),
+            Err(e) => Err(format!("its transaction may not have committed ({e})")),
+        }
+    };
+    let (mut pipeline, restored) = Pipeline::recover(config, rules, topic, accept)?;
+    if let Some(manifest) = &restored {
+        source.start_at(&manifest.offsets)?;
+    }
+    if let Some(checkpointer) = pipeline.checkpointer() {
+        source.commit_with(checkpointer.clone());
+    }
+    let mut sink = if exactly_once {
+        source.without_commits();
+        let group = source.group_metadata().ok_or_else(|| SourceError::Stream {
+            name: topic.clone(),
+            message: "exactly_once delivery needs the consumer group's metadata".into(),
+        })?;
+        let id = format!("{}-{}", config.kafka.group_id, config.checkpoint_name());
+        KafkaSink::transactional(&config.kafka, tracker, &id, group)?
+    } else {
+        KafkaSink::new(&config.kafka, tracker)?
+    };
+    if let (Some(handle), Some(requests), Some(checkpointer)) = (
+        &observers.checkpoints,
+        pipeline.checkpoint_requests(),
+        pipeline.checkpointer(),
+    ) {
+        handle.set(requests, checkpointer.clone());
+    }
     if let Some(status) = observers.status {
         source.report_to(Arc::clone(&status));
         pipeline.report_to(status);
@@ -156,10 +198,38 @@ pub fn run_observed(
         _ => None,
     };
     let result = riskstream_pipeline::run(&mut source, &mut pipeline, &mut sink);
+    if let Some(checkpointer) = pipeline.checkpointer() {
+        checkpointer.clone().stop();
+    }
     if let Some(labels) = labels {
         // The labels thread watches the same flag; make sure it ends even after an error.
         shutdown.store(true, std::sync::atomic::Ordering::Release);
         labels.join();
     }
     result
+}
+
+/// The group's committed offsets of `partitions` of `topic` (partitions without one are left
+/// out).
+fn committed_offsets(
+    source: &KafkaSource,
+    topic: &str,
+    partitions: impl Iterator<Item = i32>,
+) -> Result<std::collections::BTreeMap<i32, i64>, rdkafka::error::KafkaError> {
+    use rdkafka::consumer::Consumer;
+    let mut list = rdkafka::TopicPartitionList::new();
+    for p in partitions {
+        list.add_partition(topic, p);
+    }
+    let committed = source
+        .consumer()
+        .committed_offsets(list, std::time::Duration::from_secs(10))?;
+    Ok(committed
+        .elements_for_topic(topic)
+        .iter()
+        .filter_map(|e| match e.offset() {
+            rdkafka::Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect())
 }

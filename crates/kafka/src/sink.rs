@@ -5,15 +5,21 @@
 //! which the source commits offsets (at-least-once). The sink never retries on its own: the
 //! producer retries transient errors indefinitely (idempotent, `acks=all`); a permanent failure
 //! stops the pipeline with its offsets uncommitted.
+//!
+//! With exactly-once delivery the producer is transactional: everything produced between two
+//! checkpoints is one transaction, committed with the consumer offsets of the second
+//! ([`Sink::commit`]). Its `transactional.id` is stable per instance, so a restarted instance
+//! fences its predecessor and the broker aborts what that one left open.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::Counter;
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use riskstream_common::{DeadLetter, KafkaConfig, RawBatch};
 use riskstream_pipeline::{Sink, SinkError, VerdictBatch};
 
@@ -58,6 +64,23 @@ pub struct KafkaSink {
     /// Ticket of the batch being emitted.
     current: Option<TicketId>,
     produced: [Counter; 3],
+    /// Exactly-once: the transaction's settings.
+    transactions: Option<Transactions>,
+}
+
+/// A transactional producer's settings and counters.
+struct Transactions {
+    /// The topic whose consumer offsets go in each transaction.
+    source_topic: String,
+    group: ConsumerGroupMetadata,
+    timeout: Duration,
+    committed: Counter,
+    aborted: Counter,
+    /// When each batch of the open transaction was handed to the producer.
+    batches: Vec<std::time::Instant>,
+    /// From a batch's production to its transaction's commit: what exactly-once adds to the
+    /// time until a `read_committed` consumer sees a verdict.
+    commit_wait: metrics::Histogram,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -74,11 +97,61 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
 impl KafkaSink {
     /// A producer for `config`'s cluster and topics, reporting deliveries to `tracker`.
     pub fn new(config: &KafkaConfig, tracker: Arc<DeliveryTracker>) -> Result<Self, SinkError> {
+        Self::create(config, tracker, None)
+    }
+
+    /// A transactional producer (exactly-once) with `transactional_id`: fences any earlier
+    /// producer with that id (the broker aborts its open transaction) and begins the first
+    /// transaction. `group` is the transactions consumer's group, whose offsets each
+    /// transaction commits.
+    pub fn transactional(
+        config: &KafkaConfig,
+        tracker: Arc<DeliveryTracker>,
+        transactional_id: &str,
+        group: ConsumerGroupMetadata,
+    ) -> Result<Self, SinkError> {
+        let transactions = Transactions {
+            source_topic: config.topics.transactions.clone(),
+            group,
+            timeout: config.transaction_timeout,
+            committed: metrics::counter!("riskstream_kafka_transactions_total", "outcome" => "committed"),
+            aborted: metrics::counter!("riskstream_kafka_transactions_total", "outcome" => "aborted"),
+            batches: Vec::new(),
+            commit_wait: metrics::histogram!("riskstream_kafka_commit_wait_seconds"),
+        };
+        let sink = Self::create(config, tracker, Some((transactional_id, transactions)))?;
+        let timeout = config.transaction_timeout;
+        sink.producer
+            .init_transactions(timeout)
+            .and_then(|()| sink.producer.begin_transaction())
+            .map_err(|e| stream_error(&sink.verdicts_topic, e))?;
+        tracing::info!(
+            transactional_id,
+            "transactional producer ready; earlier instances fenced"
+        );
+        Ok(sink)
+    }
+
+    fn create(
+        config: &KafkaConfig,
+        tracker: Arc<DeliveryTracker>,
+        transactional: Option<(&str, Transactions)>,
+    ) -> Result<Self, SinkError> {
         let context = DeliveryContext {
             tracker: tracker.clone(),
             failures: metrics::counter!("riskstream_kafka_delivery_failures_total"),
         };
-        let producer = client_config(config, Role::Producer)
+        let mut client = client_config(config, Role::Producer);
+        if let Some((id, _)) = &transactional {
+            let timeout = config.transaction_timeout.as_millis().to_string();
+            // A transactional producer cannot wait forever for a message: it must be
+            // delivered or failed within the transaction's life.
+            client
+                .set("transactional.id", *id)
+                .set("transaction.timeout.ms", &timeout)
+                .set("message.timeout.ms", &timeout);
+        }
+        let producer = client
             .create_with_context(context)
             .map_err(|e| stream_error(&config.topics.verdicts, e))?;
         let topic_counter = |t: &str| metrics::counter!("riskstream_kafka_produced_total", "topic" => t.to_string());
@@ -94,6 +167,7 @@ impl KafkaSink {
             dlq_topic: config.topics.dlq.clone(),
             late_topic: config.topics.late.clone(),
             current: None,
+            transactions: transactional.map(|(_, t)| t),
         })
     }
 
@@ -252,6 +326,9 @@ impl Sink for KafkaSink {
     }
 
     fn end_batch(&mut self, raw: &RawBatch) -> Result<(), SinkError> {
+        if let Some(t) = &mut self.transactions {
+            t.batches.push(std::time::Instant::now());
+        }
         let ticket = self.ticket()?;
         self.tracker.seal(ticket, raw.positions());
         self.current = None;
@@ -259,6 +336,44 @@ impl Sink for KafkaSink {
     }
 
     /// Waits until the broker acknowledged every message sent.
+    fn commit(&mut self, offsets: &std::collections::BTreeMap<i32, i64>) -> Result<(), SinkError> {
+        let Some(t) = &mut self.transactions else {
+            return Ok(());
+        };
+        let err = |e| stream_error(&self.verdicts_topic, e);
+        let mut list = TopicPartitionList::new();
+        for (&p, &offset) in offsets {
+            list.add_partition_offset(&t.source_topic, p, Offset::Offset(offset))
+                .map_err(err)?;
+        }
+        let committed = self
+            .producer
+            .send_offsets_to_transaction(&list, &t.group, t.timeout)
+            .and_then(|()| self.producer.commit_transaction(t.timeout));
+        if let Err(e) = committed {
+            t.aborted.increment(1);
+            if let Err(abort) = self.producer.abort_transaction(t.timeout) {
+                tracing::error!(error = %abort, "cannot abort the transaction either");
+            }
+            return Err(err(e));
+        }
+        t.committed.increment(1);
+        let now = std::time::Instant::now();
+        for sent in t.batches.drain(..) {
+            t.commit_wait.record((now - sent).as_secs_f64());
+        }
+        self.producer.begin_transaction().map_err(err)?;
+        // Everything produced so far is delivered: the tracker's failures would have failed
+        // the commit.
+        match self.tracker.failure() {
+            Some(message) => Err(SinkError::Stream {
+                name: self.verdicts_topic.clone(),
+                message,
+            }),
+            None => Ok(()),
+        }
+    }
+
     fn flush(&mut self) -> Result<(), SinkError> {
         self.producer
             .flush(FLUSH_TIMEOUT)

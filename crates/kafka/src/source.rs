@@ -6,15 +6,19 @@
 //! What it must not do: decode, buffer beyond one batch, or commit an offset whose outputs the
 //! broker has not acknowledged.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use metrics::Counter;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance,
+    RebalanceProtocol,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use riskstream_common::{KafkaConfig, Position, RawBatch};
 use riskstream_pipeline::source::now_ms;
@@ -35,6 +39,31 @@ pub struct SourceContext {
     paused: AtomicBool,
     /// Where positions and lag go (from librdkafka's statistics, once a second).
     status: OnceLock<Arc<StatusBoard>>,
+    /// Offsets to start partitions at when first assigned (a restored checkpoint's), instead
+    /// of the group's committed ones.
+    start_offsets: Mutex<BTreeMap<i32, i64>>,
+    /// Whether this source commits offsets (not with exactly-once delivery, where they go in
+    /// the sink's transactions).
+    commits: AtomicBool,
+    /// With checkpoints, offsets are committed as the newest checkpoint records them (it
+    /// exists only once the outputs before them are acknowledged): the group's offsets and the
+    /// restored state then always agree.
+    checkpoints: OnceLock<riskstream_checkpoint::Checkpointer>,
+}
+
+impl SourceContext {
+    /// What may be committed now: the newest checkpoint's offsets, or without checkpoints the
+    /// acknowledged ones.
+    fn committable(&self) -> Vec<(i32, i64)> {
+        match self.checkpoints.get() {
+            Some(c) => c
+                .stats()
+                .latest
+                .map(|m| m.offsets.into_iter().collect())
+                .unwrap_or_default(),
+            None => self.tracker.committable(),
+        }
+    }
 }
 
 impl ClientContext for SourceContext {
@@ -78,6 +107,65 @@ impl ClientContext for SourceContext {
 }
 
 impl ConsumerContext for SourceContext {
+    /// librdkafka's own rebalance handling, except that partitions with a start offset (from a
+    /// restored checkpoint) start there.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let mut starts = lock(&self.start_offsets);
+                let partitions: Vec<i32> = tpl
+                    .elements_for_topic(&self.topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect();
+                for p in partitions {
+                    if let Some(offset) = starts.remove(&p) {
+                        if let Err(e) =
+                            tpl.set_partition_offset(&self.topic, p, Offset::Offset(offset))
+                        {
+                            tracing::warn!(partition = p, error = %e, "cannot start at the checkpoint's offset");
+                        } else {
+                            tracing::info!(
+                                partition = p,
+                                offset,
+                                "starting at the checkpoint's offset"
+                            );
+                        }
+                    }
+                }
+                drop(starts);
+                Rebalance::Assign(tpl)
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+            other => {
+                let e = KafkaError::Rebalance(other.into());
+                self.pre_rebalance(consumer, &Rebalance::Error(e.clone()));
+                self.post_rebalance(consumer, &Rebalance::Error(e));
+                return;
+            }
+        };
+        self.pre_rebalance(consumer, &rebalance);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let applied = match (&rebalance, cooperative) {
+            (Rebalance::Assign(list), true) => consumer.incremental_assign(list),
+            (Rebalance::Assign(list), false) => consumer.assign(list),
+            (Rebalance::Revoke(list), true) => consumer.incremental_unassign(list),
+            _ => consumer.unassign(),
+        };
+        if let Err(e) = applied {
+            tracing::error!(error = %e, "cannot apply the group's assignment");
+        }
+        self.post_rebalance(consumer, &rebalance);
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(list) = rebalance {
             let partitions: Vec<i32> = list
@@ -87,8 +175,12 @@ impl ConsumerContext for SourceContext {
                 .collect();
             // Commit what is acknowledged before the partitions go to another member; what is
             // still in flight is consumed again there (at-least-once).
-            let offsets = self.tracker.revoke(&partitions);
-            if !offsets.is_empty() {
+            let mut offsets = self.tracker.revoke(&partitions);
+            if self.checkpoints.get().is_some() {
+                offsets = self.committable();
+                offsets.retain(|(p, _)| partitions.contains(p));
+            }
+            if !offsets.is_empty() && self.commits.load(Ordering::Acquire) {
                 if let Err(e) = commit(consumer, &self.topic, &offsets, CommitMode::Sync) {
                     tracing::warn!(error = %e, "commit on revocation failed; the new owner re-reads from the last commit");
                 }
@@ -228,6 +320,9 @@ impl KafkaSource {
             rebalanced: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             status: OnceLock::new(),
+            start_offsets: Mutex::new(BTreeMap::new()),
+            commits: AtomicBool::new(true),
+            checkpoints: OnceLock::new(),
         };
         let stream_error = |e: KafkaError| SourceError::Stream {
             name: topic.clone(),
@@ -281,6 +376,42 @@ impl KafkaSource {
         let _ = self.consumer.context().status.set(status);
     }
 
+    /// Starts partitions at `offsets` (a restored checkpoint's) rather than where the group
+    /// committed: a partition assigned already is moved there now, the others when the group
+    /// first assigns them.
+    pub fn start_at(&mut self, offsets: &BTreeMap<i32, i64>) -> Result<(), SourceError> {
+        let assignment = self.consumer.assignment().map_err(|e| self.error(e))?;
+        let mut later = offsets.clone();
+        let mut now = TopicPartitionList::new();
+        for element in assignment.elements_for_topic(&self.topic) {
+            let p = element.partition();
+            let offset = later.remove(&p).map_or(element.offset(), Offset::Offset);
+            now.add_partition_offset(&self.topic, p, offset)
+                .map_err(|e| self.error(e))?;
+        }
+        if now.count() > 0 {
+            self.consumer.assign(&now).map_err(|e| self.error(e))?;
+        }
+        *lock(&self.context().start_offsets) = later;
+        Ok(())
+    }
+
+    /// Commits offsets as `checkpointer`'s newest checkpoint records them, not as outputs are
+    /// acknowledged.
+    pub fn commit_with(&mut self, checkpointer: riskstream_checkpoint::Checkpointer) {
+        let _ = self.context().checkpoints.set(checkpointer);
+    }
+
+    /// Leaves offsets to the sink's transactions (exactly-once): this source commits none.
+    pub fn without_commits(&mut self) {
+        self.context().commits.store(false, Ordering::Release);
+    }
+
+    /// The consumer group's metadata, for offsets sent in a transaction.
+    pub fn group_metadata(&self) -> Option<ConsumerGroupMetadata> {
+        self.consumer.group_metadata()
+    }
+
     /// The underlying consumer (lag and position queries).
     pub fn consumer(&self) -> &BaseConsumer<SourceContext> {
         &self.consumer
@@ -292,7 +423,10 @@ impl KafkaSource {
 
     /// Commits the acknowledged offsets if they moved (asynchronously unless `mode` says).
     fn commit_acknowledged(&mut self, mode: CommitMode) -> Result<(), KafkaError> {
-        let offsets = self.context().tracker.committable();
+        if !self.context().commits.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let offsets = self.context().committable();
         self.last_commit = Instant::now();
         if offsets.is_empty() || offsets == self.committed {
             return Ok(());

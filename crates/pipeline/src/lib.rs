@@ -8,6 +8,7 @@
 //! What this crate must not do: parse JSON by hand (decode owns that), interpret rules (rules
 //! owns that), or hold state across batches other than reusable buffers.
 
+pub mod checkpoint;
 pub mod sink;
 pub mod source;
 pub mod status;
@@ -21,13 +22,17 @@ use arrow::array::{AsArray, BooleanArray, RecordBatch, TimestampMillisecondArray
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, TimestampMillisecondType};
 use metrics::Counter;
-use riskstream_common::{Config, DeadLetter, DeadReason, EventSchema, RawBatch, SchemaError};
+use riskstream_checkpoint::{CheckpointError, CheckpointStore, Checkpointer, Listed, Manifest};
+use riskstream_common::{
+    Config, DeadLetter, DeadReason, Delivery, EventSchema, RawBatch, SchemaError,
+};
 use riskstream_decode::{DecodeError, Decoded, EventDecoder};
 use riskstream_features::{FeatureError, FeatureOperator, StateStats};
 use riskstream_rules::{CompiledBundle, Decision, RuleTable, ScoreError};
 use riskstream_state::{Cf, StateStore};
 use riskstream_time::{Rejection, TimeStage};
 
+pub use checkpoint::{CheckpointHandle, CheckpointRequests, Marker};
 pub use sink::{JsonLinesSink, Sink, SinkError};
 pub use source::{JsonLinesSource, Source, SourceError, SourceState};
 pub use status::{PartitionStatus, PipelineStatus, RecentEvents, StatusBoard};
@@ -48,6 +53,8 @@ pub enum PipelineError {
     Features(#[from] FeatureError),
     #[error("invalid configuration: {0}")]
     Config(#[from] SchemaError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     #[error("cannot create a temporary state directory: {source}")]
     TempState {
         #[source]
@@ -94,6 +101,12 @@ pub struct Pipeline {
     /// Processing time of the last state flush.
     last_flush: Option<i64>,
     flush_interval_ms: i64,
+    /// Per source partition, the offset after the last record of the last batch.
+    offsets: BTreeMap<i32, i64>,
+    /// When checkpoints are taken, and by whom they are uploaded.
+    checkpoints: Option<checkpoint::Schedule>,
+    /// The checkpoint begun after the last batch, for the sink.
+    marker: Option<Marker>,
     /// Keeps a temporary state directory alive (declared after `features`, which holds the
     /// store, so the database closes before the directory is removed).
     _temp_state: Option<tempfile::TempDir>,
@@ -212,18 +225,108 @@ impl Pipeline {
         rules: Arc<RuleTable>,
         source_name: &str,
     ) -> Result<Self, PipelineError> {
-        let schema = config.event_schema()?;
-        let decoder = EventDecoder::new(&schema, config.pipeline.batch_max_events)?;
-        let (dir, temp) = match &config.state.dir {
-            Some(dir) => (dir.clone(), None),
+        let (dir, temp) = state_dir(config)?;
+        Self::open(config, rules, source_name, dir, temp)
+    }
+
+    /// [`Self::new`] with checkpoints when `config` has somewhere to put them: first restores
+    /// the state directory from the newest checkpoint that `accept` takes (and whose files are
+    /// sound), then takes checkpoints every `checkpoint.interval` and on request. Returns the
+    /// restored checkpoint's manifest: the source must start at its offsets.
+    pub fn recover(
+        config: &Config,
+        rules: Arc<RuleTable>,
+        source_name: &str,
+        accept: impl Fn(&Listed) -> Result<(), String>,
+    ) -> Result<(Self, Option<Manifest>), PipelineError> {
+        let Some(url) = config.checkpoint_url() else {
+            if config.kafka.delivery == Delivery::ExactlyOnce {
+                return Err(CheckpointError::Config {
+                    location: String::new(),
+                    message:
+                        "exactly_once delivery needs checkpoints: set checkpoint.url or state.dir"
+                            .into(),
+                }
+                .into());
+            }
+            return Ok((Self::new(config, rules, source_name)?, None));
+        };
+        let (dir, temp) = state_dir(config)?;
+        let instance = config.checkpoint_name();
+        let store = CheckpointStore::open(&url, &instance)?;
+        let restored = store.restore(&dir, accept, |restored| {
+            StateStore::open(restored)
+                .map(drop)
+                .map_err(|e| format!("the restored state does not open: {e}"))
+        })?;
+        let restored = match restored {
+            Some(r) => {
+                tracing::info!(
+                    checkpoint = r.manifest.id,
+                    location = store.location(),
+                    offsets = ?r.manifest.offsets,
+                    rules_version = r.manifest.rules_version,
+                    skipped = r.skipped.len(),
+                    "state restored from checkpoint {}",
+                    r.manifest.id
+                );
+                Some(r.manifest)
+            }
             None => {
-                let temp = tempfile::Builder::new()
-                    .prefix("riskstream-state-")
-                    .tempdir()
-                    .map_err(|source| PipelineError::TempState { source })?;
-                (temp.path().to_path_buf(), Some(temp))
+                // Offsets are committed only with checkpoints: without one the source starts
+                // from the beginning (or `auto_offset_reset`), and state left by a run whose
+                // checkpoints never completed would count its events twice.
+                if dir.exists() {
+                    tracing::warn!(location = store.location(), state = %dir.display(), "no checkpoint to restore: starting with empty state");
+                    std::fs::remove_dir_all(&dir).map_err(|source| CheckpointError::Io {
+                        what: dir.display().to_string(),
+                        source,
+                    })?;
+                } else {
+                    tracing::info!(
+                        location = store.location(),
+                        "no checkpoint to restore: starting with empty state"
+                    );
+                }
+                None
             }
         };
+        let checkpointer = Checkpointer::start(
+            store,
+            restored.as_ref(),
+            config.checkpoint.retain,
+            config.kafka.delivery == Delivery::AtLeastOnce,
+        )?;
+        let staging = sibling(&dir, "staging");
+        let _ = std::fs::remove_dir_all(&staging);
+        let mut pipeline = Self::open(config, rules, source_name, dir, temp)?;
+        if let Some(m) = &restored {
+            pipeline.offsets = m.offsets.clone();
+        }
+        pipeline.checkpoints = Some(checkpoint::Schedule {
+            checkpointer,
+            interval_ms: config.checkpoint.interval.as_millis() as i64,
+            last_at: None,
+            requests: Arc::new(CheckpointRequests::default()),
+            served: 0,
+            staging,
+            source: source_name.to_string(),
+            instance,
+            delivery: config.kafka.delivery,
+            last_offsets: BTreeMap::new(),
+        });
+        Ok((pipeline, restored))
+    }
+
+    fn open(
+        config: &Config,
+        rules: Arc<RuleTable>,
+        source_name: &str,
+        dir: std::path::PathBuf,
+        temp: Option<tempfile::TempDir>,
+    ) -> Result<Self, PipelineError> {
+        let schema = config.event_schema()?;
+        let decoder = EventDecoder::new(&schema, config.pipeline.batch_max_events)?;
         let store = Arc::new(StateStore::open(&dir).map_err(FeatureError::from)?);
         // Continue the watermarks of an earlier run over the same state.
         let mut time = TimeStage::new(&config.time);
@@ -253,8 +356,107 @@ impl Pipeline {
             recent: None,
             last_flush: None,
             flush_interval_ms: config.state.flush_interval.as_millis() as i64,
+            offsets: BTreeMap::new(),
+            checkpoints: None,
+            marker: None,
             _temp_state: temp,
         })
+    }
+
+    /// Where on-demand checkpoints are requested, when checkpoints are taken.
+    pub fn checkpoint_requests(&self) -> Option<Arc<CheckpointRequests>> {
+        self.checkpoints.as_ref().map(|c| Arc::clone(&c.requests))
+    }
+
+    /// Who uploads the checkpoints, when they are taken.
+    pub fn checkpointer(&self) -> Option<&Checkpointer> {
+        self.checkpoints.as_ref().map(|c| &c.checkpointer)
+    }
+
+    /// Per source partition, the offset after the last record processed.
+    pub fn offsets(&self) -> &BTreeMap<i32, i64> {
+        &self.offsets
+    }
+
+    /// The checkpoint begun after the last batch, if one was: hand it to the sink after that
+    /// batch's outputs.
+    pub fn take_marker(&mut self) -> Option<Marker> {
+        self.marker.take()
+    }
+
+    /// Begins a checkpoint at this batch boundary (when checkpoints are taken): snapshots the
+    /// changed state (the synchronous part), then writes it, takes a RocksDB checkpoint and
+    /// hands it to the checkpointer in the background. The marker is kept for
+    /// [`Self::take_marker`].
+    pub fn checkpoint(&mut self, now_ms: i64) -> Result<(), PipelineError> {
+        let progress = self.partition_progress();
+        let rules_version = self.rules.load().version();
+        let Some(schedule) = &mut self.checkpoints else {
+            return Ok(());
+        };
+        let began = Instant::now();
+        let mut manifest = schedule.begin(now_ms, &self.offsets);
+        manifest.offsets = self.offsets.clone();
+        manifest.max_event_times = progress.into_iter().collect();
+        manifest.rules_version = rules_version;
+        let id = manifest.id;
+        let offsets = manifest.offsets.clone();
+        let sync_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let after = schedule.after_write(manifest, began, Arc::clone(&sync_us));
+        let marker = Marker {
+            id,
+            offsets,
+            delivery: schedule.delivery,
+            checkpointer: schedule.checkpointer.clone(),
+        };
+        let progress = self.progress_meta();
+        let meta: Vec<(&[u8], &[u8])> = progress
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect();
+        let _span = tracing::info_span!("checkpoint", id).entered();
+        self.features.flush_then(&meta, Some(after))?;
+        // All at once: the writer may wait for this checkpoint (exactly-once) before it takes
+        // more outputs, so no later batch can be relied on to collect the rest.
+        self.features.collect_now()?;
+        sync_us.store(
+            began.elapsed().as_micros() as u64,
+            std::sync::atomic::Ordering::Release,
+        );
+        self.last_flush = Some(now_ms);
+        self.marker = Some(marker);
+        Ok(())
+    }
+
+    /// Between batches, while no input arrives: takes a checkpoint that was requested, or whose
+    /// interval passed with records read since the last one (exactly-once: their outputs are
+    /// committed only then).
+    pub fn idle(&mut self, now_ms: i64) -> Result<(), PipelineError> {
+        let writing = self.features.writing();
+        let Some(schedule) = &mut self.checkpoints else {
+            return Ok(());
+        };
+        let moved = schedule.last_offsets != self.offsets;
+        if !writing && (schedule.requested() || (moved && schedule.due(now_ms))) {
+            self.checkpoint(now_ms)?;
+        }
+        Ok(())
+    }
+
+    /// Per partition, the highest event time seen (what a restart restores).
+    fn partition_progress(&self) -> Vec<(i32, i64)> {
+        let skew = self.time.config().max_out_of_orderness.as_millis() as i64;
+        self.time
+            .partition_watermarks()
+            .map(|(p, wm)| (p, wm + skew))
+            .collect()
+    }
+
+    fn progress_meta(&self) -> Vec<(Vec<u8>, [u8; 8])> {
+        self.partition_progress()
+            .into_iter()
+            .map(|(p, max)| (partition_key(p), max.to_le_bytes()))
+            .collect()
     }
 
     /// Reports progress to `status` after every batch; marks the state restored.
@@ -305,6 +507,10 @@ impl Pipeline {
         now_ms: i64,
     ) -> Result<(), PipelineError> {
         out.clear();
+        for p in raw.positions() {
+            let next = self.offsets.entry(p.partition).or_insert(0);
+            *next = (*next).max(p.offset + 1);
+        }
         out.dead = decoded.dead;
         if decoded.batch.num_rows() == 0 {
             self.count_dead(&out.dead);
@@ -381,6 +587,9 @@ impl Pipeline {
         out.rules_version = bundle.version();
         self.report(&bundle, out, rows.len(), now_ms);
         self.evict(&bundle, now_ms)?;
+        if !self.features.writing() && self.checkpoints.as_mut().is_some_and(|c| c.due(now_ms)) {
+            return self.checkpoint(now_ms);
+        }
         match self.last_flush {
             // Applied in the background; scoring goes on. While the last one is still being
             // applied, the next waits for a later batch rather than hold this one up.
@@ -450,14 +659,7 @@ impl Pipeline {
     /// Starts writing the changed feature state and the partitions' progress (one write batch,
     /// applied in the background).
     fn write_state(&mut self) -> Result<(), PipelineError> {
-        let progress: Vec<(Vec<u8>, [u8; 8])> = self
-            .time
-            .partition_watermarks()
-            .map(|(p, wm)| {
-                let max = wm + self.time.config().max_out_of_orderness.as_millis() as i64;
-                (partition_key(p), max.to_le_bytes())
-            })
-            .collect();
+        let progress = self.progress_meta();
         let meta: Vec<(&[u8], &[u8])> = progress
             .iter()
             .map(|(k, v)| (k.as_slice(), v.as_slice()))
@@ -654,7 +856,7 @@ pub fn run(
     pipeline: &mut Pipeline,
     sink: &mut (dyn Sink + Send),
 ) -> Result<Summary, PipelineError> {
-    use std::sync::mpsc::{sync_channel, TrySendError};
+    use std::sync::mpsc::{sync_channel, RecvTimeoutError, TrySendError};
 
     /// Batches in flight between two stages.
     const IN_FLIGHT: usize = 2;
@@ -666,7 +868,7 @@ pub fn run(
     let started = Instant::now();
     let mut summary = Summary::default();
     let (to_score, decoded) = sync_channel::<Input>(IN_FLIGHT);
-    let (to_write, scored) = sync_channel::<(RawBatch, Processed)>(IN_FLIGHT);
+    let (to_write, scored) = sync_channel::<Output>(IN_FLIGHT);
 
     let summary = std::thread::scope(|scope| {
         let source_ref = &mut *source;
@@ -718,7 +920,14 @@ pub fn run(
         });
         let source_name = &source_name;
         let writer = scope.spawn(move || -> Result<(), PipelineError> {
-            for (raw, out) in scored {
+            for output in scored {
+                let (raw, out) = match output {
+                    Output::Batch(raw, out) => (raw, out),
+                    Output::Checkpoint(marker) => {
+                        checkpoint_outputs(sink, &marker)?;
+                        continue;
+                    }
+                };
                 sink.verdicts(&out.verdicts)?;
                 if !out.dead.is_empty() {
                     sink.dead_letters(source_name, &raw, &out.dead)?;
@@ -732,8 +941,21 @@ pub fn run(
             Ok(())
         });
 
-        let scoring = (|| -> Result<(), PipelineError> {
-            for input in decoded {
+        let scoring = (|| -> Result<Option<(u64, Checkpointer)>, PipelineError> {
+            loop {
+                let input = match decoded.recv_timeout(IDLE_TICK) {
+                    Ok(input) => input,
+                    Err(RecvTimeoutError::Timeout) => {
+                        pipeline.idle(source::now_ms())?;
+                        if let Some(marker) = pipeline.take_marker() {
+                            if to_write.send(Output::Checkpoint(marker)).is_err() {
+                                return Ok(None);
+                            }
+                        }
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                };
                 let (raw, batch) = match input {
                     Input::Batch(raw, batch, backlogged) => {
                         pipeline.time.keep_active(&backlogged, source::now_ms());
@@ -742,6 +964,7 @@ pub fn run(
                     Input::Revoked(partitions) => {
                         for &p in &partitions {
                             pipeline.time.remove_partition(p);
+                            pipeline.offsets.remove(&p);
                         }
                         pipeline.report_partitions(&partitions, false);
                         continue;
@@ -765,14 +988,29 @@ pub fn run(
                 pipeline.process_decoded(&raw, batch, &mut out, source::now_ms())?;
                 span.record("rules_version", out.rules_version);
                 summary.add(&raw, &out);
-                if to_write.send((raw, out)).is_err() {
+                if to_write.send(Output::Batch(raw, out)).is_err() {
                     // The writer stopped (its error is reported): keep the stored state at the
                     // last flush rather than claim batches whose verdicts were not written.
-                    return Ok(());
+                    return Ok(None);
+                }
+                if let Some(marker) = pipeline.take_marker() {
+                    if to_write.send(Output::Checkpoint(marker)).is_err() {
+                        return Ok(None);
+                    }
+                }
+            }
+            // The end of the input (or a shutdown): a last checkpoint covers everything read.
+            let mut last = None;
+            if pipeline.checkpoints.is_some() {
+                pipeline.checkpoint(source::now_ms())?;
+                if let Some(marker) = pipeline.take_marker() {
+                    last = Some((marker.id, marker.checkpointer.clone()));
+                    let _ = to_write.send(Output::Checkpoint(marker));
                 }
             }
             drop(to_write);
-            pipeline.flush_state()
+            pipeline.flush_state()?;
+            Ok(last)
         })();
         let read = reader
             .join()
@@ -781,13 +1019,78 @@ pub fn run(
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         // The root cause first: a failing sink or source makes the scorer stop too.
-        written.and(read).and(scoring).map(|()| summary)
+        let last = written.and(read).and(scoring)?;
+        // A clean stop leaves a checkpoint of everything read.
+        if let Some((id, checkpointer)) = last {
+            checkpointer.wait(id, LAST_CHECKPOINT_TIMEOUT)?;
+        }
+        Ok::<_, PipelineError>(summary)
     })?;
     // Every output is flushed: the source may now record its progress.
     source.close()?;
     let mut summary = summary;
     summary.elapsed = started.elapsed();
     Ok(summary)
+}
+
+/// How long the scorer waits for input before it looks whether a checkpoint is due.
+const IDLE_TICK: Duration = Duration::from_millis(100);
+/// How long a stopping pipeline waits for its last checkpoint.
+const LAST_CHECKPOINT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the writer waits for a checkpoint before it commits its transaction (exactly-once).
+const COMMIT_WAIT: Duration = Duration::from_secs(120);
+
+/// What the scorer hands the writer.
+// Nearly every value is a batch: boxing it to shrink the rare marker would cost an allocation
+// per batch.
+#[allow(clippy::large_enum_variant)]
+enum Output {
+    Batch(RawBatch, Processed),
+    /// A checkpoint covering every batch handed over before it.
+    Checkpoint(Marker),
+}
+
+/// The writer's part of a checkpoint. At-least-once: waits until every output handed to the
+/// sink so far is acknowledged, then lets the checkpoint's manifest be written (a checkpoint
+/// must not cover an event whose verdict could still be lost). Exactly-once: waits until the
+/// checkpoint exists, then commits the outputs since the last one with its offsets.
+fn checkpoint_outputs(sink: &mut (dyn Sink + Send), marker: &Marker) -> Result<(), PipelineError> {
+    match marker.delivery {
+        Delivery::AtLeastOnce => {
+            sink.flush()?;
+            marker.checkpointer.outputs_durable(marker.id);
+        }
+        Delivery::ExactlyOnce => {
+            marker.checkpointer.wait(marker.id, COMMIT_WAIT)?;
+            sink.commit(&marker.offsets)?;
+            marker.checkpointer.committed(marker.id);
+        }
+    }
+    Ok(())
+}
+
+/// The state directory of `config`, or a fresh temporary one kept alive by the guard.
+fn state_dir(
+    config: &Config,
+) -> Result<(std::path::PathBuf, Option<tempfile::TempDir>), PipelineError> {
+    match &config.state.dir {
+        Some(dir) => Ok((dir.clone(), None)),
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix("riskstream-state-")
+                .tempdir()
+                .map_err(|source| PipelineError::TempState { source })?;
+            // The store goes one level down, so that its staging directory is beside it.
+            Ok((temp.path().join("db"), Some(temp)))
+        }
+    }
+}
+
+/// `dir` with `.suffix` appended to its last component.
+fn sibling(dir: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{suffix}"));
+    dir.with_file_name(name)
 }
 
 /// What the reader hands the scorer.

@@ -53,6 +53,14 @@ pub trait Sink {
 
     /// Makes everything emitted so far durable (or at least handed to the OS).
     fn flush(&mut self) -> Result<(), SinkError>;
+
+    /// Exactly-once: makes every output since the last commit visible together with the
+    /// source `offsets` (per partition, the first record not covered), atomically. Sinks
+    /// without transactions have nothing to do.
+    fn commit(&mut self, offsets: &std::collections::BTreeMap<i32, i64>) -> Result<(), SinkError> {
+        let _ = offsets;
+        Ok(())
+    }
 }
 
 /// Verdicts and dead letters as JSON lines.

@@ -52,6 +52,12 @@ pub enum StateError {
         #[source]
         source: rocksdb::Error,
     },
+    #[error("state store {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("state store {path}: column family `{cf}` is missing")]
     MissingCf { path: PathBuf, cf: &'static str },
     #[error("state store {path}: cannot start a writer thread: {source}")]
@@ -61,6 +67,9 @@ pub enum StateError {
         source: std::io::Error,
     },
 }
+
+/// Runs on the writer thread after a background write, with its outcome.
+pub type AfterWrite = Box<dyn FnOnce(&StateStore, Result<(), &StateError>) + Send>;
 
 /// A write batch being applied on a thread of its own ([`StateStore::write_in_background`]).
 #[must_use = "a background write must be waited for before relying on it"]
@@ -212,7 +221,14 @@ impl StateStore {
     /// its own, so that the caller goes on while the batch is encoded and RocksDB inserts it
     /// (the caller hands over what to write, for example shared snapshots of its records).
     /// Batches are applied whole; the caller orders them by waiting.
-    pub fn write_in_background<F>(self: &Arc<Self>, build: F) -> Result<PendingWrite, StateError>
+    ///
+    /// `after`, when given, runs on that thread once the batch is applied (or failed), before
+    /// the write counts as done: nothing the caller writes after waiting for it comes before.
+    pub fn write_in_background<F>(
+        self: &Arc<Self>,
+        build: F,
+        after: Option<AfterWrite>,
+    ) -> Result<PendingWrite, StateError>
     where
         F: FnOnce(&mut StateBatch<'_>) -> Result<(), StateError> + Send + 'static,
     {
@@ -222,8 +238,11 @@ impl StateStore {
             .spawn(move || {
                 yield_cpu_to_scoring();
                 let mut batch = store.batch();
-                build(&mut batch)?;
-                store.write(batch)
+                let written = build(&mut batch).and_then(|()| store.write(batch));
+                if let Some(after) = after {
+                    after(&store, written.as_ref().map(|_| ()));
+                }
+                written
             })
             .map_err(|source| StateError::Thread {
                 path: self.path.clone(),
@@ -312,6 +331,30 @@ impl StateStore {
     /// Number of keys in a column family (exact; walks the column family).
     pub fn count(&self, cf: Cf) -> Result<usize, StateError> {
         Ok(self.scan_prefix(cf, &[])?.len())
+    }
+
+    /// Creates a RocksDB checkpoint of the store's contents in `dir`, which must not exist:
+    /// memtables are flushed (the write-ahead log is off, so they would be missing otherwise),
+    /// then SST files are hard-linked and the small files copied. Blocks for the flush.
+    pub fn checkpoint(&self, dir: &Path) -> Result<(), StateError> {
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| StateError::Io {
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
+        let checkpoint =
+            rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(|e| self.rocks(e))?;
+        checkpoint.create_checkpoint(dir).map_err(|e| self.rocks(e))
+    }
+
+    /// Compacts every column family down to its last level (tests and benchmarks).
+    pub fn compact(&self) -> Result<(), StateError> {
+        for cf in Cf::ALL {
+            self.db
+                .compact_range_cf(self.cf(cf)?, None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
     }
 
     /// Flushes memtables to SST files (for checkpoints and size measurements).

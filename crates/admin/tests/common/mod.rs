@@ -116,12 +116,13 @@ impl Instance {
     pub fn wait_ready(&self, client: &Http) -> TestResult {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let status = client.get(format!("{}/readyz", self.base)).send()?.status();
-            if status == 200 {
+            let response = client.get(format!("{}/readyz", self.base)).send()?;
+            if response.status() == 200 {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("{} not ready after 30 s", self.base).into());
+                let body = response.text().unwrap_or_default();
+                return Err(format!("{} not ready after 30 s: {body}", self.base).into());
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -1,0 +1,119 @@
+//! Checkpoints through the admin API: on demand (201 with the manifest, 401 without the
+//! token, 409 when an instance takes none), listed, reported in `/status`; a clean stop leaves a
+//! checkpoint covering everything read, and the next instance restores it and scores only what
+//! came after.
+
+mod common;
+
+use common::*;
+
+const TOKEN: &str = "cp-token";
+
+#[test]
+fn checkpoints_on_demand_are_listed_and_a_restart_continues_from_the_last_one() -> TestResult {
+    let broker = broker()?;
+    let store = tempfile::tempdir()?;
+    let config = common::config(
+        &broker,
+        &format!(
+            "token = \"{TOKEN}\"\n[checkpoint]\nurl = \"{}\"\ninterval = \"1h\"\nname = \"one\"\n",
+            store.path().display()
+        ),
+    )?;
+    // The next instance joins the group as this one leaves: a short session lets the broker
+    // settle the group quickly.
+    let mut config = config;
+    for (k, v) in [
+        ("session.timeout.ms", "3000"),
+        ("heartbeat.interval.ms", "300"),
+    ] {
+        config.kafka.consumer.insert(k.into(), v.into());
+    }
+    let instance = Instance::start(&config, &bundle(100), false)?;
+    let client = http()?;
+    let base = instance.base.clone();
+    if let Err(e) = instance.wait_ready(&client) {
+        return Err(format!("{e}; the pipeline: {:?}", instance.stop().map(|_| ())).into());
+    }
+
+    let producer = producer(&broker)?;
+    let t0 = now_ms();
+    for i in 0..100 {
+        send(
+            &producer,
+            i % TRANSACTIONS_PARTITIONS,
+            &event(&format!("a{i}"), t0 + i as i64, 50.0),
+        );
+    }
+    flush(&producer)?;
+    assert_eq!(read_verdicts(&broker, 100)?.len(), 100);
+
+    let response = client.post(format!("{base}/api/v1/checkpoints")).send()?;
+    assert_eq!(response.status().as_u16(), 401);
+    let response = client
+        .post(format!("{base}/api/v1/checkpoints"))
+        .bearer_auth(TOKEN)
+        .send()?;
+    assert_eq!(response.status().as_u16(), 201);
+    let taken: serde_json::Value = response.json()?;
+    let offsets: i64 = taken["offsets"]
+        .as_object()
+        .ok_or("offsets")?
+        .values()
+        .filter_map(serde_json::Value::as_i64)
+        .sum();
+    assert_eq!(offsets, 100, "{taken}");
+    assert!(taken["bytes_total"].as_u64() > Some(0), "{taken}");
+
+    let (status, listed) = get_json(&client, &base, "/api/v1/checkpoints")?;
+    assert_eq!(status, 200);
+    let first = &listed["checkpoints"][0];
+    assert_eq!(first["id"], taken["id"], "{listed}");
+    assert_eq!(first["complete"], true);
+    let (_, status) = get_json(&client, &base, "/api/v1/status")?;
+    assert_eq!(status["last_checkpoint"]["id"], taken["id"], "{status}");
+
+    // A clean stop checkpoints everything read; the next instance restores it.
+    instance.stop()?;
+    let instance = Instance::start(&config, &bundle(100), false)?;
+    instance.wait_ready(&client)?;
+    let (_, status) = get_json(&client, &instance.base, "/api/v1/status")?;
+    let restored = status["last_checkpoint"]["id"]
+        .as_u64()
+        .ok_or("no checkpoint")?;
+    assert!(restored > taken["id"].as_u64().ok_or("id")?, "{status}");
+    for i in 0..10 {
+        send(
+            &producer,
+            i % TRANSACTIONS_PARTITIONS,
+            &event(&format!("b{i}"), t0 + 200 + i as i64, 50.0),
+        );
+    }
+    flush(&producer)?;
+    let verdicts = read_verdicts(&broker, 110)?;
+    assert_eq!(verdicts.len(), 110);
+    let repeated: Vec<_> = verdicts.iter().filter(|(_, v)| v.len() > 1).collect();
+    assert!(
+        repeated.is_empty(),
+        "scored again after a clean restart: {repeated:?}"
+    );
+    instance.stop()?;
+    Ok(())
+}
+
+#[test]
+fn an_instance_without_checkpoints_says_so() -> TestResult {
+    let broker = broker()?;
+    let instance = Instance::start(&config(&broker, "")?, &bundle(100), false)?;
+    let client = http()?;
+    let response = client
+        .post(format!("{}/api/v1/checkpoints", instance.base))
+        .send()?;
+    assert_eq!(response.status().as_u16(), 409);
+    let body: serde_json::Value = response.json()?;
+    assert_eq!(body["error"], "checkpoints_off", "{body}");
+    let (status, _) = get_json(&client, &instance.base, "/api/v1/checkpoints")?;
+    assert_eq!(status, 409);
+    instance.stop()?;
+    Ok(())
+}

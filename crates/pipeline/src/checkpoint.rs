@@ -1,0 +1,141 @@
+//! Checkpoints from the pipeline's side: when one is due, what it records (the source offsets
+//! after the last batch, the watermarks, the rules version), and the marker that tells the sink
+//! where the checkpoint falls among its outputs.
+//!
+//! Uploading is the checkpoint crate's; this module must not block scoring for more than the
+//! snapshot of the changed state (the synchronous part).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use riskstream_checkpoint::{Checkpointer, Manifest, Staged};
+use riskstream_common::Delivery;
+
+/// Checkpoints asked for on demand (admin API): a counter the pipeline compares with the
+/// requests it has served.
+#[derive(Debug, Default)]
+pub struct CheckpointRequests {
+    requested: AtomicU64,
+}
+
+impl CheckpointRequests {
+    /// Asks for a checkpoint at the next batch boundary.
+    pub fn request(&self) {
+        self.requested.fetch_add(1, Ordering::AcqRel);
+    }
+
+    fn requested(&self) -> u64 {
+        self.requested.load(Ordering::Acquire)
+    }
+}
+
+/// A running pipeline's checkpoints, for the admin API: where to request one and who uploads
+/// them. Empty until the pipeline has recovered (or when it takes no checkpoints).
+#[derive(Debug, Default)]
+pub struct CheckpointHandle {
+    inner: OnceLock<(Arc<CheckpointRequests>, Checkpointer)>,
+}
+
+impl CheckpointHandle {
+    pub fn set(&self, requests: Arc<CheckpointRequests>, checkpointer: Checkpointer) {
+        let _ = self.inner.set((requests, checkpointer));
+    }
+
+    pub fn get(&self) -> Option<(&CheckpointRequests, &Checkpointer)> {
+        self.inner.get().map(|(r, c)| (r.as_ref(), c))
+    }
+}
+
+/// Where a checkpoint falls among the outputs: every output handed to the sink before it
+/// belongs to the events the checkpoint covers.
+#[derive(Debug)]
+pub struct Marker {
+    pub id: u64,
+    /// Per partition, the offset of the first record not covered.
+    pub offsets: BTreeMap<i32, i64>,
+    pub delivery: Delivery,
+    pub checkpointer: Checkpointer,
+}
+
+/// The pipeline's checkpoint schedule.
+#[derive(Debug)]
+pub(crate) struct Schedule {
+    pub checkpointer: Checkpointer,
+    pub interval_ms: i64,
+    pub last_at: Option<i64>,
+    pub requests: Arc<CheckpointRequests>,
+    pub served: u64,
+    /// Where RocksDB checkpoints are staged for upload (same file system as the state).
+    pub staging: PathBuf,
+    pub source: String,
+    pub instance: String,
+    pub delivery: Delivery,
+    /// The offsets of the last checkpoint begun.
+    pub last_offsets: BTreeMap<i32, i64>,
+}
+
+impl Schedule {
+    /// Whether a checkpoint is due at `now_ms` (its interval passed, or one was requested).
+    pub fn due(&mut self, now_ms: i64) -> bool {
+        let last = *self.last_at.get_or_insert(now_ms);
+        now_ms - last >= self.interval_ms || self.requested()
+    }
+
+    /// Whether a checkpoint was requested since the last one began.
+    pub fn requested(&self) -> bool {
+        self.requests.requested() > self.served
+    }
+
+    /// The manifest of a new checkpoint of the boundary at `now_ms`.
+    pub fn begin(&mut self, now_ms: i64, offsets: &BTreeMap<i32, i64>) -> Manifest {
+        self.last_offsets.clone_from(offsets);
+        self.served = self.requests.requested();
+        self.last_at = Some(now_ms);
+        let id = self.checkpointer.next_id();
+        Manifest::new(
+            id,
+            &self.instance,
+            &self.source,
+            self.delivery.as_str(),
+            now_ms,
+        )
+    }
+
+    /// What the state writer runs once the checkpoint's state is written: a RocksDB
+    /// checkpoint into the staging directory, handed to the checkpointer.
+    pub fn after_write(
+        &self,
+        manifest: Manifest,
+        began: Instant,
+        sync_us: Arc<AtomicU64>,
+    ) -> riskstream_state::AfterWrite {
+        let checkpointer = self.checkpointer.clone();
+        let dir = self.staging.join(manifest.id.to_string());
+        Box::new(move |store, written| {
+            let id = manifest.id;
+            let taken = written.map_err(|e| e.to_string()).and_then(|()| {
+                let _ = std::fs::remove_dir_all(&dir);
+                if let Some(parent) = dir.parent() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+                }
+                store.checkpoint(&dir).map_err(|e| e.to_string())
+            });
+            match taken {
+                Ok(()) => {
+                    let mut manifest = manifest;
+                    manifest.sync_ms = sync_us.load(Ordering::Acquire) as f64 / 1e3;
+                    checkpointer.staged(Staged {
+                        manifest,
+                        dir,
+                        began,
+                    });
+                }
+                Err(why) => checkpointer.failed(id, why),
+            }
+        })
+    }
+}
