@@ -12,7 +12,9 @@
 //! 3. Small share: events for 500 new customers and terminals only, at 20K events/s, with a
 //!    checkpoint every 10 s: bytes uploaded per checkpoint against the checkpoint's size.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -193,6 +195,11 @@ fn main() -> Result<()> {
     let url = work.join("checkpoints").display().to_string();
 
     let mut config = Config::defaults()?;
+    // CHECKPOINT_BENCH_DELIVERY=exactly_once: snapshots of the changed state taken all at once
+    // (the exactly-once path), not collected over the following batches.
+    if std::env::var("CHECKPOINT_BENCH_DELIVERY").as_deref() == Ok("exactly_once") {
+        config.kafka.delivery = riskstream_common::Delivery::ExactlyOnce;
+    }
     config.state.dir = Some(state.clone());
     config.checkpoint.url = url.clone();
     config.checkpoint.name = "bench".into();
@@ -201,7 +208,22 @@ fn main() -> Result<()> {
     let bundle = RuleCompiler::new(&config.event_schema()?).compile_text(BUNDLE, 1)?;
     let rules = Arc::new(RuleTable::new(bundle));
 
-    // 1. Fill.
+    // 1. Fill. Checkpoints are kept three at a time: note each as it completes.
+    let seen: Arc<std::sync::Mutex<BTreeMap<u64, Manifest>>> = Arc::default();
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let (seen, watching, url) = (Arc::clone(&seen), Arc::clone(&watching), url.clone());
+        std::thread::spawn(move || {
+            while watching.load(Ordering::Acquire) {
+                if let Ok(found) = manifests(&url, 0) {
+                    if let Ok(mut seen) = seen.lock() {
+                        seen.extend(found.into_iter().map(|m| (m.id, m)));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
     let began = Instant::now();
     let (mut pipeline, _) = Pipeline::recover(&config, Arc::clone(&rules), "w1", |_| Ok(()))?;
     let mut source = JsonLinesSource::open(&input)?;
@@ -215,8 +237,18 @@ fn main() -> Result<()> {
         began.elapsed().as_secs_f64(),
         summary.events_per_second()
     );
-    let filled = manifests(&url, 0)?;
-    report("checkpoints while filling (W1, every 10 s):", &filled);
+    watching.store(false, Ordering::Release);
+    watcher.join().map_err(|_| "watcher panicked")?;
+    let mut all = seen.lock().map_err(|_| "poisoned")?.clone();
+    all.extend(manifests(&url, 0)?.into_iter().map(|m| (m.id, m)));
+    let filled: Vec<Manifest> = all.into_values().collect();
+    report(
+        &format!(
+            "checkpoints while filling (W1, every 10 s, {}):",
+            config.kafka.delivery.as_str()
+        ),
+        &filled,
+    );
     let last = filled.last().ok_or("no checkpoint")?.clone();
 
     // 2. Restart on an empty state directory.

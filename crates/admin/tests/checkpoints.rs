@@ -117,3 +117,70 @@ fn an_instance_without_checkpoints_says_so() -> TestResult {
     instance.stop()?;
     Ok(())
 }
+
+#[test]
+fn exactly_once_recovery_passes_over_a_checkpoint_whose_transaction_did_not_commit() -> TestResult {
+    let broker = broker()?;
+    let store = tempfile::tempdir()?;
+    let mut config = common::config(
+        &broker,
+        &format!(
+            "[checkpoint]\nurl = \"{}\"\ninterval = \"1h\"\nname = \"eos\"\n",
+            store.path().display()
+        ),
+    )?;
+    config.kafka.delivery = riskstream_common::Delivery::ExactlyOnce;
+    for (k, v) in [
+        ("session.timeout.ms", "3000"),
+        ("heartbeat.interval.ms", "300"),
+    ] {
+        config.kafka.consumer.insert(k.into(), v.into());
+    }
+    let instance = Instance::start(&config, &bundle(100), false)?;
+    let client = http()?;
+    instance.wait_ready(&client)?;
+    let producer = producer(&broker)?;
+    let t0 = now_ms();
+    for i in 0..40 {
+        send(
+            &producer,
+            i % TRANSACTIONS_PARTITIONS,
+            &event(&format!("e{i}"), t0 + i as i64, 50.0),
+        );
+    }
+    flush(&producer)?;
+    assert_eq!(read_verdicts(&broker, 40)?.len(), 40);
+    let response = client
+        .post(format!("{}/api/v1/checkpoints", instance.base))
+        .send()?;
+    assert_eq!(response.status().as_u16(), 201);
+    let first: serde_json::Value = response.json()?;
+    let first = first["id"].as_u64().ok_or("id")?;
+    instance.stop()?;
+
+    // Every checkpoint's transaction committed, and each is marked so.
+    let checkpoints = store.path().join("eos").join("checkpoints");
+    let newest = std::fs::read_dir(&checkpoints)?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .ok_or("no checkpoint")?;
+    assert!(newest > first);
+    for id in [first, newest] {
+        assert!(checkpoints.join(id.to_string()).join("committed").exists());
+    }
+    // As if the instance had died between the newest manifest and its commit: no mark. (The
+    // embedded broker does not keep offsets committed inside transactions, so the group's
+    // offsets cannot vouch for the commit either; on a real cluster they would, had it
+    // committed.)
+    std::fs::remove_file(checkpoints.join(newest.to_string()).join("committed"))?;
+    let instance = Instance::start(&config, &bundle(100), false)?;
+    instance.wait_ready(&client)?;
+    let (_, status) = get_json(&client, &instance.base, "/api/v1/status")?;
+    assert_eq!(
+        status["last_checkpoint"]["id"].as_u64(),
+        Some(first),
+        "{status}"
+    );
+    instance.stop()?;
+    Ok(())
+}

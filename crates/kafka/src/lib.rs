@@ -1,8 +1,10 @@
 //! Kafka at both ends of the pipeline: the transactions consumer ([`KafkaSource`]), the
-//! verdicts / DLQ / late producer ([`KafkaSink`]), the labels consumer ([`LabelsConsumer`]),
-//! the bookkeeping that commits an offset only once its outputs are acknowledged
-//! ([`DeliveryTracker`]), the control topic of rule bundles ([`RulesControl`]), and the
-//! embedded Kafka-protocol broker ([`EmbeddedBroker`]).
+//! verdicts / DLQ / late producer ([`KafkaSink`], transactional for exactly-once delivery), the
+//! labels consumer ([`LabelsConsumer`]), the bookkeeping that commits an offset only once its
+//! outputs are acknowledged ([`DeliveryTracker`]; with checkpoints, only once a checkpoint
+//! covers it), the control topic of rule bundles ([`RulesControl`]), and the embedded
+//! Kafka-protocol broker ([`EmbeddedBroker`]). [`run_observed`] recovers the pipeline from its
+//! newest usable checkpoint and starts the partitions at that checkpoint's offsets.
 //!
 //! This crate speaks Kafka and nothing else: it does not decode, score or keep feature state;
 //! the pipeline crate does that over whatever [`riskstream_pipeline::Source`] and
@@ -198,9 +200,6 @@ pub fn run_observed(
         _ => None,
     };
     let result = riskstream_pipeline::run(&mut source, &mut pipeline, &mut sink);
-    if let Some(checkpointer) = pipeline.checkpointer() {
-        checkpointer.clone().stop();
-    }
     if let Some(labels) = labels {
         // The labels thread watches the same flag; make sure it ends even after an error.
         shutdown.store(true, std::sync::atomic::Ordering::Release);

@@ -5,8 +5,13 @@
 //! source is exhausted. The hot path allocates per batch, loads the rule table once per batch
 //! (lock-free) and never blocks on anything but its own source and sink.
 //!
+//! With checkpoints ([`Pipeline::recover`]), the pipeline restores its state directory from the
+//! newest usable checkpoint, and at batch boundaries begins new ones ([`checkpoint`]); [`run`]
+//! hands each checkpoint's marker to the sink after the outputs it covers.
+//!
 //! What this crate must not do: parse JSON by hand (decode owns that), interpret rules (rules
-//! owns that), or hold state across batches other than reusable buffers.
+//! owns that), move checkpoint files (the checkpoint crate does), or hold state across batches
+//! other than reusable buffers, the source offsets reached and the checkpoint schedule.
 
 pub mod checkpoint;
 pub mod sink;
@@ -416,9 +421,12 @@ impl Pipeline {
             .collect();
         let _span = tracing::info_span!("checkpoint", id).entered();
         self.features.flush_then(&meta, Some(after))?;
-        // All at once: the writer may wait for this checkpoint (exactly-once) before it takes
-        // more outputs, so no later batch can be relied on to collect the rest.
-        self.features.collect_now()?;
+        if marker.delivery == Delivery::ExactlyOnce {
+            // All at once: the writer waits for this checkpoint before it takes more outputs,
+            // so no later batch can be relied on to collect the rest. At-least-once leaves
+            // the changed records to the next batches (copy on write), like a state flush.
+            self.features.collect_now()?;
+        }
         sync_us.store(
             began.elapsed().as_micros() as u64,
             std::sync::atomic::Ordering::Release,
@@ -438,9 +446,10 @@ impl Pipeline {
         };
         let moved = schedule.last_offsets != self.offsets;
         if !writing && (schedule.requested() || (moved && schedule.due(now_ms))) {
-            self.checkpoint(now_ms)?;
+            return self.checkpoint(now_ms);
         }
-        Ok(())
+        // A flush or checkpoint being collected goes on without batches.
+        Ok(self.features.end_batch()?)
     }
 
     /// Per partition, the highest event time seen (what a restart restores).
@@ -920,25 +929,13 @@ pub fn run(
         });
         let source_name = &source_name;
         let writer = scope.spawn(move || -> Result<(), PipelineError> {
-            for output in scored {
-                let (raw, out) = match output {
-                    Output::Batch(raw, out) => (raw, out),
-                    Output::Checkpoint(marker) => {
-                        checkpoint_outputs(sink, &marker)?;
-                        continue;
-                    }
-                };
-                sink.verdicts(&out.verdicts)?;
-                if !out.dead.is_empty() {
-                    sink.dead_letters(source_name, &raw, &out.dead)?;
-                }
-                if !out.late.is_empty() {
-                    sink.late(source_name, &raw, &out.late)?;
-                }
-                sink.end_batch(&raw)?;
+            Writer {
+                sink,
+                source_name,
+                committing: None,
+                held: std::collections::VecDeque::new(),
             }
-            sink.flush()?;
-            Ok(())
+            .run(scored)
         });
 
         let scoring = (|| -> Result<Option<(u64, Checkpointer)>, PipelineError> {
@@ -1050,23 +1047,107 @@ enum Output {
     Checkpoint(Marker),
 }
 
-/// The writer's part of a checkpoint. At-least-once: waits until every output handed to the
-/// sink so far is acknowledged, then lets the checkpoint's manifest be written (a checkpoint
-/// must not cover an event whose verdict could still be lost). Exactly-once: waits until the
-/// checkpoint exists, then commits the outputs since the last one with its offsets.
-fn checkpoint_outputs(sink: &mut (dyn Sink + Send), marker: &Marker) -> Result<(), PipelineError> {
-    match marker.delivery {
-        Delivery::AtLeastOnce => {
-            sink.flush()?;
-            marker.checkpointer.outputs_durable(marker.id);
+/// Batches an exactly-once writer holds while its checkpoint is being uploaded, beyond which it
+/// waits (and scoring with it).
+const MAX_HELD: usize = 1024;
+/// How often an exactly-once writer holding outputs looks whether its checkpoint exists.
+const HOLD_POLL: Duration = Duration::from_millis(2);
+
+/// The writer thread: hands outputs to the sink in order, and does the sink's part of each
+/// checkpoint. At-least-once: waits until every output so far is acknowledged, then lets the
+/// checkpoint's manifest be written (a checkpoint must not cover an event whose verdict could
+/// still be lost). Exactly-once: once the checkpoint exists, commits the outputs before it with
+/// its offsets; outputs after it are held meanwhile (they belong to the next transaction), so
+/// scoring does not wait for the upload.
+struct Writer<'a> {
+    sink: &'a mut (dyn Sink + Send),
+    source_name: &'a str,
+    /// Exactly-once: the checkpoint whose transaction commits once it exists.
+    committing: Option<Marker>,
+    /// Outputs received after it, in order.
+    held: std::collections::VecDeque<Output>,
+}
+
+impl Writer<'_> {
+    fn run(mut self, scored: std::sync::mpsc::Receiver<Output>) -> Result<(), PipelineError> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let mut open = true;
+        while open || self.committing.is_some() {
+            if self.committing.is_some() {
+                // Block only when nothing more is coming or too much is held.
+                let full = !open || self.held.len() >= MAX_HELD;
+                self.try_commit(if full { COMMIT_WAIT } else { Duration::ZERO })?;
+            }
+            if !open {
+                continue;
+            }
+            let next = if self.committing.is_some() {
+                match scored.recv_timeout(HOLD_POLL) {
+                    Ok(output) => Some(output),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        open = false;
+                        None
+                    }
+                }
+            } else {
+                scored.recv().map_err(|_| open = false).ok()
+            };
+            match next {
+                Some(output) if self.committing.is_some() => self.held.push_back(output),
+                Some(output) => self.write(output)?,
+                None => {}
+            }
         }
-        Delivery::ExactlyOnce => {
-            marker.checkpointer.wait(marker.id, COMMIT_WAIT)?;
-            sink.commit(&marker.offsets)?;
-            marker.checkpointer.committed(marker.id);
-        }
+        self.sink.flush()?;
+        Ok(())
     }
-    Ok(())
+
+    /// Commits the awaited checkpoint's transaction if the checkpoint exists (waiting up to
+    /// `wait` for it), then writes what was held, up to the next checkpoint among it.
+    fn try_commit(&mut self, wait: Duration) -> Result<(), PipelineError> {
+        let Some(marker) = &self.committing else {
+            return Ok(());
+        };
+        match marker.checkpointer.wait(marker.id, wait) {
+            Ok(_) => {}
+            Err(CheckpointError::Timeout { .. }) if wait.is_zero() => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        self.sink.commit(&marker.offsets)?;
+        marker.checkpointer.committed(marker.id);
+        self.committing = None;
+        while self.committing.is_none() {
+            let Some(output) = self.held.pop_front() else {
+                break;
+            };
+            self.write(output)?;
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, output: Output) -> Result<(), PipelineError> {
+        match output {
+            Output::Batch(raw, out) => {
+                self.sink.verdicts(&out.verdicts)?;
+                if !out.dead.is_empty() {
+                    self.sink.dead_letters(self.source_name, &raw, &out.dead)?;
+                }
+                if !out.late.is_empty() {
+                    self.sink.late(self.source_name, &raw, &out.late)?;
+                }
+                self.sink.end_batch(&raw)?;
+            }
+            Output::Checkpoint(marker) => match marker.delivery {
+                Delivery::AtLeastOnce => {
+                    self.sink.flush()?;
+                    marker.checkpointer.outputs_durable(marker.id);
+                }
+                Delivery::ExactlyOnce => self.committing = Some(marker),
+            },
+        }
+        Ok(())
+    }
 }
 
 /// The state directory of `config`, or a fresh temporary one kept alive by the guard.
