@@ -412,9 +412,19 @@ impl CheckpointStore {
         let io = |what: String| move |source| CheckpointError::Io { what, source };
         let mut files = Vec::new();
         let (mut bytes, mut uploaded) = (0, 0);
-        let entries = std::fs::read_dir(staged).map_err(io(staged.display().to_string()))?;
+        let mut entries = std::fs::read_dir(staged)
+            .map_err(io(staged.display().to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io(staged.display().to_string()))?;
+        // The SST files first, then MANIFEST, CURRENT and OPTIONS (the manifest comes last, from
+        // the caller).
+        entries.sort_by_key(|e| {
+            (
+                !e.file_name().to_string_lossy().ends_with(".sst"),
+                e.file_name(),
+            )
+        });
         for entry in entries {
-            let entry = entry.map_err(io(staged.display().to_string()))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let size = entry
                 .metadata()
