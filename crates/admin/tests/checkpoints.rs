@@ -184,3 +184,66 @@ fn exactly_once_recovery_passes_over_a_checkpoint_whose_transaction_did_not_comm
     instance.stop()?;
     Ok(())
 }
+
+#[test]
+fn scoring_goes_on_while_checkpoint_storage_fails_and_checkpoints_resume_once_it_is_back(
+) -> TestResult {
+    let broker = broker()?;
+    let store = tempfile::tempdir()?;
+    let config = common::config(
+        &broker,
+        &format!(
+            "[checkpoint]\nurl = \"{}\"\ninterval = \"1h\"\nname = \"flaky\"\n",
+            store.path().display()
+        ),
+    )?;
+    let instance = Instance::start(&config, &bundle(100), false)?;
+    let client = http()?;
+    instance.wait_ready(&client)?;
+    let producer = producer(&broker)?;
+    let t0 = now_ms();
+    let produce = |from: usize, to: usize| -> TestResult {
+        for i in from..to {
+            send(
+                &producer,
+                i as i32 % TRANSACTIONS_PARTITIONS,
+                &event(&format!("f{i}"), t0 + i as i64, 50.0),
+            );
+        }
+        flush(&producer)
+    };
+    produce(0, 20)?;
+    assert_eq!(read_verdicts(&broker, 20)?.len(), 20);
+
+    // The storage breaks: a file where the SST directory should be.
+    let blocker = store.path().join("flaky").join("sst");
+    std::fs::create_dir_all(store.path().join("flaky"))?;
+    std::fs::write(&blocker, b"not a directory")?;
+    let response = client
+        .post(format!("{}/api/v1/checkpoints", instance.base))
+        .send()?;
+    assert_eq!(response.status().as_u16(), 503);
+    let body: serde_json::Value = response.json()?;
+    assert_eq!(body["error"], "checkpoint_failed", "{body}");
+
+    // Scoring does not depend on it.
+    produce(20, 40)?;
+    assert_eq!(read_verdicts(&broker, 40)?.len(), 40);
+
+    // Repaired: the next checkpoint covers everything.
+    std::fs::remove_file(&blocker)?;
+    let response = client
+        .post(format!("{}/api/v1/checkpoints", instance.base))
+        .send()?;
+    assert_eq!(response.status().as_u16(), 201);
+    let taken: serde_json::Value = response.json()?;
+    let offsets: i64 = taken["offsets"]
+        .as_object()
+        .ok_or("offsets")?
+        .values()
+        .filter_map(serde_json::Value::as_i64)
+        .sum();
+    assert_eq!(offsets, 40, "{taken}");
+    instance.stop()?;
+    Ok(())
+}

@@ -47,6 +47,8 @@ struct Progress {
     /// Checkpoints that failed, with why (kept until waited for).
     failed: BTreeMap<u64, String>,
     next_id: u64,
+    /// Checkpoints begun and neither complete nor failed.
+    in_flight: usize,
     stopped: bool,
 }
 
@@ -196,6 +198,7 @@ impl Checkpointer {
         let mut progress = self.shared.lock();
         let id = progress.next_id;
         progress.next_id += 1;
+        progress.in_flight += 1;
         id
     }
 
@@ -247,6 +250,12 @@ impl Checkpointer {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+
+    /// Checkpoints begun that are neither complete nor failed (being written, uploaded, or
+    /// waiting for their outputs).
+    pub fn in_flight(&self) -> usize {
+        self.shared.lock().in_flight
     }
 
     /// Totals so far.
@@ -323,6 +332,7 @@ impl Worker {
         self.metrics.failed.increment(1);
         let mut progress = self.shared.lock();
         progress.stats.failed += 1;
+        progress.in_flight = progress.in_flight.saturating_sub(1);
         progress.failed.insert(id, why);
         drop(progress);
         self.shared.changed.notify_all();
@@ -380,6 +390,7 @@ impl Worker {
         );
         let mut progress = self.shared.lock();
         progress.stats.completed += 1;
+        progress.in_flight = progress.in_flight.saturating_sub(1);
         progress.stats.bytes_uploaded += manifest.bytes_uploaded;
         progress.stats.files_reused += manifest.files_reused as u64;
         progress.stats.latest = Some(manifest);

@@ -79,9 +79,12 @@ pub(crate) struct Schedule {
 
 impl Schedule {
     /// Whether a checkpoint is due at `now_ms` (its interval passed, or one was requested).
+    /// One at a time: while the last is still on its way (a slow or unreachable store), the
+    /// next waits rather than pile up staged copies of the state.
     pub fn due(&mut self, now_ms: i64) -> bool {
         let last = *self.last_at.get_or_insert(now_ms);
-        now_ms - last >= self.interval_ms || self.requested()
+        (now_ms - last >= self.interval_ms || self.requested())
+            && self.checkpointer.in_flight() == 0
     }
 
     /// Whether a checkpoint was requested since the last one began.

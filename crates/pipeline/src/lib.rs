@@ -445,7 +445,7 @@ impl Pipeline {
             return Ok(());
         };
         let moved = schedule.last_offsets != self.offsets;
-        if !writing && (schedule.requested() || (moved && schedule.due(now_ms))) {
+        if !writing && (moved || schedule.requested()) && schedule.due(now_ms) {
             return self.checkpoint(now_ms);
         }
         // A flush or checkpoint being collected goes on without batches.
