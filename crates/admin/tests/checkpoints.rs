@@ -9,6 +9,17 @@ use common::*;
 
 const TOKEN: &str = "cp-token";
 
+/// The records a checkpoint covers: its offsets summed over partitions (every partition here
+/// starts at 0).
+fn records_covered(checkpoint: &serde_json::Value) -> TestResult<i64> {
+    Ok(checkpoint["offsets"]
+        .as_object()
+        .ok_or("no offsets")?
+        .values()
+        .filter_map(serde_json::Value::as_i64)
+        .sum())
+}
+
 #[test]
 fn checkpoints_on_demand_are_listed_and_a_restart_continues_from_the_last_one() -> TestResult {
     let broker = broker()?;
@@ -56,12 +67,7 @@ fn checkpoints_on_demand_are_listed_and_a_restart_continues_from_the_last_one() 
         .send()?;
     assert_eq!(response.status().as_u16(), 201);
     let taken: serde_json::Value = response.json()?;
-    let offsets: i64 = taken["offsets"]
-        .as_object()
-        .ok_or("offsets")?
-        .values()
-        .filter_map(serde_json::Value::as_i64)
-        .sum();
+    let offsets = records_covered(&taken)?;
     assert_eq!(offsets, 100, "{taken}");
     assert!(taken["bytes_total"].as_u64() > Some(0), "{taken}");
 
@@ -237,12 +243,7 @@ fn scoring_goes_on_while_checkpoint_storage_fails_and_checkpoints_resume_once_it
         .send()?;
     assert_eq!(response.status().as_u16(), 201);
     let taken: serde_json::Value = response.json()?;
-    let offsets: i64 = taken["offsets"]
-        .as_object()
-        .ok_or("offsets")?
-        .values()
-        .filter_map(serde_json::Value::as_i64)
-        .sum();
+    let offsets = records_covered(&taken)?;
     assert_eq!(offsets, 40, "{taken}");
     instance.stop()?;
     Ok(())

@@ -257,6 +257,32 @@ fn crash_and_recover(delivery: &str) {
         "only {restored} restores logged:\n{log_text}"
     );
 
+    // What the checkpoints CLI shows of what is left: the retained checkpoints, the newest
+    // with every file stored.
+    let cli = |args: &[&str]| {
+        let out = riskstream()
+            .arg("--config")
+            .arg(&config)
+            .args(["checkpoints"])
+            .args(args)
+            .output()
+            .expect("riskstream checkpoints");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, listed) = cli(&["list"]);
+    assert!(ok, "{listed}");
+    assert!(listed.contains("3 checkpoint(s)"), "{listed}");
+    let (ok, inspected) = cli(&["inspect"]);
+    assert!(ok, "{inspected}");
+    assert!(inspected.contains("stored with their sizes"), "{inspected}");
+    assert!(
+        inspected.contains(&format!("\"delivery\": \"{delivery}\"")),
+        "{inspected}"
+    );
+
     // The uninterrupted run, over a state of its own.
     let reference_out = dir.path().join("reference.jsonl");
     let reference_config = dir.path().join("reference.toml");
