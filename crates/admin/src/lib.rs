@@ -609,13 +609,23 @@ async fn list_checkpoints(
     ))
 }
 
-/// One listed checkpoint as the API shows it (without its file list).
+/// One listed checkpoint as the API shows it.
 pub fn checkpoint_json(l: &riskstream_checkpoint::Listed) -> serde_json::Value {
     match &l.manifest {
-        Ok(m) => json!({
-            "id": l.id,
-            "complete": true,
-            "committed": l.committed,
+        Ok(m) => {
+            let mut shown = manifest_json(m);
+            shown["complete"] = true.into();
+            shown["committed"] = l.committed.into();
+            shown
+        }
+        Err(problem) => json!({ "id": l.id, "complete": false, "problem": problem }),
+    }
+}
+
+/// A checkpoint's manifest as the API shows it (its file list counted, not listed).
+fn manifest_json(m: &riskstream_checkpoint::Manifest) -> serde_json::Value {
+    json!({
+            "id": m.id,
             "created_at_ms": m.created_at_ms,
             "delivery": m.delivery,
             "offsets": m.offsets,
@@ -628,9 +638,7 @@ pub fn checkpoint_json(l: &riskstream_checkpoint::Listed) -> serde_json::Value {
             "files_reused": m.files_reused,
             "sync_ms": m.sync_ms,
             "duration_ms": m.duration_ms,
-        }),
-        Err(problem) => json!({ "id": l.id, "complete": false, "problem": problem }),
-    }
+    })
 }
 
 /// `POST /api/v1/checkpoints`: takes a checkpoint at the next batch boundary and answers once
@@ -647,18 +655,7 @@ async fn take_checkpoint(State(state): State<AdminState>) -> Result<Response, Ap
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
     match waited {
-        Ok(m) => Ok((StatusCode::CREATED, Json(json!({
-            "id": m.id,
-            "created_at_ms": m.created_at_ms,
-            "offsets": m.offsets,
-            "rules_version": m.rules_version,
-            "bytes_total": m.bytes_total,
-            "bytes_uploaded": m.bytes_uploaded,
-            "files_reused": m.files_reused,
-            "sync_ms": m.sync_ms,
-            "duration_ms": m.duration_ms,
-        })))
-            .into_response()),
+        Ok(m) => Ok((StatusCode::CREATED, Json(manifest_json(&m))).into_response()),
         Err(riskstream_checkpoint::CheckpointError::Timeout { .. }) => Ok((
             StatusCode::ACCEPTED,
             Json(json!({ "message": "the checkpoint is requested and not complete yet (no batch since, or still uploading); GET /api/v1/checkpoints shows it once it exists" })),

@@ -9,6 +9,48 @@ use common::*;
 
 const TOKEN: &str = "cp-token";
 
+/// Configuration with checkpoints on demand only (`interval` 1 h) named `name` under `store`,
+/// `admin` lines in `[admin]`, and a short group session: an instance started as another stops
+/// is given the partitions quickly.
+fn checkpoint_config(
+    broker: &riskstream_kafka::EmbeddedBroker,
+    store: &std::path::Path,
+    name: &str,
+    admin: &str,
+) -> TestResult<riskstream_common::Config> {
+    let mut config = common::config(
+        broker,
+        &format!(
+            "{admin}\n[checkpoint]\nurl = \"{}\"\ninterval = \"1h\"\nname = \"{name}\"\n",
+            store.display()
+        ),
+    )?;
+    for (k, v) in [
+        ("session.timeout.ms", "3000"),
+        ("heartbeat.interval.ms", "300"),
+    ] {
+        config.kafka.consumer.insert(k.into(), v.into());
+    }
+    Ok(config)
+}
+
+/// Sends events `<prefix><i>` for `ids` at `t0 + i`, spread over the partitions.
+fn produce(
+    producer: &rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    prefix: &str,
+    ids: std::ops::Range<i32>,
+    t0: i64,
+) -> TestResult {
+    for i in ids {
+        send(
+            producer,
+            i % TRANSACTIONS_PARTITIONS,
+            &event(&format!("{prefix}{i}"), t0 + i64::from(i), 50.0),
+        );
+    }
+    flush(producer)
+}
+
 /// The records a checkpoint covers: its offsets summed over partitions (every partition here
 /// starts at 0).
 fn records_covered(checkpoint: &serde_json::Value) -> TestResult<i64> {
@@ -24,39 +66,20 @@ fn records_covered(checkpoint: &serde_json::Value) -> TestResult<i64> {
 fn checkpoints_on_demand_are_listed_and_a_restart_continues_from_the_last_one() -> TestResult {
     let broker = broker()?;
     let store = tempfile::tempdir()?;
-    let config = common::config(
+    let config = checkpoint_config(
         &broker,
-        &format!(
-            "token = \"{TOKEN}\"\n[checkpoint]\nurl = \"{}\"\ninterval = \"1h\"\nname = \"one\"\n",
-            store.path().display()
-        ),
+        store.path(),
+        "one",
+        &format!("token = \"{TOKEN}\""),
     )?;
-    // The next instance joins the group as this one leaves: a short session lets the broker
-    // settle the group quickly.
-    let mut config = config;
-    for (k, v) in [
-        ("session.timeout.ms", "3000"),
-        ("heartbeat.interval.ms", "300"),
-    ] {
-        config.kafka.consumer.insert(k.into(), v.into());
-    }
     let instance = Instance::start(&config, &bundle(100), false)?;
     let client = http()?;
     let base = instance.base.clone();
-    if let Err(e) = instance.wait_ready(&client) {
-        return Err(format!("{e}; the pipeline: {:?}", instance.stop().map(|_| ())).into());
-    }
+    instance.wait_ready(&client)?;
 
     let producer = producer(&broker)?;
     let t0 = now_ms();
-    for i in 0..100 {
-        send(
-            &producer,
-            i % TRANSACTIONS_PARTITIONS,
-            &event(&format!("a{i}"), t0 + i as i64, 50.0),
-        );
-    }
-    flush(&producer)?;
+    produce(&producer, "a", 0..100, t0)?;
     assert_eq!(read_verdicts(&broker, 100)?.len(), 100);
 
     let response = client.post(format!("{base}/api/v1/checkpoints")).send()?;
@@ -88,14 +111,7 @@ fn checkpoints_on_demand_are_listed_and_a_restart_continues_from_the_last_one() 
         .as_u64()
         .ok_or("no checkpoint")?;
     assert!(restored > taken["id"].as_u64().ok_or("id")?, "{status}");
-    for i in 0..10 {
-        send(
-            &producer,
-            i % TRANSACTIONS_PARTITIONS,
-            &event(&format!("b{i}"), t0 + 200 + i as i64, 50.0),
-        );
-    }
-    flush(&producer)?;
+    produce(&producer, "b", 200..210, t0)?;
     let verdicts = read_verdicts(&broker, 110)?;
     assert_eq!(verdicts.len(), 110);
     let repeated: Vec<_> = verdicts.iter().filter(|(_, v)| v.len() > 1).collect();
@@ -128,33 +144,13 @@ fn an_instance_without_checkpoints_says_so() -> TestResult {
 fn exactly_once_recovery_passes_over_a_checkpoint_whose_transaction_did_not_commit() -> TestResult {
     let broker = broker()?;
     let store = tempfile::tempdir()?;
-    let mut config = common::config(
-        &broker,
-        &format!(
-            "[checkpoint]\nurl = \"{}\"\ninterval = \"1h\"\nname = \"eos\"\n",
-            store.path().display()
-        ),
-    )?;
+    let mut config = checkpoint_config(&broker, store.path(), "eos", "")?;
     config.kafka.delivery = riskstream_common::Delivery::ExactlyOnce;
-    for (k, v) in [
-        ("session.timeout.ms", "3000"),
-        ("heartbeat.interval.ms", "300"),
-    ] {
-        config.kafka.consumer.insert(k.into(), v.into());
-    }
     let instance = Instance::start(&config, &bundle(100), false)?;
     let client = http()?;
     instance.wait_ready(&client)?;
     let producer = producer(&broker)?;
-    let t0 = now_ms();
-    for i in 0..40 {
-        send(
-            &producer,
-            i % TRANSACTIONS_PARTITIONS,
-            &event(&format!("e{i}"), t0 + i as i64, 50.0),
-        );
-    }
-    flush(&producer)?;
+    produce(&producer, "e", 0..40, now_ms())?;
     assert_eq!(read_verdicts(&broker, 40)?.len(), 40);
     let response = client
         .post(format!("{}/api/v1/checkpoints", instance.base))
@@ -196,29 +192,13 @@ fn scoring_goes_on_while_checkpoint_storage_fails_and_checkpoints_resume_once_it
 ) -> TestResult {
     let broker = broker()?;
     let store = tempfile::tempdir()?;
-    let config = common::config(
-        &broker,
-        &format!(
-            "[checkpoint]\nurl = \"{}\"\ninterval = \"1h\"\nname = \"flaky\"\n",
-            store.path().display()
-        ),
-    )?;
+    let config = checkpoint_config(&broker, store.path(), "flaky", "")?;
     let instance = Instance::start(&config, &bundle(100), false)?;
     let client = http()?;
     instance.wait_ready(&client)?;
     let producer = producer(&broker)?;
     let t0 = now_ms();
-    let produce = |from: usize, to: usize| -> TestResult {
-        for i in from..to {
-            send(
-                &producer,
-                i as i32 % TRANSACTIONS_PARTITIONS,
-                &event(&format!("f{i}"), t0 + i as i64, 50.0),
-            );
-        }
-        flush(&producer)
-    };
-    produce(0, 20)?;
+    produce(&producer, "f", 0..20, t0)?;
     assert_eq!(read_verdicts(&broker, 20)?.len(), 20);
 
     // The storage breaks: a file where the SST directory should be.
@@ -233,7 +213,7 @@ fn scoring_goes_on_while_checkpoint_storage_fails_and_checkpoints_resume_once_it
     assert_eq!(body["error"], "checkpoint_failed", "{body}");
 
     // Scoring does not depend on it.
-    produce(20, 40)?;
+    produce(&producer, "f", 20..40, t0)?;
     assert_eq!(read_verdicts(&broker, 40)?.len(), 40);
 
     // Repaired: the next checkpoint covers everything.

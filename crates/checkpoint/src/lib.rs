@@ -29,5 +29,5 @@
 mod store;
 mod uploader;
 
-pub use store::{CheckpointError, CheckpointStore, FileRef, Listed, Manifest, Restored};
+pub use store::{sibling, CheckpointError, CheckpointStore, FileRef, Listed, Manifest, Restored};
 pub use uploader::{Checkpointer, CheckpointerStats, Staged};

@@ -344,7 +344,6 @@ impl CheckpointStore {
                 .manifest
                 .clone()
                 .and_then(|m| accept(&listed).map(|()| m))
-                .and_then(|m| self.verify(&m).map(|()| m))
                 .and_then(|m| {
                     self.download(&m, &staging).map_err(|e| e.to_string())?;
                     check(&staging).map(|()| m)
@@ -524,8 +523,9 @@ fn local(
     Ok(Arc::new(store))
 }
 
-/// `dir` with `.suffix` appended to its last component.
-pub(crate) fn sibling(dir: &FsPath, suffix: &str) -> PathBuf {
+/// `dir` with `.suffix` appended to its last component (a directory beside it, on the same file
+/// system).
+pub fn sibling(dir: &FsPath, suffix: &str) -> PathBuf {
     let mut name = dir.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".{suffix}"));
     dir.with_file_name(name)

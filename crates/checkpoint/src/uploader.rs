@@ -258,6 +258,12 @@ impl Checkpointer {
         self.shared.lock().in_flight
     }
 
+    /// The newest complete checkpoint's offsets (what may be committed to the group).
+    pub fn latest_offsets(&self) -> Option<BTreeMap<i32, i64>> {
+        let progress = self.shared.lock();
+        progress.stats.latest.as_ref().map(|m| m.offsets.clone())
+    }
+
     /// Totals so far.
     pub fn stats(&self) -> CheckpointerStats {
         self.shared.lock().stats.clone()

@@ -57,9 +57,8 @@ impl SourceContext {
     fn committable(&self) -> Vec<(i32, i64)> {
         match self.checkpoints.get() {
             Some(c) => c
-                .stats()
-                .latest
-                .map(|m| m.offsets.into_iter().collect())
+                .latest_offsets()
+                .map(|o| o.into_iter().collect())
                 .unwrap_or_default(),
             None => self.tracker.committable(),
         }

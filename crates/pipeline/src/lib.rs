@@ -27,7 +27,9 @@ use arrow::array::{AsArray, BooleanArray, RecordBatch, TimestampMillisecondArray
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, TimestampMillisecondType};
 use metrics::Counter;
-use riskstream_checkpoint::{CheckpointError, CheckpointStore, Checkpointer, Listed, Manifest};
+use riskstream_checkpoint::{
+    sibling, CheckpointError, CheckpointStore, Checkpointer, Listed, Manifest,
+};
 use riskstream_common::{
     Config, DeadLetter, DeadReason, Delivery, EventSchema, RawBatch, SchemaError,
 };
@@ -414,13 +416,8 @@ impl Pipeline {
             delivery: schedule.delivery,
             checkpointer: schedule.checkpointer.clone(),
         };
-        let progress = self.progress_meta();
-        let meta: Vec<(&[u8], &[u8])> = progress
-            .iter()
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
-            .collect();
         let _span = tracing::info_span!("checkpoint", id).entered();
-        self.features.flush_then(&meta, Some(after))?;
+        self.flush_progress(Some(after))?;
         if marker.delivery == Delivery::ExactlyOnce {
             // All at once: the writer waits for this checkpoint before it takes more outputs,
             // so no later batch can be relied on to collect the rest. At-least-once leaves
@@ -668,16 +665,26 @@ impl Pipeline {
     /// Starts writing the changed feature state and the partitions' progress (one write batch,
     /// applied in the background).
     fn write_state(&mut self) -> Result<(), PipelineError> {
+        let partitions = self.time.partition_watermarks().count();
+        let _span = tracing::info_span!("state_flush", partitions).entered();
+        let started = Instant::now();
+        self.flush_progress(None)?;
+        self.metrics.flushes.record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Flushes the changed feature state with the partitions' progress (then `after`, on the
+    /// writer thread).
+    fn flush_progress(
+        &mut self,
+        after: Option<riskstream_state::AfterWrite>,
+    ) -> Result<(), PipelineError> {
         let progress = self.progress_meta();
         let meta: Vec<(&[u8], &[u8])> = progress
             .iter()
             .map(|(k, v)| (k.as_slice(), v.as_slice()))
             .collect();
-        let _span = tracing::info_span!("state_flush", partitions = meta.len()).entered();
-        let started = Instant::now();
-        self.features.flush(&meta)?;
-        self.metrics.flushes.record(started.elapsed().as_secs_f64());
-        Ok(())
+        Ok(self.features.flush_then(&meta, after)?)
     }
 
     /// [`Self::process_at`] at the current wall-clock time.
@@ -1165,13 +1172,6 @@ fn state_dir(
             Ok((temp.path().join("db"), Some(temp)))
         }
     }
-}
-
-/// `dir` with `.suffix` appended to its last component.
-fn sibling(dir: &std::path::Path, suffix: &str) -> std::path::PathBuf {
-    let mut name = dir.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{suffix}"));
-    dir.with_file_name(name)
 }
 
 /// What the reader hands the scorer.
