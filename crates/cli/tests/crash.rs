@@ -3,7 +3,9 @@
 //! keep arriving, restarted each time, then left to finish. Every event must get a verdict, and
 //! every verdict — repeated ones included — must carry the feature values of an uninterrupted
 //! run (`riskstream score` over the same events): the state restored from a checkpoint is
-//! exactly the state at its offsets.
+//! exactly the state at its offsets. With `exactly_once`, a `read_committed` reader must see
+//! exactly one verdict per event: what a killed instance sent in its open transaction is aborted
+//! when its successor fences it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -345,6 +347,22 @@ fn crash_and_recover(delivery: &str) {
         &differing[..differing.len().min(3)]
     );
     let repeated: usize = verdicts.values().map(|v| v.len() - 1).sum();
+    if delivery == "exactly_once" {
+        // Whatever a killed instance had sent in its open transaction was aborted when its
+        // successor took over the transactional id; a read_committed reader sees each verdict
+        // of a committed transaction, and each event is in exactly one of those.
+        let twice: Vec<(&String, usize)> = verdicts
+            .iter()
+            .filter(|(_, v)| v.len() > 1)
+            .map(|(id, v)| (id, v.len()))
+            .collect();
+        assert!(
+            twice.is_empty(),
+            "exactly_once: {} events have more than one committed verdict ({repeated} extra), e.g. {:?}",
+            twice.len(),
+            &twice[..twice.len().min(5)]
+        );
+    }
     eprintln!(
         "{delivery}: {n} events, {KILLS} kills, {restored} restores, {} verdicts ({repeated} repeated)",
         n as usize + repeated

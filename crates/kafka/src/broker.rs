@@ -2,7 +2,11 @@
 //! runs the pipeline against it and `riskstream broker` serves it to other processes.
 //!
 //! It speaks the real protocol (produce, fetch, consumer groups, offsets, transactions), so the
-//! clients exercised against it are the ones used against a real cluster. It keeps at most
+//! clients exercised against it are the ones used against a real cluster. Its transactions
+//! come from the vendored `rdkafka-sys` (`vendor/rdkafka-sys/RISKSTREAM.md`): commit and abort
+//! markers, the last stable offset and aborted transactions for `read_committed` consumers,
+//! offsets committed with the transaction, and a restarted `transactional.id` fencing its
+//! predecessor and aborting what it left open; transaction timeouts are not enforced. It keeps at most
 //! 5 MB and 100,000 message sets per partition (a librdkafka limit): give topics enough
 //! partitions and pace producers by consumer lag. Nothing else here may rely on that limit.
 //!

@@ -40,6 +40,7 @@
 #include "rdkafka_transport_int.h"
 #include "rdkafka_mock.h"
 #include "rdunittest.h"
+#include "crc32c.h"
 
 #include <stdarg.h>
 
@@ -304,6 +305,224 @@ err_parse:
         return rkbuf->rkbuf_err;
 }
 
+/*
+ * Transactions (KIP-98). Added for riskstream's tests: the mock accepted the
+ * transaction protocol but wrote no markers, reported the high watermark as
+ * the last stable offset and never applied TxnOffsetCommit. Here a
+ * transactional produce opens the producer's range in the partition, EndTxn
+ * writes a COMMIT or ABORT control batch to every partition of the
+ * transaction and applies (or drops) its offsets, InitProducerId for a known
+ * TransactionalId bumps the epoch and aborts the predecessor's open
+ * transaction, and read_committed fetches stop at the last stable offset and
+ * list the aborted transactions. Transaction timeouts are not enforced.
+ */
+
+static rd_kafka_mock_txn_range_t *
+rd_kafka_mock_txn_find(rd_list_t *ranges, int64_t pid) {
+        rd_kafka_mock_txn_range_t *range;
+        int i;
+
+        RD_LIST_FOREACH(range, ranges, i) {
+                if (range->pid == pid)
+                        return range;
+        }
+        return NULL;
+}
+
+/**
+ * @brief A transactional batch of \p pid was appended at \p first_offset.
+ */
+void rd_kafka_mock_txn_add_partition(rd_kafka_mock_partition_t *mpart,
+                                     int64_t pid,
+                                     int64_t first_offset) {
+        rd_kafka_mock_txn_range_t *range;
+
+        if (rd_kafka_mock_txn_find(&mpart->txn_open, pid))
+                return;
+        range               = rd_malloc(sizeof(*range));
+        range->pid          = pid;
+        range->first_offset = first_offset;
+        range->last_offset  = -1;
+        rd_list_add(&mpart->txn_open, range);
+}
+
+/**
+ * @brief Records an offset to commit for \p group when \p pid's transaction
+ *        commits (a later one for the same partition replaces it).
+ */
+void rd_kafka_mock_txn_add_offset(rd_kafka_mock_cluster_t *mcluster,
+                                  int64_t pid,
+                                  const rd_kafkap_str_t *group,
+                                  rd_kafka_mock_partition_t *mpart,
+                                  int64_t offset) {
+        rd_kafka_mock_txn_offset_t *toff;
+        size_t glen = (size_t)RD_KAFKAP_STR_LEN(group);
+        int i;
+
+        RD_LIST_FOREACH(toff, &mcluster->txn_offsets, i) {
+                if (toff->pid == pid && toff->mpart == mpart &&
+                    !rd_kafkap_str_cmp_str(group, toff->group)) {
+                        toff->offset = offset;
+                        return;
+                }
+        }
+        toff         = rd_malloc(sizeof(*toff) + glen);
+        toff->pid    = pid;
+        toff->mpart  = mpart;
+        toff->offset = offset;
+        memcpy(toff->group, group->str, glen);
+        toff->group[glen] = '\0';
+        rd_list_add(&mcluster->txn_offsets, toff);
+}
+
+static void rd_kafka_mock_write_varint(char **p, int64_t v) {
+        uint64_t z = ((uint64_t)v << 1) ^ (uint64_t)(v >> 63);
+        while (z >= 0x80) {
+                *(*p)++ = (char)((z & 0x7f) | 0x80);
+                z >>= 7;
+        }
+        *(*p)++ = (char)z;
+}
+
+/**
+ * @brief Appends a control batch with one COMMIT or ABORT marker of \p pid.
+ * @returns the marker's offset.
+ */
+static int64_t rd_kafka_mock_txn_marker_append(rd_kafka_mock_partition_t *mpart,
+                                               rd_kafka_pid_t pid,
+                                               rd_bool_t committed) {
+        char buf[128];
+        char *p = buf, *record;
+        int64_t i64;
+        int32_t i32;
+        int16_t i16;
+        uint32_t crc;
+        int64_t now = rd_uclock() / 1000;
+        rd_kafkap_bytes_t bytes;
+        rd_kafka_mock_msgset_t *mset;
+
+        memset(buf, 0, sizeof(buf));
+        p += 8 + 4 + 4; /* BaseOffset, BatchLength, PartitionLeaderEpoch */
+        *p++ = 2;       /* Magic */
+        p += 4;         /* CRC */
+        i16 = htobe16(RD_KAFKA_MSGSET_V2_ATTR_TRANSACTIONAL |
+                      RD_KAFKA_MSGSET_V2_ATTR_CONTROL);
+        memcpy(p, &i16, 2);
+        p += 2;
+        p += 4; /* LastOffsetDelta: 0 */
+        i64 = htobe64(now);
+        memcpy(p, &i64, 8); /* BaseTimestamp */
+        p += 8;
+        memcpy(p, &i64, 8); /* MaxTimestamp */
+        p += 8;
+        i64 = htobe64(pid.id);
+        memcpy(p, &i64, 8);
+        p += 8;
+        i16 = htobe16(pid.epoch);
+        memcpy(p, &i16, 2);
+        p += 2;
+        i32 = htobe32(-1); /* BaseSequence */
+        memcpy(p, &i32, 4);
+        p += 4;
+        i32 = htobe32(1); /* RecordCount */
+        memcpy(p, &i32, 4);
+        p += 4;
+
+        /* The record: length, attributes, timestamp and offset deltas,
+         * key (version 0, type 0 = ABORT, 1 = COMMIT), value (version 0,
+         * coordinator epoch 0), no headers. */
+        record = p;
+        rd_kafka_mock_write_varint(&p, 16);
+        *p++ = 0;
+        rd_kafka_mock_write_varint(&p, 0);
+        rd_kafka_mock_write_varint(&p, 0);
+        rd_kafka_mock_write_varint(&p, 4);
+        p += 2;
+        i16 = htobe16(committed ? 1 : 0);
+        memcpy(p, &i16, 2);
+        p += 2;
+        rd_kafka_mock_write_varint(&p, 6);
+        p += 6;
+        rd_kafka_mock_write_varint(&p, 0);
+        rd_assert(p - record == 17);
+
+        i32 = htobe32((int32_t)(p - buf - 12)); /* BatchLength */
+        memcpy(buf + 8, &i32, 4);
+        crc = rd_crc32c(0, buf + 21, (size_t)(p - buf - 21));
+        crc = htobe32(crc);
+        memcpy(buf + 17, &crc, 4);
+
+        bytes.len  = (int32_t)(p - buf);
+        bytes.data = buf;
+        mset       = rd_kafka_mock_msgset_new(mpart, &bytes, 1);
+        return mset->first_offset;
+}
+
+/**
+ * @brief Ends \p pid's transaction: writes its markers and applies (commit)
+ *        or drops (abort) its offsets. Nothing happens if it has none open.
+ */
+void rd_kafka_mock_txn_end(rd_kafka_mock_cluster_t *mcluster,
+                           rd_kafka_pid_t pid,
+                           rd_bool_t committed) {
+        rd_kafka_mock_topic_t *mtopic;
+        rd_kafka_mock_txn_offset_t *toff;
+        int i;
+
+        TAILQ_FOREACH(mtopic, &mcluster->topics, link) {
+                int p;
+                for (p = 0; p < mtopic->partition_cnt; p++) {
+                        rd_kafka_mock_partition_t *mpart =
+                            &mtopic->partitions[p];
+                        rd_kafka_mock_txn_range_t *range =
+                            rd_kafka_mock_txn_find(&mpart->txn_open, pid.id);
+                        if (!range)
+                                continue;
+                        rd_list_remove(&mpart->txn_open, range);
+                        range->last_offset = rd_kafka_mock_txn_marker_append(
+                            mpart, pid, committed);
+                        if (committed)
+                                rd_free(range);
+                        else
+                                rd_list_add(&mpart->txn_aborted, range);
+                }
+        }
+
+        RD_LIST_FOREACH_REVERSE(toff, &mcluster->txn_offsets, i) {
+                if (toff->pid != pid.id)
+                        continue;
+                if (committed) {
+                        rd_kafkap_str_t *group =
+                            rd_kafkap_str_new(toff->group, -1);
+                        rd_kafkap_str_t *metadata = rd_kafkap_str_new("", 0);
+                        rd_kafka_mock_commit_offset(toff->mpart, group,
+                                                    toff->offset, metadata);
+                        rd_kafkap_str_destroy(group);
+                        rd_kafkap_str_destroy(metadata);
+                }
+                rd_list_remove_elem(&mcluster->txn_offsets, i);
+                rd_free(toff);
+        }
+}
+
+/**
+ * @brief The last stable offset: the first offset of the oldest open
+ *        transaction, else the end offset.
+ */
+int64_t rd_kafka_mock_partition_last_stable_offset(
+    const rd_kafka_mock_partition_t *mpart) {
+        const rd_kafka_mock_txn_range_t *range;
+        int64_t lso = mpart->end_offset;
+        int i;
+
+        RD_LIST_FOREACH(range, &mpart->txn_open, i) {
+                if (range->first_offset < lso)
+                        lso = range->first_offset;
+        }
+        return lso;
+}
+
+
 /**
  * @brief Append the MessageSets in \p bytes to the \p mpart partition log.
  *
@@ -362,6 +581,17 @@ rd_kafka_mock_partition_log_append(rd_kafka_mock_partition_t *mpart,
         mset = rd_kafka_mock_msgset_new(mpart, records, (size_t)RecordCount);
 
         *BaseOffset = mset->first_offset;
+
+        if ((Attributes & RD_KAFKA_MSGSET_V2_ATTR_TRANSACTIONAL) &&
+            TransactionalId && RD_KAFKAP_STR_LEN(TransactionalId) > 0) {
+                int64_t ProducerId;
+                memcpy(&ProducerId,
+                       (const char *)records->data +
+                           RD_KAFKAP_MSGSET_V2_OF_ProducerId,
+                       sizeof(ProducerId));
+                rd_kafka_mock_txn_add_partition(mpart, be64toh(ProducerId),
+                                                mset->first_offset);
+        }
 
         return RD_KAFKA_RESP_ERR_NO_ERROR;
 
@@ -601,6 +831,8 @@ static void rd_kafka_mock_partition_destroy(rd_kafka_mock_partition_t *mpart) {
         rd_kafka_mock_partition_leader_destroy(mpart, mpart_leader);
 
         rd_list_destroy(&mpart->pidstates);
+        rd_list_destroy(&mpart->txn_open);
+        rd_list_destroy(&mpart->txn_aborted);
 
         rd_free(mpart->replicas);
 }
@@ -629,6 +861,8 @@ static void rd_kafka_mock_partition_init(rd_kafka_mock_topic_t *mtopic,
         TAILQ_INIT(&mpart->leader_responses);
 
         rd_list_init(&mpart->pidstates, 0, rd_free);
+        rd_list_init(&mpart->txn_open, 0, rd_free);
+        rd_list_init(&mpart->txn_aborted, 0, rd_free);
 
         rd_kafka_mock_partition_assign_replicas(mpart, replication_factor);
 }
@@ -2728,6 +2962,7 @@ static void rd_kafka_mock_cluster_destroy0(rd_kafka_mock_cluster_t *mcluster) {
                 rd_kafka_mock_coord_destroy(mcluster, mcoord);
 
         rd_list_destroy(&mcluster->pids);
+        rd_list_destroy(&mcluster->txn_offsets);
 
         while ((errstack = TAILQ_FIRST(&mcluster->errstacks))) {
                 TAILQ_REMOVE(&mcluster->errstacks, errstack, link);
@@ -2844,6 +3079,7 @@ rd_kafka_mock_cluster_t *rd_kafka_mock_cluster_new(rd_kafka_t *rk,
         TAILQ_INIT(&mcluster->coords);
 
         rd_list_init(&mcluster->pids, 16, rd_free);
+        rd_list_init(&mcluster->txn_offsets, 0, rd_free);
 
         TAILQ_INIT(&mcluster->errstacks);
 

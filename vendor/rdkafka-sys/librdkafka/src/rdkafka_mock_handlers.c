@@ -361,7 +361,7 @@ static int rd_kafka_mock_handle_Fetch(rd_kafka_mock_connection_t *mconn,
         rd_kafka_resp_err_t all_err;
         int32_t ReplicaId = -1, MaxWait, MinBytes, MaxBytes = -1,
                 SessionId = -1, Epoch, TopicsCnt;
-        int8_t IsolationLevel;
+        int8_t IsolationLevel = 0;
         size_t totsize = 0;
 
         int32_t tags_to_write[1]   = {0};
@@ -535,10 +535,20 @@ static int rd_kafka_mock_handle_Fetch(rd_kafka_mock_connection_t *mconn,
                                                  : mpart->end_offset)
                                   : -1);
 
+                        /* read_committed reads up to the last stable
+                         * offset, the start of the oldest open
+                         * transaction. */
+                        int64_t LastStableOffset =
+                            mpart ? rd_kafka_mock_partition_last_stable_offset(
+                                        mpart)
+                                  : -1;
+                        if (IsolationLevel == 1 && mset &&
+                            mset->first_offset >= LastStableOffset)
+                                mset = NULL;
+
                         if (rkbuf->rkbuf_reqhdr.ApiVersion >= 4) {
                                 /* Response: LastStableOffset */
-                                rd_kafka_buf_write_i64(
-                                    resp, mpart ? mpart->end_offset : -1);
+                                rd_kafka_buf_write_i64(resp, LastStableOffset);
                         }
 
                         if (rkbuf->rkbuf_reqhdr.ApiVersion >= 5) {
@@ -552,8 +562,40 @@ static int rd_kafka_mock_handle_Fetch(rd_kafka_mock_connection_t *mconn,
                         }
 
                         if (rkbuf->rkbuf_reqhdr.ApiVersion >= 4) {
-                                /* Response: #Aborted */
-                                rd_kafka_buf_write_arraycnt(resp, 0);
+                                /* Response: #Aborted: the aborted
+                                 * transactions whose markers are at or after
+                                 * the fetch offset. */
+                                const rd_kafka_mock_txn_range_t *range;
+                                int i, AbortedCnt = 0;
+                                if (IsolationLevel == 1 && mpart && mset) {
+                                        RD_LIST_FOREACH(range,
+                                                        &mpart->txn_aborted, i) {
+                                                if (range->last_offset >=
+                                                        FetchOffset &&
+                                                    range->first_offset <=
+                                                        mset->last_offset)
+                                                        AbortedCnt++;
+                                        }
+                                }
+                                rd_kafka_buf_write_arraycnt(resp, AbortedCnt);
+                                if (AbortedCnt > 0) {
+                                        RD_LIST_FOREACH(range,
+                                                        &mpart->txn_aborted, i) {
+                                                if (range->last_offset <
+                                                        FetchOffset ||
+                                                    range->first_offset >
+                                                        mset->last_offset)
+                                                        continue;
+                                                /* ProducerId */
+                                                rd_kafka_buf_write_i64(
+                                                    resp, range->pid);
+                                                /* FirstOffset */
+                                                rd_kafka_buf_write_i64(
+                                                    resp, range->first_offset);
+                                                rd_kafka_buf_write_tags_empty(
+                                                    resp);
+                                        }
+                                }
                         }
 
 
@@ -700,7 +742,7 @@ static int rd_kafka_mock_handle_ListOffsets(rd_kafka_mock_connection_t *mconn,
         rd_kafka_buf_t *resp = rd_kafka_mock_buf_new_response(rkbuf);
         rd_kafka_resp_err_t all_err;
         int32_t ReplicaId, TopicsCnt;
-        int8_t IsolationLevel;
+        int8_t IsolationLevel = 0;
 
         rd_kafka_buf_read_i32(rkbuf, &ReplicaId);
         if (rkbuf->rkbuf_reqhdr.ApiVersion >= 2)
@@ -782,7 +824,11 @@ static int rd_kafka_mock_handle_ListOffsets(rd_kafka_mock_connection_t *mconn,
                                 if (Timestamp == RD_KAFKA_OFFSET_BEGINNING)
                                         Offset = mpart->start_offset;
                                 else if (Timestamp == RD_KAFKA_OFFSET_END)
-                                        Offset = mpart->end_offset;
+                                        Offset =
+                                            IsolationLevel == 1
+                                                ? rd_kafka_mock_partition_last_stable_offset(
+                                                      mpart)
+                                                : mpart->end_offset;
                                 else if (Timestamp < 0)
                                         Offset = -1;
                                 else /* FIXME: by timestamp */
@@ -1041,7 +1087,14 @@ static int rd_kafka_mock_handle_OffsetCommit(rd_kafka_mock_connection_t *mconn,
 
                 mcgrp_classic =
                     rd_kafka_mock_cgrp_classic_find(mcluster, &GroupId);
-                if (mcgrp_classic) {
+                if (mcgrp_classic && GenerationIdOrMemberEpoch < 0 &&
+                    RD_KAFKAP_STR_LEN(&MemberId) <= 0 &&
+                    mcgrp_classic->member_cnt == 0) {
+                        /* A commit from outside the group (a consumer
+                         * with assign() and no subscription) while it has
+                         * no members: accepted, as by Kafka. Added for
+                         * riskstream's tests. */
+                } else if (mcgrp_classic) {
                         rd_kafka_mock_cgrp_classic_member_t *member = NULL;
 
                         if (!RD_KAFKAP_STR_IS_NULL(&MemberId))
@@ -2050,6 +2103,39 @@ rd_kafka_mock_pid_bump(rd_kafka_mock_cluster_t *mcluster,
 
 
 /**
+ * @brief For a TransactionalId that already has a pid: aborts the open
+ *        transaction of its current epoch, bumps the epoch (fencing the
+ *        previous producer) and returns the pid in \p pidp.
+ * @returns rd_false if the TransactionalId is new.
+ */
+static rd_bool_t rd_kafka_mock_pid_fence(rd_kafka_mock_cluster_t *mcluster,
+                                         const rd_kafkap_str_t *TransactionalId,
+                                         rd_kafka_pid_t *pidp) {
+        rd_kafka_mock_pid_t *mpid, *found = NULL;
+        rd_kafka_pid_t previous;
+        int i;
+
+        mtx_lock(&mcluster->lock);
+        RD_LIST_FOREACH(mpid, &mcluster->pids, i) {
+                if (!rd_kafkap_str_cmp_str(TransactionalId,
+                                           mpid->TransactionalId))
+                        found = mpid;
+        }
+        if (!found) {
+                mtx_unlock(&mcluster->lock);
+                return rd_false;
+        }
+        previous = found->pid;
+        found->pid.epoch++;
+        *pidp = found->pid;
+        mtx_unlock(&mcluster->lock);
+
+        rd_kafka_mock_txn_end(mcluster, previous, rd_false);
+        return rd_true;
+}
+
+
+/**
  * @brief Handle InitProducerId
  */
 static int
@@ -2106,6 +2192,12 @@ rd_kafka_mock_handle_InitProducerId(rd_kafka_mock_connection_t *mconn,
                         if (!err)
                                 pid = current_pid;
 
+                } else if (!RD_KAFKAP_STR_IS_NULL(&TransactionalId) &&
+                           rd_kafka_mock_pid_fence(mcluster, &TransactionalId,
+                                                   &pid)) {
+                        /* A known TransactionalId: the epoch was bumped,
+                         * fencing the previous producer, and its open
+                         * transaction was aborted. */
                 } else {
                         /* Generate a new pid */
                         pid = rd_kafka_mock_pid_new(mcluster, &TransactionalId);
@@ -2373,6 +2465,10 @@ rd_kafka_mock_handle_TxnOffsetCommit(rd_kafka_mock_connection_t *mconn,
                         /* CommittedMetadata */
                         rd_kafka_buf_read_str(rkbuf, &Metadata);
 
+                        if (!err && mpart)
+                                rd_kafka_mock_txn_add_offset(
+                                    mcluster, pid.id, &GroupId, mpart, Offset);
+
                         /* Response: ErrorCode */
                         rd_kafka_buf_write_i16(resp, err);
 
@@ -2439,6 +2535,9 @@ static int rd_kafka_mock_handle_EndTxn(rd_kafka_mock_connection_t *mconn,
 
         if (!err)
                 err = rd_kafka_mock_pid_check(mcluster, &TransactionalId, pid);
+
+        if (!err)
+                rd_kafka_mock_txn_end(mcluster, pid, committed);
 
         /* ErrorCode */
         rd_kafka_buf_write_i16(resp, err);

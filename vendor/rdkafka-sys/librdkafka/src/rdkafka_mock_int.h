@@ -348,6 +348,13 @@ typedef struct rd_kafka_mock_partition_s {
 
         rd_list_t pidstates; /**< PID states */
 
+        /* Transactions (KIP-98), added for riskstream's tests:
+         * rd_kafka_mock_txn_range_t* elements. */
+        rd_list_t txn_open;    /**< Open transactions: producer id and
+                                *   first offset in this partition. */
+        rd_list_t txn_aborted; /**< Aborted transactions: producer id,
+                                *   first offset and marker offset. */
+
         int32_t follower_id; /**< Preferred replica/follower */
 
         struct rd_kafka_mock_topic_s *topic;
@@ -357,6 +364,27 @@ typedef struct rd_kafka_mock_partition_s {
         leader_responses;
 } rd_kafka_mock_partition_t;
 
+
+/**
+ * @struct A transaction's range in one partition: from the producer's first
+ *         record in the transaction to its end marker (-1 while open).
+ */
+typedef struct rd_kafka_mock_txn_range_s {
+        int64_t pid;
+        int64_t first_offset;
+        int64_t last_offset;
+} rd_kafka_mock_txn_range_t;
+
+/**
+ * @struct An offset committed inside a transaction (TxnOffsetCommit),
+ *         applied to the group when the transaction commits.
+ */
+typedef struct rd_kafka_mock_txn_offset_s {
+        int64_t pid;
+        struct rd_kafka_mock_partition_s *mpart;
+        int64_t offset;
+        char group[1]; /**< Allocated after this structure */
+} rd_kafka_mock_txn_offset_t;
 
 /**
  * @struct Mock topic
@@ -435,6 +463,9 @@ struct rd_kafka_mock_cluster_s {
         /** Current transactional producer PIDs.
          *  Element type is a malloced rd_kafka_mock_pid_t*. */
         rd_list_t pids;
+
+        /** Offsets of open transactions: rd_kafka_mock_txn_offset_t*. */
+        rd_list_t txn_offsets;
 
         char *bootstraps; /**< bootstrap.servers */
 
@@ -563,6 +594,20 @@ rd_kafka_mock_msgset_find(const rd_kafka_mock_partition_t *mpart,
 rd_kafka_resp_err_t
 rd_kafka_mock_next_request_error(rd_kafka_mock_connection_t *mconn,
                                  rd_kafka_buf_t *resp);
+
+void rd_kafka_mock_txn_add_partition(rd_kafka_mock_partition_t *mpart,
+                                     int64_t pid,
+                                     int64_t first_offset);
+void rd_kafka_mock_txn_add_offset(rd_kafka_mock_cluster_t *mcluster,
+                                  int64_t pid,
+                                  const rd_kafkap_str_t *group,
+                                  rd_kafka_mock_partition_t *mpart,
+                                  int64_t offset);
+void rd_kafka_mock_txn_end(rd_kafka_mock_cluster_t *mcluster,
+                           rd_kafka_pid_t pid,
+                           rd_bool_t committed);
+int64_t
+rd_kafka_mock_partition_last_stable_offset(const rd_kafka_mock_partition_t *mpart);
 
 rd_kafka_resp_err_t
 rd_kafka_mock_partition_log_append(rd_kafka_mock_partition_t *mpart,
