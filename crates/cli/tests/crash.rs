@@ -187,13 +187,19 @@ fn close(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     }
 }
 
-fn crash_and_recover(delivery: &str) {
+/// A temporary directory with the test bundle in it, and a broker process.
+fn set_up() -> (tempfile::TempDir, std::path::PathBuf, Broker) {
     let dir = tempfile::tempdir().expect("tempdir");
     let bundle = dir.path().join("bundle.yaml");
     std::fs::write(&bundle, BUNDLE).expect("bundle");
     let broker_config = dir.path().join("broker.toml");
     std::fs::write(&broker_config, "").expect("config");
     let broker = Broker::start(&broker_config);
+    (dir, bundle, broker)
+}
+
+fn crash_and_recover(delivery: &str) {
+    let (dir, bundle, broker) = set_up();
     let config = dir.path().join("riskstream.toml");
     std::fs::write(
         &config,
@@ -377,4 +383,94 @@ fn at_least_once_survives_repeated_sigkills_with_exact_state() {
 #[test]
 fn exactly_once_survives_repeated_sigkills_with_exact_state() {
     crash_and_recover("exactly_once");
+}
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `riskstream checkpoints create` asks a running instance for a checkpoint through its admin
+/// API, with the configured token, and prints the manifest; with nothing listening, or without
+/// the token, it fails and says why.
+#[test]
+fn checkpoints_create_asks_a_running_instance_for_a_checkpoint() {
+    let (dir, bundle, broker) = set_up();
+    let port = free_port();
+    let write_config = |name: &str, token: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[kafka]\nbrokers = \"{}\"\ngroup_id = \"cli\"\n\
+                 [state]\ndir = \"{}\"\n[checkpoint]\ninterval = \"1h\"\n\
+                 [admin]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{token}\"\n",
+                broker.address,
+                dir.path().join("state").display(),
+            ),
+        )
+        .expect("config");
+        path
+    };
+    let config = write_config("riskstream.toml", "cli-token");
+    let without_token = write_config("no-token.toml", "");
+    let create = |config: &Path| {
+        let out = riskstream()
+            .arg("--config")
+            .arg(config)
+            .args(["checkpoints", "create"])
+            .output()
+            .expect("riskstream checkpoints create");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (ok, _, stderr) = create(&config);
+    assert!(!ok);
+    assert!(
+        stderr.contains("cannot reach the admin API"),
+        "nothing listens yet: {stderr}"
+    );
+
+    let address = broker.address.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let produced = Arc::new(AtomicU64::new(0));
+    let producer = {
+        let (events, stop, produced) = (
+            dir.path().join("events.jsonl"),
+            Arc::clone(&stop),
+            Arc::clone(&produced),
+        );
+        std::thread::spawn(move || produce(&address, &events, stop, produced))
+    };
+    let mut instance = run_instance(&config, &bundle, &dir.path().join("run.log"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (ok, stdout, stderr) = loop {
+        let attempt = create(&config);
+        if attempt.0 || Instant::now() > deadline {
+            break attempt;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    stop.store(true, Ordering::Release);
+    producer.join().expect("producer");
+    assert!(ok, "{stdout}{stderr}");
+    let manifest: serde_json::Value = serde_json::from_str(stdout.trim()).expect("manifest json");
+    assert!(manifest["id"].as_u64().is_some(), "{manifest}");
+    assert!(manifest["offsets"].is_object(), "{manifest}");
+
+    let (ok, stdout, _) = create(&without_token);
+    assert!(!ok, "accepted without the token: {stdout}");
+    assert!(stdout.contains("unauthorized"), "{stdout}");
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &instance.id().to_string()])
+        .status();
+    assert!(instance.wait().expect("stopped").success());
 }
