@@ -51,6 +51,21 @@ fn produce(
     flush(producer)
 }
 
+/// `POST /api/v1/checkpoints` on `base`, with `token` if given: the status and the JSON body.
+fn take_checkpoint(
+    client: &Http,
+    base: &str,
+    token: Option<&str>,
+) -> TestResult<(u16, serde_json::Value)> {
+    let mut request = client.post(format!("{base}/api/v1/checkpoints"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send()?;
+    let status = response.status().as_u16();
+    Ok((status, response.json()?))
+}
+
 /// The records a checkpoint covers: its offsets summed over partitions (every partition here
 /// starts at 0).
 fn records_covered(checkpoint: &serde_json::Value) -> TestResult<i64> {
@@ -82,14 +97,10 @@ fn checkpoints_on_demand_are_listed_and_a_restart_continues_from_the_last_one() 
     produce(&producer, "a", 0..100, t0)?;
     assert_eq!(read_verdicts(&broker, 100)?.len(), 100);
 
-    let response = client.post(format!("{base}/api/v1/checkpoints")).send()?;
-    assert_eq!(response.status().as_u16(), 401);
-    let response = client
-        .post(format!("{base}/api/v1/checkpoints"))
-        .bearer_auth(TOKEN)
-        .send()?;
-    assert_eq!(response.status().as_u16(), 201);
-    let taken: serde_json::Value = response.json()?;
+    let (status, _) = take_checkpoint(&client, &base, None)?;
+    assert_eq!(status, 401);
+    let (status, taken) = take_checkpoint(&client, &base, Some(TOKEN))?;
+    assert_eq!(status, 201);
     let offsets = records_covered(&taken)?;
     assert_eq!(offsets, 100, "{taken}");
     assert!(taken["bytes_total"].as_u64() > Some(0), "{taken}");
@@ -128,11 +139,8 @@ fn an_instance_without_checkpoints_says_so() -> TestResult {
     let broker = broker()?;
     let instance = Instance::start(&config(&broker, "")?, &bundle(100), false)?;
     let client = http()?;
-    let response = client
-        .post(format!("{}/api/v1/checkpoints", instance.base))
-        .send()?;
-    assert_eq!(response.status().as_u16(), 409);
-    let body: serde_json::Value = response.json()?;
+    let (status, body) = take_checkpoint(&client, &instance.base, None)?;
+    assert_eq!(status, 409);
     assert_eq!(body["error"], "checkpoints_off", "{body}");
     let (status, _) = get_json(&client, &instance.base, "/api/v1/checkpoints")?;
     assert_eq!(status, 409);
@@ -155,11 +163,8 @@ fn exactly_once_recovery_passes_over_a_checkpoint_whose_transaction_did_not_comm
     // The verdicts are in the open transaction: a read_committed reader sees them once the
     // checkpoint after them commits it.
     let first = loop {
-        let response = client
-            .post(format!("{}/api/v1/checkpoints", instance.base))
-            .send()?;
-        assert_eq!(response.status().as_u16(), 201);
-        let checkpoint: serde_json::Value = response.json()?;
+        let (status, checkpoint) = take_checkpoint(&client, &instance.base, None)?;
+        assert_eq!(status, 201);
         if records_covered(&checkpoint)? == 40 {
             break checkpoint;
         }
@@ -211,10 +216,8 @@ fn exactly_once_recovery_passes_over_a_checkpoint_whose_transaction_did_not_comm
     );
     // Restored at the first checkpoint, the instance scores the last 10 events again, in a
     // new transaction.
-    let response = client
-        .post(format!("{}/api/v1/checkpoints", instance.base))
-        .send()?;
-    assert_eq!(response.status().as_u16(), 201);
+    let (status, _) = take_checkpoint(&client, &instance.base, None)?;
+    assert_eq!(status, 201);
     let verdicts = read_verdicts(&broker, 60)?;
     assert_eq!(verdicts.len(), 50);
     assert!((40..50).all(|i| verdicts.get(&format!("e{i}")).map(Vec::len) == Some(2)));
@@ -240,11 +243,8 @@ fn scoring_goes_on_while_checkpoint_storage_fails_and_checkpoints_resume_once_it
     let blocker = store.path().join("flaky").join("sst");
     std::fs::create_dir_all(store.path().join("flaky"))?;
     std::fs::write(&blocker, b"not a directory")?;
-    let response = client
-        .post(format!("{}/api/v1/checkpoints", instance.base))
-        .send()?;
-    assert_eq!(response.status().as_u16(), 503);
-    let body: serde_json::Value = response.json()?;
+    let (status, body) = take_checkpoint(&client, &instance.base, None)?;
+    assert_eq!(status, 503);
     assert_eq!(body["error"], "checkpoint_failed", "{body}");
 
     // Scoring does not depend on it.
@@ -253,11 +253,8 @@ fn scoring_goes_on_while_checkpoint_storage_fails_and_checkpoints_resume_once_it
 
     // Repaired: the next checkpoint covers everything.
     std::fs::remove_file(&blocker)?;
-    let response = client
-        .post(format!("{}/api/v1/checkpoints", instance.base))
-        .send()?;
-    assert_eq!(response.status().as_u16(), 201);
-    let taken: serde_json::Value = response.json()?;
+    let (status, taken) = take_checkpoint(&client, &instance.base, None)?;
+    assert_eq!(status, 201);
     let offsets = records_covered(&taken)?;
     assert_eq!(offsets, 40, "{taken}");
     instance.stop()?;

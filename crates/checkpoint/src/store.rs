@@ -370,9 +370,8 @@ impl CheckpointStore {
 
     /// Downloads the files of `manifest` into a fresh `dir`, checking their sizes.
     fn download(&self, manifest: &Manifest, dir: &FsPath) -> Result<(), CheckpointError> {
-        let io = |what: String| move |source| CheckpointError::Io { what, source };
         let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir_all(dir).map_err(io(dir.display().to_string()))?;
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
         for file in &manifest.files {
             let bytes = self
                 .get(&file.key)?
@@ -392,7 +391,7 @@ impl CheckpointStore {
                 });
             }
             let path = dir.join(&file.name);
-            std::fs::write(&path, &bytes).map_err(io(path.display().to_string()))?;
+            std::fs::write(&path, &bytes).map_err(io(&path))?;
         }
         Ok(())
     }
@@ -408,13 +407,12 @@ impl CheckpointStore {
         incarnation: &str,
         known: &HashMap<String, FileRef>,
     ) -> Result<(Vec<FileRef>, u64, usize), CheckpointError> {
-        let io = |what: String| move |source| CheckpointError::Io { what, source };
         let mut files = Vec::new();
         let (mut bytes, mut uploaded) = (0, 0);
         let mut entries = std::fs::read_dir(staged)
-            .map_err(io(staged.display().to_string()))?
+            .map_err(io(staged))?
             .collect::<Result<Vec<_>, _>>()
-            .map_err(io(staged.display().to_string()))?;
+            .map_err(io(staged))?;
         // The SST files first, then MANIFEST, CURRENT and OPTIONS (the manifest comes last, from
         // the caller).
         entries.sort_by_key(|e| {
@@ -425,10 +423,7 @@ impl CheckpointStore {
         });
         for entry in entries {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let size = entry
-                .metadata()
-                .map_err(io(entry.path().display().to_string()))?
-                .len();
+            let size = entry.metadata().map_err(io(&entry.path()))?.len();
             if let Some(file) = known.get(&name).filter(|f| f.size == size) {
                 files.push(file.clone());
                 continue;
@@ -438,8 +433,7 @@ impl CheckpointStore {
             } else {
                 format!("checkpoints/{id}/files/{name}")
             };
-            let content =
-                std::fs::read(entry.path()).map_err(io(entry.path().display().to_string()))?;
+            let content = std::fs::read(entry.path()).map_err(io(&entry.path()))?;
             self.put(&key, content)?;
             bytes += size;
             uploaded += 1;
@@ -523,6 +517,12 @@ fn local(
     Ok(Arc::new(store))
 }
 
+/// A file system error on `path`.
+fn io(path: &FsPath) -> impl FnOnce(std::io::Error) -> CheckpointError {
+    let what = path.display().to_string();
+    move |source| CheckpointError::Io { what, source }
+}
+
 /// `dir` with `.suffix` appended to its last component (a directory beside it, on the same file
 /// system).
 pub fn sibling(dir: &FsPath, suffix: &str) -> PathBuf {
@@ -533,10 +533,6 @@ pub fn sibling(dir: &FsPath, suffix: &str) -> PathBuf {
 
 /// Replaces `dir` by `from` (a rename on one file system).
 fn replace_dir(from: &FsPath, dir: &FsPath) -> Result<(), CheckpointError> {
-    let io = |what: &FsPath| {
-        let what = what.display().to_string();
-        move |source| CheckpointError::Io { what, source }
-    };
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(io(dir))?;
     }

@@ -92,19 +92,22 @@ impl Schedule {
         self.requests.requested() > self.served
     }
 
-    /// The manifest of a new checkpoint of the boundary at `now_ms`.
+    /// The manifest of a new checkpoint of the boundary at `now_ms`, after the records before
+    /// `offsets`.
     pub fn begin(&mut self, now_ms: i64, offsets: &BTreeMap<i32, i64>) -> Manifest {
         self.last_offsets.clone_from(offsets);
         self.served = self.requests.requested();
         self.last_at = Some(now_ms);
         let id = self.checkpointer.next_id();
-        Manifest::new(
+        let mut manifest = Manifest::new(
             id,
             &self.instance,
             &self.source,
             self.delivery.as_str(),
             now_ms,
-        )
+        );
+        manifest.offsets.clone_from(offsets);
+        manifest
     }
 
     /// What the state writer runs once the checkpoint's state is written: a RocksDB
@@ -121,10 +124,6 @@ impl Schedule {
             let id = manifest.id;
             let taken = written.map_err(|e| e.to_string()).and_then(|()| {
                 let _ = std::fs::remove_dir_all(&dir);
-                if let Some(parent) = dir.parent() {
-                    std::fs::create_dir_all(parent)
-                        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-                }
                 store.checkpoint(&dir).map_err(|e| e.to_string())
             });
             match taken {

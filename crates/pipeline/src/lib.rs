@@ -403,7 +403,6 @@ impl Pipeline {
         };
         let began = Instant::now();
         let mut manifest = schedule.begin(now_ms, &self.offsets);
-        manifest.offsets = self.offsets.clone();
         manifest.max_event_times = progress.into_iter().collect();
         manifest.rules_version = rules_version;
         let id = manifest.id;
