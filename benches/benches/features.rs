@@ -16,12 +16,21 @@
 //!   the window's length from the memory its events occupy.
 //! - `features_by_keys`: a 1-day window at W1's 10M-event rate (2M events a day), 10K, 100K and
 //!   1M keys — from 200 events per key and window to 2.
+//!
+//! The groups above measure at steady state, after the longest window has filled: for 30 days
+//! at W1's rate that takes 6.6M events, more than W1 itself holds. The `features_w1_*` groups
+//! measure W1 as `gen_w1.py` makes it instead, one iteration being a whole replay from empty
+//! state (5 days of event time; the operator's time only):
+//!
+//! - `features_w1_by_window`: 1M events, window 10m, 1h, 1d, 30d, for W1's 200K customers and
+//!   for 10K.
+//! - `features_w1_by_keys`: 10M events, 1-day window, 10K, 100K and 1M customers.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use riskstream_benches::Rng;
 use riskstream_common::{Config, EventSchema};
 use riskstream_features::FeatureOperator;
@@ -175,6 +184,52 @@ impl Harness {
     }
 }
 
+/// Days of event time a W1 input spans (`gen_w1.py`'s default).
+const W1_DAYS: f64 = 5.0;
+
+/// Replays W1 streams of `events` events from empty state: one iteration a whole replay.
+fn run_w1(c: &mut Criterion, group: &str, events: u64, cases: &[(&str, u64)]) {
+    let mut group = c.benchmark_group(group);
+    group.sample_size(10);
+    group.sampling_mode(SamplingMode::Flat);
+    group.measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements(events));
+    for &(window, keys) in cases {
+        group.bench_function(format!("window_{window}_keys_{keys}"), |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| {
+                        let mut harness = Harness::new(window, keys, events as f64 / W1_DAYS);
+                        let mut took = Duration::ZERO;
+                        while harness.stream.next < events {
+                            took += harness.step();
+                        }
+                        took
+                    })
+                    .sum()
+            })
+        });
+    }
+    group.finish();
+}
+
+fn w1_windows(c: &mut Criterion) {
+    let cases: Vec<(&str, u64)> = [200_000, 10_000]
+        .into_iter()
+        .flat_map(|keys| ["10m", "1h", "1d", "30d"].map(|w| (w, keys)))
+        .collect();
+    run_w1(c, "features_w1_by_window", 1_000_000, &cases);
+}
+
+fn w1_keys(c: &mut Criterion) {
+    run_w1(
+        c,
+        "features_w1_by_keys",
+        10_000_000,
+        &[("1d", 10_000), ("1d", 100_000), ("1d", 1_000_000)],
+    );
+}
+
 fn run(c: &mut Criterion, group: &str, cases: &[(&str, i64, u64, f64)]) {
     let mut group = c.benchmark_group(group);
     group.sample_size(10);
@@ -237,5 +292,12 @@ fn keys(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, windows, windows_same_state, keys);
+criterion_group!(
+    benches,
+    windows,
+    windows_same_state,
+    keys,
+    w1_windows,
+    w1_keys
+);
 criterion_main!(benches);

@@ -16,6 +16,16 @@
 //! logarithmically with the events in one pane). Keys with few events, most of them, carry no
 //! index at all.
 //!
+//! Queries in time order need not search at all. A window of more than [`EDGE_ABOVE`] events
+//! remembers where the last one's left edge fell ([`Edge`]): a cursor into the events, a chunk
+//! of at most [`EDGE_CHUNK`] events from the cursor on, and the summary of every event after
+//! the chunk, which in-order inserts extend. The next in-order query moves the cursor past the
+//! events that left the window, scans what is left of the chunk and merges the summary; only
+//! when the chunk is used up does it summarize the events after a new chunk (by the index, or
+//! by a scan of a small window). So an in-order query touches the same few cache lines whatever
+//! the window's length or the events in it, and does the bounded index query above once per
+//! [`EDGE_CHUNK`] events that leave the window.
+//!
 //! `count_distinct` cannot be pre-aggregated; a large window instead keeps the multiset of the
 //! values in the window it last answered for and moves it to the next query's window by adding
 //! and removing the events in between, which costs O(1) amortized as queries move forward.
@@ -34,6 +44,11 @@ const FANOUT: i64 = 16;
 /// A window or bucket with more events than this is indexed or split; queries scan at most this
 /// many events at each edge.
 pub const SPLIT_ABOVE: usize = 64;
+
+/// A window of more than this many events keeps an [`Edge`] for queries in time order.
+pub const EDGE_ABOVE: usize = 16;
+/// Events an [`Edge`]'s chunk starts with.
+const EDGE_CHUNK: usize = 16;
 
 /// One event of a window: event time (epoch ms) and the aggregated value, or [`NO_VALUE`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -568,6 +583,69 @@ impl PaneIndex {
     }
 }
 
+/// Where the left edge of the last query in time order fell (see the module's documentation).
+///
+/// Every event at or after index `chunk_end` has a time of at least `chunk_last` (the time of
+/// the chunk's last event), so while some event of the chunk is inside a window, all of them
+/// are: `rest` summarizes them. An insert at or after `chunk_last` lands after the chunk and
+/// joins `rest`; one before it shifts the chunk, and the edge is dropped (rebuilt by the next
+/// in-order query).
+#[derive(Debug, Clone, PartialEq)]
+struct Edge {
+    /// The first event inside the last window asked about.
+    cursor: usize,
+    chunk_end: usize,
+    chunk_last: i64,
+    /// The events from `chunk_end` on.
+    rest: Summary,
+    /// Whether `rest` keeps the second moment.
+    moments: bool,
+}
+
+impl Edge {
+    /// An edge at `lo` over `entries` (the events with `ts > lo` from the cursor on).
+    fn build(
+        shape: Shape,
+        lo: i64,
+        entries: &VecDeque<Entry>,
+        index: Option<&PaneIndex>,
+        newest: i64,
+    ) -> Self {
+        let cursor = count_through(entries, lo);
+        let chunk_end = (cursor + EDGE_CHUNK).min(entries.len());
+        let chunk_last = match chunk_end.checked_sub(1) {
+            Some(last) if chunk_end > cursor => entries[last].ts,
+            _ => i64::MIN,
+        };
+        let mut rest = Summary::default();
+        match index {
+            Some(index) if chunk_end > cursor => {
+                // The events after the chunk: those later than its last one, by the index, and
+                // those at the same time that arrived after it.
+                for e in entries
+                    .range(chunk_end..)
+                    .take_while(|e| e.ts == chunk_last)
+                {
+                    rest.add(e.value, shape.moments);
+                }
+                index.query(shape, chunk_last, newest, newest, entries, &mut rest);
+            }
+            _ => {
+                for e in entries.range(chunk_end..) {
+                    rest.add(e.value, shape.moments);
+                }
+            }
+        }
+        Self {
+            cursor,
+            chunk_end,
+            chunk_last,
+            rest,
+            moments: shape.moments,
+        }
+    }
+}
+
 /// The state of one window for one entity key.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KeyWindow {
@@ -581,8 +659,20 @@ pub struct KeyWindow {
     newest: i64,
     /// Once the window holds more than [`SPLIT_ABOVE`] events.
     index: Option<Box<PaneIndex>>,
-    /// For `count_distinct` over a large window: the values of the last window asked about.
-    distinct: Option<Box<Distinct>>,
+    /// What the last query left for the next to move from, once the window is large.
+    memo: Option<Box<Memo>>,
+}
+
+/// What a window remembers of its last query, so that the next one moves from there instead of
+/// starting over. A window is read either by summaries or by `count_distinct`, never both (see
+/// [`crate::layout`]), so it keeps one or the other.
+#[derive(Debug, Clone, PartialEq)]
+enum Memo {
+    /// Summaries in time order, once the window holds more than [`EDGE_ABOVE`] events.
+    Edge(Edge),
+    /// `count_distinct`, once the window holds more than [`SPLIT_ABOVE`] events: the values of
+    /// the last window asked about.
+    Distinct(Distinct),
 }
 
 impl KeyWindow {
@@ -608,10 +698,17 @@ impl KeyWindow {
             self.entries.insert(at, e);
             self.evictable_at = self.evictable_at.min(e.ts);
         }
-        if let Some(d) = &mut self.distinct {
-            if e.ts > d.lo && e.ts <= d.hi && !is_no_value(e.value) {
-                d.add(e.value);
+        match self.memo.as_deref_mut() {
+            Some(Memo::Distinct(d)) if e.ts > d.lo && e.ts <= d.hi && !is_no_value(e.value) => {
+                d.add(e.value)
             }
+            Some(Memo::Distinct(_)) => {}
+            Some(Memo::Edge(edge)) if e.ts >= edge.chunk_last => {
+                edge.rest.add(e.value, edge.moments)
+            }
+            // Inside the chunk: its indexes moved.
+            Some(Memo::Edge(_)) => self.memo = None,
+            None => {}
         }
         match &mut self.index {
             Some(index) => index.add(shape, e, &self.entries),
@@ -629,16 +726,62 @@ impl KeyWindow {
                 **index = PaneIndex::build(shape, &self.entries);
             }
         }
+        if let Some(Memo::Edge(edge)) = self.memo.as_deref() {
+            if edge.moments != shape.moments {
+                self.memo = None;
+            }
+        }
     }
 
     /// Summary of the events with `t − window < ts <= t`.
-    pub fn summary(&self, shape: Shape, t: i64) -> Summary {
+    pub fn summary(&mut self, shape: Shape, t: i64) -> Summary {
         let lo = t - shape.window_ms;
+        if t >= self.newest && self.entries.len() > EDGE_ABOVE {
+            return self.summary_in_order(shape, lo);
+        }
         let mut out = Summary::default();
         match &self.index {
             Some(index) => index.query(shape, lo, t, self.newest, &self.entries, &mut out),
             None => scan(&self.entries, lo, t, shape.moments, &mut out),
         }
+        out
+    }
+
+    /// Summary of the events with `ts > lo`, all of them at or before the query's time: moves
+    /// the edge from where the last such query left it.
+    fn summary_in_order(&mut self, shape: Shape, lo: i64) -> Summary {
+        let entries = &self.entries;
+        let index = self.index.as_deref();
+        let memo = match &mut self.memo {
+            Some(memo) if matches!(**memo, Memo::Edge(_)) => memo,
+            _ => self.memo.insert(Box::new(Memo::Edge(Edge::build(
+                shape,
+                lo,
+                entries,
+                index,
+                self.newest,
+            )))),
+        };
+        let Memo::Edge(edge) = &mut **memo else {
+            unreachable!("an edge was just found or made")
+        };
+        let mut at = edge.cursor;
+        while at < edge.chunk_end && entries[at].ts <= lo {
+            at += 1;
+        }
+        // A query may reach back further than the last (an event its window does not hold).
+        while at > 0 && entries[at - 1].ts > lo {
+            at -= 1;
+        }
+        edge.cursor = at;
+        if at >= edge.chunk_end {
+            *edge = Edge::build(shape, lo, entries, index, self.newest);
+        }
+        let mut out = Summary::default();
+        for e in entries.range(edge.cursor..edge.chunk_end) {
+            out.add(e.value, shape.moments);
+        }
+        out.merge(&edge.rest, shape.moments);
         out
     }
 
@@ -653,16 +796,19 @@ impl KeyWindow {
     /// is scanned (`scratch` is a reusable buffer); a large one moves its multiset of values.
     pub fn count_distinct(&mut self, window_ms: i64, t: i64, scratch: &mut Vec<u64>) -> u64 {
         let lo = t - window_ms;
-        if self.entries.len() > SPLIT_ABOVE || self.distinct.is_some() {
-            let d = self.distinct.get_or_insert_with(|| {
-                Box::new(Distinct {
+        let remembered = matches!(self.memo.as_deref(), Some(Memo::Distinct(_)));
+        if self.entries.len() > SPLIT_ABOVE || remembered {
+            if !remembered {
+                self.memo = Some(Box::new(Memo::Distinct(Distinct {
                     lo: i64::MIN,
                     hi: i64::MIN,
                     counts: HashMap::new(),
-                })
-            });
-            d.move_to(&self.entries, lo, t);
-            return d.counts.len() as u64;
+                })));
+            }
+            if let Some(Memo::Distinct(d)) = self.memo.as_deref_mut() {
+                d.move_to(&self.entries, lo, t);
+                return d.counts.len() as u64;
+            }
         }
         let from = count_through(&self.entries, lo);
         scratch.clear();
@@ -695,17 +841,31 @@ impl KeyWindow {
             None => boundary(&self.entries, false, |e| e.ts <= horizon),
         }
         .min(self.entries.len());
-        if let (Some(d), Some(newest_dropped)) = (&self.distinct, dropped.checked_sub(1)) {
-            // The multiset must not count events that are gone.
-            if self.entries[newest_dropped].ts > d.lo {
-                self.distinct = None;
+        if let Some(newest_dropped) = dropped.checked_sub(1) {
+            match self.memo.as_deref_mut() {
+                // The multiset must not count events that are gone.
+                Some(Memo::Distinct(d)) if self.entries[newest_dropped].ts > d.lo => {
+                    self.memo = None
+                }
+                Some(Memo::Edge(edge)) if dropped < edge.chunk_end => {
+                    edge.cursor = edge.cursor.saturating_sub(dropped);
+                    edge.chunk_end -= dropped;
+                }
+                // `rest` counts events that are gone.
+                Some(Memo::Edge(_)) => self.memo = None,
+                _ => {}
             }
         }
         self.entries.drain(..dropped);
+        // Small again: scanning is cheaper than keeping the indexes.
         if self.entries.len() <= SPLIT_ABOVE / 2 {
-            // Small again: scanning is cheaper than keeping the indexes.
             self.index = None;
-            self.distinct = None;
+            if matches!(self.memo.as_deref(), Some(Memo::Distinct(_))) {
+                self.memo = None;
+            }
+        }
+        if self.entries.len() <= EDGE_ABOVE / 2 {
+            self.memo = None;
         }
         self.evictable_at = match (&self.index, self.entries.front()) {
             (Some(index), _) => index.panes.front().map_or(i64::MAX, |p| p.max_ts),
@@ -727,9 +887,11 @@ impl KeyWindow {
     pub fn approx_bytes(&self) -> usize {
         self.entries.capacity() * std::mem::size_of::<Entry>()
             + self.index.as_ref().map_or(0, |i| i.approx_bytes())
-            + self.distinct.as_ref().map_or(0, |d| {
-                std::mem::size_of::<Distinct>() + d.counts.capacity() * 16
-            })
+            + match self.memo.as_deref() {
+                Some(Memo::Distinct(d)) => std::mem::size_of::<Memo>() + d.counts.capacity() * 16,
+                Some(Memo::Edge(_)) => std::mem::size_of::<Memo>(),
+                None => 0,
+            }
     }
 
     /// Appends the encoding of this window to `out`: the number of events, then each event as
@@ -869,6 +1031,21 @@ mod tests {
     /// the definition. `gap` bounds the time between events; about one in `disorder` events
     /// arrives late by up to `late` ms.
     fn check_stream(seed: u64, window: i64, n: u64, gap: u64, disorder: u64, late: u64) {
+        check_stream_filtered(seed, window, n, gap, disorder, late, None)
+    }
+
+    /// [`check_stream`], where about one in `filtered` events (if given) is asked about but
+    /// not held, as for an event a `where` filter leaves out, and stamped up to `late` ms ahead:
+    /// its query lies ahead of every event held, and the next one's behind it.
+    fn check_stream_filtered(
+        seed: u64,
+        window: i64,
+        n: u64,
+        gap: u64,
+        disorder: u64,
+        late: u64,
+        filtered: Option<u64>,
+    ) {
         let mut rng = Lcg(seed);
         let shape = Shape::new(window, true);
         let mut w = KeyWindow::default();
@@ -876,7 +1053,10 @@ mod tests {
         let mut now = 1_000_000i64;
         for i in 0..n {
             now += rng.next(gap + 1) as i64;
-            let ts = if rng.next(disorder) == 0 {
+            let held = filtered.is_none_or(|f| rng.next(f) != 0);
+            let ts = if !held {
+                now + rng.next(late + 1) as i64
+            } else if rng.next(disorder) == 0 {
                 now - rng.next(late + 1) as i64
             } else {
                 now
@@ -887,8 +1067,10 @@ mod tests {
                 _ => (rng.next(5_000) as f64) / 100.0,
             };
             let e = Entry { ts, value };
-            w.insert(shape, e);
-            seen.push(e);
+            if held {
+                w.insert(shape, e);
+                seen.push(e);
+            }
             if i % 97 == 0 {
                 // No later query is older than `now − late`: what lies at or before
                 // `now − late − window` may go, and the answers must not change.
@@ -944,6 +1126,59 @@ mod tests {
         check_stream(4, 1_000, 3000, 2, 8, 500);
         check_stream(5, 17, 3000, 1, 5, 10);
         check_stream(6, 3_600_000, 3000, 100, 4, 3_000_000);
+    }
+
+    #[test]
+    fn an_edge_follows_eviction_and_out_of_order_inserts() {
+        // Events every 10 ms, a 1 s window: 100 events in it, an edge after the first query.
+        let shape = Shape::new(1_000, false);
+        let mut w = KeyWindow::default();
+        let one = |ts| Entry { ts, value: 1.0 };
+        let has_edge = |w: &KeyWindow| matches!(w.memo.as_deref(), Some(Memo::Edge(_)));
+        for ts in (0..2_000).step_by(10) {
+            w.insert(shape, one(ts));
+        }
+        assert_eq!(w.summary(shape, 1_990).count, 100);
+        assert!(has_edge(&w));
+        // Eviction of what lies before the edge (no later query reaches back past 900).
+        assert!(w.evict(900) > 0);
+        assert!(has_edge(&w));
+        for ts in (2_000..2_500).step_by(10) {
+            w.insert(shape, one(ts));
+            assert_eq!(w.summary(shape, ts).count, 100, "at {ts}");
+        }
+        // The last query's edge lay at 1,490. Events arrive without queries, then eviction
+        // drops the first events of the edge's chunk: the edge shifts and stays.
+        for ts in (2_500..2_700).step_by(10) {
+            w.insert(shape, one(ts));
+        }
+        assert!(w.evict(1_600) > 0);
+        assert!(has_edge(&w));
+        assert_eq!(w.summary(shape, 2_690).count, 100);
+        // Eviction past the chunk: the edge's summary of the rest no longer holds.
+        for ts in (2_700..3_300).step_by(10) {
+            w.insert(shape, one(ts));
+        }
+        assert!(w.evict(2_250) > 0);
+        assert!(!has_edge(&w));
+        assert_eq!(w.summary(shape, 3_290).count, 100);
+        // An event out of order after the rest has begun joins it; one inside the chunk
+        // (which starts at 2,300) moves its events, and the edge is rebuilt.
+        w.insert(shape, one(2_700));
+        assert!(has_edge(&w));
+        assert_eq!(w.summary(shape, 3_290).count, 101);
+        w.insert(shape, one(2_305));
+        assert!(!has_edge(&w));
+        assert_eq!(w.summary(shape, 3_290).count, 102);
+    }
+
+    #[test]
+    fn queries_ahead_of_the_events_held_match_the_definition() {
+        // In-order queries whose left edge moves back (the query before lay ahead of every
+        // event held), over small windows, edges and indexed ones.
+        check_stream_filtered(9, 10_000, 3000, 200, 10, 5_000, Some(3));
+        check_stream_filtered(10, 60_000, 4000, 40, 50, 30_000, Some(2));
+        check_stream_filtered(11, 3_600_000, 3000, 100, 1000, 3_000, Some(4));
     }
 
     #[test]
@@ -1049,7 +1284,7 @@ mod tests {
         }
         let mut bytes = Vec::new();
         w.encode(&mut bytes);
-        let back = KeyWindow::decode(&bytes).expect("decodes");
+        let mut back = KeyWindow::decode(&bytes).expect("decodes");
         assert_eq!(back.entries, w.entries);
         // The rebuilt window answers like the original.
         for t in (0..100).map(|i| 1_735_689_600_000 + i * 1000) {
