@@ -1035,8 +1035,9 @@ mod tests {
     }
 
     /// [`check_stream`], where about one in `filtered` events (if given) is asked about but
-    /// not held, as for an event a `where` filter leaves out, and stamped up to `late` ms ahead:
-    /// its query lies ahead of every event held, and the next one's behind it.
+    /// not held, as for an event a `where` filter leaves out, stamped up to `late` ms ahead or
+    /// behind: a query ahead of every event held is followed by one behind it, and a query out
+    /// of order follows events in order.
     fn check_stream_filtered(
         seed: u64,
         window: i64,
@@ -1055,7 +1056,7 @@ mod tests {
             now += rng.next(gap + 1) as i64;
             let held = filtered.is_none_or(|f| rng.next(f) != 0);
             let ts = if !held {
-                now + rng.next(late + 1) as i64
+                now + rng.next(2 * late + 1) as i64 - late as i64
             } else if rng.next(disorder) == 0 {
                 now - rng.next(late + 1) as i64
             } else {
@@ -1170,6 +1171,49 @@ mod tests {
         w.insert(shape, one(2_305));
         assert!(!has_edge(&w));
         assert_eq!(w.summary(shape, 3_290).count, 102);
+        // A query out of order (an event left out of the window) after events in order.
+        for ts in (3_300..3_400).step_by(10) {
+            w.insert(shape, one(ts));
+            // 100 every 10 ms, and the two that came late while inside the window.
+            let late = [2_305, 2_700].iter().filter(|&&l| l > ts - 1_000).count() as u64;
+            assert_eq!(w.summary(shape, ts).count, 100 + late, "at {ts}");
+        }
+        // (2,355, 3,355]: 2,360 to 3,350, and the event at 2,700 that came late.
+        assert_eq!(w.summary(shape, 3_355).count, 101);
+        assert!(has_edge(&w));
+        assert_eq!(w.summary(shape, 3_390).count, 101);
+    }
+
+    #[test]
+    fn a_window_starts_keeping_the_second_moment_when_asked() {
+        // A reload adds a `stddev` to a window that had only counts and sums: its index and
+        // edge were built without the second moment and must be rebuilt with it.
+        let (plain, moments) = (Shape::new(1_000, false), Shape::new(1_000, true));
+        let mut w = KeyWindow::default();
+        let mut seen = Vec::new();
+        for i in 0..300i64 {
+            let e = Entry {
+                ts: i * 10,
+                value: (i % 7) as f64,
+            };
+            w.insert(plain, e);
+            seen.push(e);
+            assert_eq!(w.summary(plain, e.ts).count, (i + 1).min(100) as u64);
+        }
+        let mut out_of_order = w.clone();
+        w.prepare(moments);
+        let (.., stddev) = naive(&seen, 1_000, 2_990);
+        assert!(stddev.is_some());
+        assert!(
+            close(w.summary(moments, 2_990).stddev(), stddev),
+            "in order"
+        );
+        out_of_order.prepare(moments);
+        let (.., stddev) = naive(&seen, 1_000, 2_500);
+        assert!(
+            close(out_of_order.summary(moments, 2_500).stddev(), stddev),
+            "out of order"
+        );
     }
 
     #[test]
