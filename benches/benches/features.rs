@@ -178,9 +178,16 @@ impl Harness {
     fn fill(&mut self, window_ms: i64) {
         let span = (window_ms + LATENESS_MS) as f64 / self.stream.gap_ms;
         let events = (span as u64).max(2 * self.stream.keys).max(BATCH as u64);
+        self.stream_until(events);
+    }
+
+    /// Streams batches until `events` events have gone in; returns the operator's time.
+    fn stream_until(&mut self, events: u64) -> Duration {
+        let mut took = Duration::ZERO;
         while self.stream.next < events {
-            self.step();
+            took += self.step();
         }
+        took
     }
 }
 
@@ -199,12 +206,7 @@ fn run_w1(c: &mut Criterion, group: &str, events: u64, cases: &[(&str, u64)]) {
             b.iter_custom(|iters| {
                 (0..iters)
                     .map(|_| {
-                        let mut harness = Harness::new(window, keys, events as f64 / W1_DAYS);
-                        let mut took = Duration::ZERO;
-                        while harness.stream.next < events {
-                            took += harness.step();
-                        }
-                        took
+                        Harness::new(window, keys, events as f64 / W1_DAYS).stream_until(events)
                     })
                     .sum()
             })

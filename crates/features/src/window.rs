@@ -644,6 +644,15 @@ impl Edge {
             moments: shape.moments,
         }
     }
+    /// The events from the cursor on.
+    fn summary(&self, entries: &VecDeque<Entry>, moments: bool) -> Summary {
+        let mut out = Summary::default();
+        for e in entries.range(self.cursor..self.chunk_end) {
+            out.add(e.value, moments);
+        }
+        out.merge(&self.rest, moments);
+        out
+    }
 }
 
 /// The state of one window for one entity key.
@@ -748,40 +757,30 @@ impl KeyWindow {
     }
 
     /// Summary of the events with `ts > lo`, all of them at or before the query's time: moves
-    /// the edge from where the last such query left it.
+    /// the edge from where the last such query left it, or builds a new one.
     fn summary_in_order(&mut self, shape: Shape, lo: i64) -> Summary {
         let entries = &self.entries;
-        let index = self.index.as_deref();
-        let memo = match &mut self.memo {
-            Some(memo) if matches!(**memo, Memo::Edge(_)) => memo,
-            _ => self.memo.insert(Box::new(Memo::Edge(Edge::build(
-                shape,
-                lo,
-                entries,
-                index,
-                self.newest,
-            )))),
-        };
-        let Memo::Edge(edge) = &mut **memo else {
-            unreachable!("an edge was just found or made")
-        };
-        let mut at = edge.cursor;
-        while at < edge.chunk_end && entries[at].ts <= lo {
-            at += 1;
+        if let Some(Memo::Edge(edge)) = self.memo.as_deref_mut() {
+            let mut at = edge.cursor;
+            while at < edge.chunk_end && entries[at].ts <= lo {
+                at += 1;
+            }
+            // A query may reach back further than the last (an event its window does not
+            // hold).
+            while at > 0 && entries[at - 1].ts > lo {
+                at -= 1;
+            }
+            edge.cursor = at;
+            if at < edge.chunk_end {
+                return edge.summary(entries, shape.moments);
+            }
         }
-        // A query may reach back further than the last (an event its window does not hold).
-        while at > 0 && entries[at - 1].ts > lo {
-            at -= 1;
+        let edge = Edge::build(shape, lo, entries, self.index.as_deref(), self.newest);
+        let out = edge.summary(entries, shape.moments);
+        match self.memo.as_deref_mut() {
+            Some(Memo::Edge(old)) => *old = edge,
+            _ => self.memo = Some(Box::new(Memo::Edge(edge))),
         }
-        edge.cursor = at;
-        if at >= edge.chunk_end {
-            *edge = Edge::build(shape, lo, entries, index, self.newest);
-        }
-        let mut out = Summary::default();
-        for e in entries.range(edge.cursor..edge.chunk_end) {
-            out.add(e.value, shape.moments);
-        }
-        out.merge(&edge.rest, shape.moments);
         out
     }
 
