@@ -6,7 +6,8 @@
 //! index nor its tag bytes use, each grow at their own moment by a 256th as much. A shard is
 //! also the unit in which a flush collects changed records between batches.
 //!
-//! This module only holds records; what to load, write or drop is the operator's.
+//! This module only holds records (and the [`prefetch`] hint with which the operator asks for
+//! the records of the events ahead); what to load, write or drop is the operator's.
 
 use std::hash::BuildHasher;
 
@@ -62,11 +63,15 @@ impl<V> ShardedCache<V> {
         }
     }
 
-    pub fn contains_key(&self, key: &[u8]) -> bool {
+    pub fn get(&self, key: &[u8]) -> Option<&V> {
         let (hash, shard) = self.locate(key);
         self.shards[shard]
             .find(hash, |(k, _)| k.as_bytes() == key)
-            .is_some()
+            .map(|(_, v)| v)
+    }
+
+    pub fn contains_key(&self, key: &[u8]) -> bool {
+        self.get(key).is_some()
     }
 
     pub fn len(&self) -> usize {
@@ -114,6 +119,24 @@ impl<V> ShardedCache<V> {
             shard.retain(|(k, v)| keep(k, v));
         }
     }
+}
+
+/// Asks the CPU to start loading the cache line that holds `at` into its caches, so that a
+/// later read of it need not wait on memory. A hint only: nothing is read or written.
+#[inline(always)]
+pub(crate) fn prefetch<T>(at: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address (an invalid one is ignored), and
+    // changes nothing a program can observe; SSE, which it needs, is part of every x86_64
+    // target. Measured (features bench, W1 with 30-day windows): prefetching the records of
+    // the events ahead took 1.5–1.6M events/s to 2.6–2.7M; no safe API issues the hint.
+    #[allow(unsafe_code)]
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(at.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
 }
 
 /// A state key as the cache holds it: inline up to [`StateKey::INLINE`] bytes (an 8-byte

@@ -6,6 +6,10 @@
 //! changed records go to the store, one write batch at a time, when the cache must make room,
 //! when [`FeatureOperator::flush`] is called (the pipeline does so periodically, before a
 //! checkpoint and at shutdown), never record by record.
+//!
+//! With a large state most of an event's cost is waiting on memory for its key's record, so the
+//! operator computes a batch's keys first and asks the CPU for the records of the events a few
+//! rows ahead while it computes the current ones.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,7 +24,7 @@ use metrics::Counter;
 use riskstream_rules::{Agg, CompiledBundle};
 use riskstream_state::{AfterWrite, Cf, PendingWrite, StateBatch, StateError, StateStore};
 
-use crate::cache::{ShardedCache, StateKey};
+use crate::cache::{prefetch, ShardedCache, StateKey};
 use crate::layout::{fnv1a, Layout, Reader, Window};
 use crate::window::{Entry, KeyWindow, Summary, NO_VALUE};
 
@@ -118,6 +122,19 @@ impl Record {
 
     fn is_empty(&self) -> bool {
         self.windows.iter().all(|(_, w)| w.is_empty())
+    }
+
+    /// Starts loading the windows into the CPU's caches.
+    fn prefetch(&self) {
+        prefetch(self.windows.as_ptr());
+    }
+
+    /// Starts loading what the windows' next inserts and queries read (the windows themselves
+    /// should be in cache by now: [`Self::prefetch`]).
+    fn prefetch_events(&self) {
+        for (_, window) in self.windows.iter() {
+            window.prefetch();
+        }
     }
 
     fn events(&self) -> usize {
@@ -248,7 +265,7 @@ pub struct FeatureOperator {
     cache_bytes: usize,
     cache_max_bytes: usize,
     batch_no: u64,
-    key: Vec<u8>,
+    keys: BatchKeys,
     scratch: Vec<u8>,
     /// Reused by `count_distinct` queries.
     distinct: Vec<u64>,
@@ -380,7 +397,7 @@ impl FeatureOperator {
             cache_bytes: 0,
             cache_max_bytes,
             batch_no: 0,
-            key: Vec::new(),
+            keys: BatchKeys::default(),
             scratch: Vec::new(),
             distinct: Vec::new(),
             sweep_cursor: Vec::new(),
@@ -480,22 +497,36 @@ impl FeatureOperator {
                 .iter()
                 .map(|w| WindowInput::new(w, events))
                 .collect::<Result<Vec<_>, _>>()?;
-            let keys: Vec<&ArrayRef> = entity.columns.iter().map(|&i| events.column(i)).collect();
+            let key_columns: Vec<&ArrayRef> =
+                entity.columns.iter().map(|&i| events.column(i)).collect();
+            self.keys.fill(&entity.id, &key_columns, rows);
             let ids: Vec<[u8; 8]> = entity.windows.iter().map(|w| w.id).collect();
             for (row, &t) in event_time.iter().enumerate() {
-                self.key.clear();
-                self.key.extend_from_slice(&entity.id);
-                if !entity_key(&keys, row, &mut self.key) {
+                if row % PREFETCH_GROUP == 0 {
+                    // The records of the events ahead are fetched from memory while these
+                    // are computed: two groups ahead the records' windows, one group ahead
+                    // (the windows in cache by then) the events and indexes they point to.
+                    // A group's lookups run back to back, so that their misses overlap.
+                    let g = PREFETCH_GROUP;
+                    let (windows_from, events_from) = if row == 0 {
+                        (0, 0)
+                    } else {
+                        (row + 2 * g, row + g)
+                    };
+                    prefetch_records(&self.cache, &self.keys, windows_from..row + 3 * g, false);
+                    prefetch_records(&self.cache, &self.keys, events_from..row + 2 * g, true);
+                }
+                let Some(key) = self.keys.get(row) else {
                     // No key, no entity: the features are NULL and nothing is folded.
                     for reader in entity.windows.iter().flat_map(|w| &w.readers) {
                         columns[reader.feature].push_null();
                     }
                     continue;
-                }
+                };
                 let cached = load(
                     &mut self.cache,
                     &self.store,
-                    &self.key,
+                    key,
                     self.batch_no,
                     &self.cache_misses,
                     &mut self.cache_bytes,
@@ -539,7 +570,7 @@ impl FeatureOperator {
                         }
                     }
                 }
-                let bytes = entry_bytes(&self.key, &cached.record);
+                let bytes = entry_bytes(key, &cached.record);
                 self.cache_bytes = self.cache_bytes + bytes - cached.bytes;
                 cached.bytes = bytes;
             }
@@ -1014,6 +1045,61 @@ fn values_of(column: &ArrayRef, agg: Agg) -> Result<Float64Array, ArrowError> {
                 .then(|| f64::from_bits(fnv1a(text.value(i).as_bytes())))
         })
         .collect())
+}
+
+/// Rows whose records are prefetched together (see [`prefetch_records`]).
+const PREFETCH_GROUP: usize = 8;
+
+/// Starts loading into the CPU's caches the records of `rows` that the cache holds: their
+/// windows, or with `events_too` what the windows point to (the windows should be in cache by
+/// then).
+fn prefetch_records(
+    cache: &ShardedCache<Cached>,
+    keys: &BatchKeys,
+    rows: std::ops::Range<usize>,
+    events_too: bool,
+) {
+    for row in rows {
+        if let Some(cached) = keys.get(row).and_then(|k| cache.get(k)) {
+            if events_too {
+                cached.record.prefetch_events();
+            } else {
+                cached.record.prefetch();
+            }
+        }
+    }
+}
+
+/// One entity's state keys for every row of a batch, in one buffer.
+#[derive(Default)]
+struct BatchKeys {
+    bytes: Vec<u8>,
+    /// Row `i`'s key is `bytes[ends[i - 1]..ends[i]]`, if it has one.
+    ends: Vec<(usize, bool)>,
+}
+
+impl BatchKeys {
+    /// The keys of `rows` rows: `entity` then the key fields' values.
+    fn fill(&mut self, entity: &[u8; 8], columns: &[&ArrayRef], rows: usize) {
+        self.bytes.clear();
+        self.ends.clear();
+        for row in 0..rows {
+            let start = self.bytes.len();
+            self.bytes.extend_from_slice(entity);
+            let present = entity_key(columns, row, &mut self.bytes);
+            if !present {
+                self.bytes.truncate(start);
+            }
+            self.ends.push((self.bytes.len(), present));
+        }
+    }
+
+    /// Row `row`'s key; `None` when it has none (a key field is NULL) or past the last row.
+    fn get(&self, row: usize) -> Option<&[u8]> {
+        let &(end, present) = self.ends.get(row)?;
+        let start = row.checked_sub(1).map_or(0, |r| self.ends[r].0);
+        present.then(|| &self.bytes[start..end])
+    }
 }
 
 /// Appends the entity key of `row` to `key`; false when a key field is NULL.

@@ -37,6 +37,8 @@ use std::collections::VecDeque;
 
 use hashbrown::HashMap;
 
+use crate::cache::prefetch;
+
 /// Panes per window length.
 pub const PANES_PER_WINDOW: i64 = 16;
 /// Sub-buckets per bucket when a bucket is split.
@@ -685,6 +687,20 @@ enum Memo {
 }
 
 impl KeyWindow {
+    /// Starts loading what the next insert and in-order query of this window read (its newest
+    /// event, its edge, its index) into the CPU's caches.
+    pub fn prefetch(&self) {
+        if let Some(newest) = self.entries.back() {
+            prefetch(newest);
+        }
+        if let Some(memo) = &self.memo {
+            prefetch::<Memo>(&**memo);
+        }
+        if let Some(index) = &self.index {
+            prefetch::<PaneIndex>(&**index);
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
