@@ -940,7 +940,9 @@ fn load<'c>(
 /// one key at a time, each from where the last one went in: in hash order each insert searched
 /// the memtable from the top, and writing a million records kept a core busy for seconds; in
 /// key order each goes in a step or two from the last.
-fn in_key_order(snapshots: &[Vec<(StateKey, Record)>]) -> Vec<&(StateKey, Record)> {
+fn in_key_order(
+    snapshots: &[Vec<(StateKey, Record)>],
+) -> impl Iterator<Item = &(StateKey, Record)> {
     // Sorted by a copy of the bytes after the entity id first, so that most comparisons stay
     // inside the array being sorted instead of following a pointer to each record.
     let mut order: Vec<([u8; 16], &(StateKey, Record))> = snapshots
@@ -960,7 +962,7 @@ fn in_key_order(snapshots: &[Vec<(StateKey, Record)>]) -> Vec<&(StateKey, Record
             .cmp(b_head)
             .then_with(|| a.0.as_bytes().cmp(b.0.as_bytes()))
     });
-    order.into_iter().map(|(_, snapshot)| snapshot).collect()
+    order.into_iter().map(|(_, snapshot)| snapshot)
 }
 
 /// Puts (or, when empty, deletes) `cached` under `key` and marks it clean.
@@ -1112,8 +1114,9 @@ fn prefetch_records(
 #[derive(Default)]
 struct BatchKeys {
     bytes: Vec<u8>,
-    /// Row `i`'s key is `bytes[ends[i - 1]..ends[i]]`, if it has one.
-    ends: Vec<(usize, bool)>,
+    /// Row `i`'s key is `bytes[ends[i - 1]..ends[i]]`; empty when it has none (a key always
+    /// holds the 8-byte entity id).
+    ends: Vec<usize>,
 }
 
 impl BatchKeys {
@@ -1124,19 +1127,18 @@ impl BatchKeys {
         for row in 0..rows {
             let start = self.bytes.len();
             self.bytes.extend_from_slice(entity);
-            let present = entity_key(columns, row, &mut self.bytes);
-            if !present {
+            if !entity_key(columns, row, &mut self.bytes) {
                 self.bytes.truncate(start);
             }
-            self.ends.push((self.bytes.len(), present));
+            self.ends.push(self.bytes.len());
         }
     }
 
     /// Row `row`'s key; `None` when it has none (a key field is NULL) or past the last row.
     fn get(&self, row: usize) -> Option<&[u8]> {
-        let &(end, present) = self.ends.get(row)?;
-        let start = row.checked_sub(1).map_or(0, |r| self.ends[r].0);
-        present.then(|| &self.bytes[start..end])
+        let &end = self.ends.get(row)?;
+        let start = row.checked_sub(1).map_or(0, |r| self.ends[r]);
+        (start < end).then(|| &self.bytes[start..end])
     }
 }
 
