@@ -139,6 +139,15 @@ pub(crate) fn prefetch<T>(at: *const T) {
     let _ = at;
 }
 
+/// [`prefetch`] for every cache line `value` spans.
+#[inline(always)]
+pub(crate) fn prefetch_all<T>(value: &T) {
+    let at: *const u8 = (value as *const T).cast();
+    for offset in (0..std::mem::size_of::<T>()).step_by(64) {
+        prefetch(at.wrapping_add(offset));
+    }
+}
+
 /// A state key as the cache holds it: inline up to [`StateKey::INLINE`] bytes (an 8-byte
 /// entity id and a key of up to 38 bytes, a UUID included), so that a lookup compares keys
 /// without another trip to memory; longer keys on the heap.

@@ -17,14 +17,15 @@
 //! index at all.
 //!
 //! Queries in time order need not search at all. A window of more than [`EDGE_ABOVE`] events
-//! remembers where the last one's left edge fell ([`Edge`]): a cursor into the events, a chunk
-//! of at most [`EDGE_CHUNK`] events from the cursor on, and the summary of every event after
+//! remembers where the last one's left edge fell ([`Edge`]): a copy of the (at most
+//! [`EDGE_CHUNK`]) events from there on, a cursor into it, and the summary of every event after
 //! the chunk, which in-order inserts extend. The next in-order query moves the cursor past the
 //! events that left the window, scans what is left of the chunk and merges the summary; only
 //! when the chunk is used up does it summarize the events after a new chunk (by the index, or
 //! by a scan of a small window). So an in-order query touches the same few cache lines whatever
 //! the window's length or the events in it, and does the bounded index query above once per
-//! [`EDGE_CHUNK`] events that leave the window.
+//! [`EDGE_CHUNK`] events that leave the window. Inserts in time order leave the index alone
+//! too: they are added to it, all at once, before it is next read.
 //!
 //! `count_distinct` cannot be pre-aggregated; a large window instead keeps the multiset of the
 //! values in the window it last answered for and moves it to the next query's window by adding
@@ -37,7 +38,7 @@ use std::collections::VecDeque;
 
 use hashbrown::HashMap;
 
-use crate::cache::prefetch;
+use crate::cache::{prefetch, prefetch_all};
 
 /// Panes per window length.
 pub const PANES_PER_WINDOW: i64 = 16;
@@ -223,8 +224,17 @@ impl Bucket {
     }
 
     /// Adds `e` (already in `entries`) to this bucket `[start, end)` and the sub-buckets it
-    /// falls in, splitting a leaf that grows past [`SPLIT_ABOVE`]. Returns buckets created.
-    fn add(&mut self, end: i64, e: Entry, moments: bool, entries: &VecDeque<Entry>) -> usize {
+    /// falls in, splitting a leaf that grows past [`SPLIT_ABOVE`]. The index holds the first
+    /// `upto` entries once `e` is added (a split must not take events it does not hold yet).
+    /// Returns buckets created.
+    fn add(
+        &mut self,
+        end: i64,
+        e: Entry,
+        moments: bool,
+        entries: &VecDeque<Entry>,
+        upto: usize,
+    ) -> usize {
         self.take(e, moments);
         let width = end - self.start;
         if width <= 1 {
@@ -232,7 +242,7 @@ impl Bucket {
         }
         if self.children.is_empty() {
             return if self.summary.events as usize > SPLIT_ABOVE {
-                self.split(end, moments, entries)
+                self.split(end, moments, entries, upto)
             } else {
                 0
             };
@@ -247,16 +257,16 @@ impl Bucket {
                 (at, 1)
             }
         };
-        created + self.children[at].add(child_end, e, moments, entries)
+        created + self.children[at].add(child_end, e, moments, entries, upto)
     }
 
-    /// Builds the sub-buckets of this bucket `[start, end)` from its events in `entries`,
-    /// splitting those that are still too large. Returns buckets created.
-    fn split(&mut self, end: i64, moments: bool, entries: &VecDeque<Entry>) -> usize {
+    /// Builds the sub-buckets of this bucket `[start, end)` from its events among the first
+    /// `upto` entries, splitting those that are still too large. Returns buckets created.
+    fn split(&mut self, end: i64, moments: bool, entries: &VecDeque<Entry>, upto: usize) -> usize {
         let cw = child_width(end - self.start);
-        let from = entries.partition_point(|x| x.ts < self.start);
+        let from = entries.partition_point(|x| x.ts < self.start).min(upto);
         self.children.clear();
-        for e in entries.range(from..).take_while(|x| x.ts < end) {
+        for e in entries.range(from..upto).take_while(|x| x.ts < end) {
             let start = bucket_start(self.start, cw, e.ts);
             match self.children.last_mut() {
                 Some(last) if last.start == start => last.take(*e, moments),
@@ -271,7 +281,7 @@ impl Bucket {
         for child in &mut self.children {
             let child_end = (child.start + cw).min(end);
             if child.summary.events as usize > SPLIT_ABOVE && child_end - child.start > 1 {
-                created += child.split(child_end, moments, entries);
+                created += child.split(child_end, moments, entries, upto);
             }
         }
         created
@@ -438,8 +448,13 @@ struct PaneIndex {
     suffix: VecDeque<Summary>,
     /// Buckets at all levels (for the memory estimate).
     buckets: usize,
-    /// Whether the summaries keep the second moment.
-    moments: bool,
+    /// The shape the index was built for (whether its summaries keep the second moment).
+    shape: Shape,
+    /// The newest entries, appended in time order, that the index does not hold yet: an
+    /// insert in order only counts itself here, so that it touches neither the newest pane
+    /// nor the suffix summaries, and [`Self::catch_up`] adds them all before the index is
+    /// read. Most queries in time order are answered by the edge and never read the index.
+    unindexed: usize,
 }
 
 impl PaneIndex {
@@ -461,21 +476,33 @@ impl PaneIndex {
         let mut buckets = panes.len();
         for pane in &mut panes {
             if pane.summary.events as usize > SPLIT_ABOVE && p > 1 {
-                buckets += pane.split(pane.start + p, shape.moments, entries);
+                buckets += pane.split(pane.start + p, shape.moments, entries, entries.len());
             }
         }
         let mut index = PaneIndex {
             panes,
             suffix: VecDeque::new(),
             buckets,
-            moments: shape.moments,
+            shape,
+            unindexed: 0,
         };
         index.rebuild_suffix();
         index
     }
 
-    /// Adds `e`, already in `entries`.
-    fn add(&mut self, shape: Shape, e: Entry, entries: &VecDeque<Entry>) {
+    /// Adds the entries appended since the index last held them all.
+    fn catch_up(&mut self, entries: &VecDeque<Entry>) {
+        let from = entries.len().saturating_sub(self.unindexed);
+        self.unindexed = 0;
+        for at in from..entries.len() {
+            self.add(entries[at], entries, at + 1);
+        }
+    }
+
+    /// Adds `e`, already in `entries`, of which the index then holds the first `upto` (all but
+    /// any appended after `e`). Call with nothing left to [`Self::catch_up`].
+    fn add(&mut self, e: Entry, entries: &VecDeque<Entry>, upto: usize) {
+        let shape = self.shape;
         let p = shape.pane_ms;
         let start = bucket_start(0, p, e.ts);
         let at = match self.panes.back() {
@@ -484,7 +511,7 @@ impl PaneIndex {
                 // A new newest pane: the previous one joins the suffix summaries.
                 let previous = last.summary;
                 for s in &mut self.suffix {
-                    s.merge(&previous, self.moments);
+                    s.merge(&previous, shape.moments);
                 }
                 self.suffix.push_back(previous);
                 self.panes.push_back(Bucket::new(start));
@@ -505,7 +532,7 @@ impl PaneIndex {
                 }
             },
         };
-        self.buckets += self.panes[at].add(start + p, e, shape.moments, entries);
+        self.buckets += self.panes[at].add(start + p, e, shape.moments, entries, upto);
         if at + 1 < self.panes.len() {
             // An older pane changed (an event out of order).
             self.rebuild_suffix();
@@ -516,21 +543,15 @@ impl PaneIndex {
         self.suffix.clear();
         let mut acc = Summary::default();
         for pane in self.panes.range(..self.panes.len().saturating_sub(1)).rev() {
-            acc.merge(&pane.summary, self.moments);
+            acc.merge(&pane.summary, self.shape.moments);
             self.suffix.push_front(acc);
         }
     }
 
     /// Merges into `out` the events with `lo < ts <= t`; `newest` is the newest event's time.
-    fn query(
-        &self,
-        shape: Shape,
-        lo: i64,
-        t: i64,
-        newest: i64,
-        entries: &VecDeque<Entry>,
-        out: &mut Summary,
-    ) {
+    /// Call with nothing left to [`Self::catch_up`].
+    fn query(&self, lo: i64, t: i64, newest: i64, entries: &VecDeque<Entry>, out: &mut Summary) {
+        let shape = self.shape;
         let p = shape.pane_ms;
         let first = boundary(&self.panes, false, |b| b.max_ts <= lo);
         let Some(last) = self.panes.len().checked_sub(1) else {
@@ -563,7 +584,7 @@ impl PaneIndex {
     }
 
     /// Drops the panes whose events are all at or before `horizon`; returns the events in them
-    /// (the first that many entries).
+    /// (the first that many entries). Call with nothing left to [`Self::catch_up`].
     fn evict(&mut self, horizon: i64) -> usize {
         let mut dropped = 0;
         while let Some(pane) = self.panes.front() {
@@ -587,25 +608,31 @@ impl PaneIndex {
 
 /// Where the left edge of the last query in time order fell (see the module's documentation).
 ///
-/// Every event at or after index `chunk_end` has a time of at least `chunk_last` (the time of
-/// the chunk's last event), so while some event of the chunk is inside a window, all of them
+/// The edge keeps a copy of its chunk, the events from where it was built on, so that a query
+/// reads only the edge (one allocation, prefetched with the window) and not the events at the
+/// window's far end. Every event after the chunk has a time of at least `chunk_last` (the time
+/// of the chunk's last event), so while some event of the chunk is inside a window, all of them
 /// are: `rest` summarizes them. An insert at or after `chunk_last` lands after the chunk and
 /// joins `rest`; one before it shifts the chunk, and the edge is dropped (rebuilt by the next
-/// in-order query).
+/// in-order query). Eviction drops events from the front only: while what it drops lies before
+/// `chunk_last`, the edge holds (a query never reaches back to what eviction dropped).
 #[derive(Debug, Clone, PartialEq)]
 struct Edge {
-    /// The first event inside the last window asked about.
-    cursor: usize,
-    chunk_end: usize,
-    chunk_last: i64,
-    /// The events from `chunk_end` on.
-    rest: Summary,
+    /// The first event of the chunk inside the last window asked about (`len` if none is).
+    cursor: u8,
+    len: u8,
     /// Whether `rest` keeps the second moment.
     moments: bool,
+    /// No event before the chunk is later than this (`i64::MIN` if there was none).
+    before: i64,
+    chunk_last: i64,
+    /// The events after the chunk.
+    rest: Summary,
+    chunk: [Entry; EDGE_CHUNK],
 }
 
 impl Edge {
-    /// An edge at `lo` over `entries` (the events with `ts > lo` from the cursor on).
+    /// An edge at `lo` over `entries` (the events with `ts > lo` from the chunk on).
     fn build(
         shape: Shape,
         lo: i64,
@@ -613,15 +640,23 @@ impl Edge {
         index: Option<&PaneIndex>,
         newest: i64,
     ) -> Self {
-        let cursor = count_through(entries, lo);
-        let chunk_end = (cursor + EDGE_CHUNK).min(entries.len());
-        let chunk_last = match chunk_end.checked_sub(1) {
-            Some(last) if chunk_end > cursor => entries[last].ts,
-            _ => i64::MIN,
+        let from = count_through(entries, lo);
+        let chunk_end = (from + EDGE_CHUNK).min(entries.len());
+        let mut chunk = [Entry {
+            ts: i64::MIN,
+            value: NO_VALUE,
+        }; EDGE_CHUNK];
+        for (slot, e) in chunk.iter_mut().zip(entries.range(from..chunk_end)) {
+            *slot = *e;
+        }
+        let len = chunk_end - from;
+        let chunk_last = match len.checked_sub(1) {
+            Some(last) => chunk[last].ts,
+            None => i64::MIN,
         };
         let mut rest = Summary::default();
         match index {
-            Some(index) if chunk_end > cursor => {
+            Some(index) if len > 0 => {
                 // The events after the chunk: those later than its last one, by the index, and
                 // those at the same time that arrived after it.
                 for e in entries
@@ -630,7 +665,7 @@ impl Edge {
                 {
                     rest.add(e.value, shape.moments);
                 }
-                index.query(shape, chunk_last, newest, newest, entries, &mut rest);
+                index.query(chunk_last, newest, newest, entries, &mut rest);
             }
             _ => {
                 for e in entries.range(chunk_end..) {
@@ -639,17 +674,36 @@ impl Edge {
             }
         }
         Self {
-            cursor,
-            chunk_end,
+            cursor: 0,
+            // EDGE_CHUNK fits a byte.
+            len: len as u8,
+            moments: shape.moments,
+            before: from.checked_sub(1).map_or(i64::MIN, |at| entries[at].ts),
             chunk_last,
             rest,
-            moments: shape.moments,
+            chunk,
         }
     }
+
+    /// Moves the cursor to the first event of the chunk later than `lo`; `None` if the window
+    /// `(lo, …]` does not start inside the chunk (the edge must be rebuilt).
+    fn advance(&mut self, lo: i64) -> Option<()> {
+        let (mut at, len) = (self.cursor as usize, self.len as usize);
+        while at < len && self.chunk[at].ts <= lo {
+            at += 1;
+        }
+        // A query may reach back further than the last (an event its window does not hold).
+        while at > 0 && self.chunk[at - 1].ts > lo {
+            at -= 1;
+        }
+        self.cursor = at as u8;
+        (at < len && (at > 0 || self.before <= lo)).then_some(())
+    }
+
     /// The events from the cursor on.
-    fn summary(&self, entries: &VecDeque<Entry>, moments: bool) -> Summary {
+    fn summary(&self, moments: bool) -> Summary {
         let mut out = Summary::default();
-        for e in entries.range(self.cursor..self.chunk_end) {
+        for e in &self.chunk[self.cursor as usize..self.len as usize] {
             out.add(e.value, moments);
         }
         out.merge(&self.rest, moments);
@@ -677,6 +731,9 @@ pub struct KeyWindow {
 /// What a window remembers of its last query, so that the next one moves from there instead of
 /// starting over. A window is read either by summaries or by `count_distinct`, never both (see
 /// [`crate::layout`]), so it keeps one or the other.
+// Always boxed, one per large window: a `Distinct` spends the `Edge`'s size beside a map of
+// the values of its more than SPLIT_ABOVE events.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 enum Memo {
     /// Summaries in time order, once the window holds more than [`EDGE_ABOVE`] events.
@@ -694,7 +751,7 @@ impl KeyWindow {
             prefetch(newest);
         }
         if let Some(memo) = &self.memo {
-            prefetch::<Memo>(&**memo);
+            prefetch_all::<Memo>(memo);
         }
         if let Some(index) = &self.index {
             prefetch::<PaneIndex>(&**index);
@@ -712,13 +769,18 @@ impl KeyWindow {
 
     /// Adds an event; events may arrive in any time order.
     pub fn insert(&mut self, shape: Shape, e: Entry) {
+        let in_order = self.entries.is_empty() || e.ts >= self.newest;
         if self.entries.is_empty() {
             (self.evictable_at, self.newest) = (e.ts, e.ts);
             self.entries.push_back(e);
-        } else if e.ts >= self.newest {
+        } else if in_order {
             self.newest = e.ts;
             self.entries.push_back(e);
         } else {
+            // It lands among the entries the index holds, not after them.
+            if let Some(index) = &mut self.index {
+                index.catch_up(&self.entries);
+            }
             let at = boundary(&self.entries, true, |x| x.ts <= e.ts);
             self.entries.insert(at, e);
             self.evictable_at = self.evictable_at.min(e.ts);
@@ -736,7 +798,8 @@ impl KeyWindow {
             None => {}
         }
         match &mut self.index {
-            Some(index) => index.add(shape, e, &self.entries),
+            Some(index) if in_order => index.unindexed += 1,
+            Some(index) => index.add(e, &self.entries, self.entries.len()),
             None if self.entries.len() > SPLIT_ABOVE => {
                 self.index = Some(Box::new(PaneIndex::build(shape, &self.entries)));
             }
@@ -747,7 +810,7 @@ impl KeyWindow {
     /// Makes the index fit `shape` (a reload may start asking for the second moment).
     pub fn prepare(&mut self, shape: Shape) {
         if let Some(index) = &mut self.index {
-            if index.moments != shape.moments {
+            if index.shape != shape {
                 **index = PaneIndex::build(shape, &self.entries);
             }
         }
@@ -765,8 +828,11 @@ impl KeyWindow {
             return self.summary_in_order(shape, lo);
         }
         let mut out = Summary::default();
-        match &self.index {
-            Some(index) => index.query(shape, lo, t, self.newest, &self.entries, &mut out),
+        match &mut self.index {
+            Some(index) => {
+                index.catch_up(&self.entries);
+                index.query(lo, t, self.newest, &self.entries, &mut out)
+            }
             None => scan(&self.entries, lo, t, shape.moments, &mut out),
         }
         out
@@ -777,22 +843,15 @@ impl KeyWindow {
     fn summary_in_order(&mut self, shape: Shape, lo: i64) -> Summary {
         let entries = &self.entries;
         if let Some(Memo::Edge(edge)) = self.memo.as_deref_mut() {
-            let mut at = edge.cursor;
-            while at < edge.chunk_end && entries[at].ts <= lo {
-                at += 1;
-            }
-            // A query may reach back further than the last (an event its window does not
-            // hold).
-            while at > 0 && entries[at - 1].ts > lo {
-                at -= 1;
-            }
-            edge.cursor = at;
-            if at < edge.chunk_end {
-                return edge.summary(entries, shape.moments);
+            if edge.advance(lo).is_some() {
+                return edge.summary(shape.moments);
             }
         }
+        if let Some(index) = self.index.as_deref_mut() {
+            index.catch_up(entries);
+        }
         let edge = Edge::build(shape, lo, entries, self.index.as_deref(), self.newest);
-        let out = edge.summary(entries, shape.moments);
+        let out = edge.summary(shape.moments);
         match self.memo.as_deref_mut() {
             Some(Memo::Edge(old)) => *old = edge,
             _ => self.memo = Some(Box::new(Memo::Edge(edge))),
@@ -852,7 +911,10 @@ impl KeyWindow {
             return 0;
         }
         let dropped = match &mut self.index {
-            Some(index) => index.evict(horizon),
+            Some(index) => {
+                index.catch_up(&self.entries);
+                index.evict(horizon)
+            }
             None => boundary(&self.entries, false, |e| e.ts <= horizon),
         }
         .min(self.entries.len());
@@ -862,10 +924,7 @@ impl KeyWindow {
                 Some(Memo::Distinct(d)) if self.entries[newest_dropped].ts > d.lo => {
                     self.memo = None
                 }
-                Some(Memo::Edge(edge)) if dropped < edge.chunk_end => {
-                    edge.cursor = edge.cursor.saturating_sub(dropped);
-                    edge.chunk_end -= dropped;
-                }
+                Some(Memo::Edge(edge)) if self.entries[newest_dropped].ts < edge.chunk_last => {}
                 // `rest` counts events that are gone.
                 Some(Memo::Edge(_)) => self.memo = None,
                 _ => {}
@@ -1200,6 +1259,30 @@ mod tests {
     }
 
     #[test]
+    fn a_query_reaching_back_past_the_edge_moves_it_back() {
+        // Events every 10 ms, a 1 s window. A query ahead of every event (one a `where` filter
+        // leaves out) moves the edge to 1,500; the next, at the newest event, reaches back to
+        // 1,000, before the edge's chunk: the events in between count again.
+        let shape = Shape::new(1_000, false);
+        let mut w = KeyWindow::default();
+        for ts in (0..2_000).step_by(10) {
+            w.insert(shape, Entry { ts, value: 1.0 });
+        }
+        assert_eq!(w.summary(shape, 1_990).count, 100);
+        assert_eq!(w.summary(shape, 2_500).count, 49);
+        assert_eq!(w.summary(shape, 2_495).count, 50);
+        w.insert(
+            shape,
+            Entry {
+                ts: 2_000,
+                value: 1.0,
+            },
+        );
+        assert_eq!(w.summary(shape, 2_000).count, 100);
+        assert_eq!(w.summary(shape, 2_000).count, 100);
+    }
+
+    #[test]
     fn a_window_starts_keeping_the_second_moment_when_asked() {
         // A reload adds a `stddev` to a window that had only counts and sums: its index and
         // edge were built without the second moment and must be rebuilt with it.
@@ -1262,6 +1345,8 @@ mod tests {
                 },
             );
         }
+        // The first query brings the index up to date with the events inserted in order.
+        assert_eq!(w.summary(shape, 99_999 * 36).count, 100_000);
         let panes = &w
             .index
             .as_ref()
@@ -1287,6 +1372,58 @@ mod tests {
         assert_eq!(w.summary(shape, 50_000 * 36).count, 50_001);
         // i * 36 in (900_000, 4_500_000]: i from 25_001 to 99_999.
         assert_eq!(w.summary(shape, 4_500_000).count, 74_999);
+    }
+
+    #[test]
+    fn an_index_catches_up_with_events_inserted_without_queries() {
+        // Runs of events in order with no query between them (the index only counts them),
+        // dense enough that panes split while catching up, then queries in and out of order,
+        // then an event out of order and an eviction, each arriving with events still to add.
+        let shape = Shape::new(60_000, true);
+        let mut rng = Lcg(12);
+        let mut w = KeyWindow::default();
+        let mut seen = Vec::new();
+        let mut now = 0i64;
+        for round in 0..40 {
+            for _ in 0..rng.next(400) {
+                now += rng.next(30) as i64;
+                let e = Entry {
+                    ts: now,
+                    value: rng.next(1_000) as f64,
+                };
+                w.insert(shape, e);
+                seen.push(e);
+            }
+            let ts = match round % 4 {
+                0 => now,
+                1 => now - rng.next(60_000) as i64,
+                2 => {
+                    let e = Entry {
+                        ts: now - rng.next(20_000) as i64,
+                        value: 1.0,
+                    };
+                    w.insert(shape, e);
+                    seen.push(e);
+                    now
+                }
+                _ => {
+                    // No query reaches back further than two windows from `now`.
+                    let horizon = now - 120_000;
+                    w.evict(horizon);
+                    seen.retain(|e| e.ts > horizon);
+                    now
+                }
+            };
+            let got = w.summary(shape, ts);
+            let (events, count, sum, min, max, stddev) = naive(&seen, 60_000, ts);
+            assert_eq!((got.events, got.count), (events, count), "round {round}");
+            assert!(
+                close(got.sum(), (count > 0).then_some(sum)),
+                "round {round}"
+            );
+            assert_eq!((got.min(), got.max()), (min, max), "round {round}");
+            assert!(close(got.stddev(), stddev), "round {round}");
+        }
     }
 
     #[test]
