@@ -745,10 +745,16 @@ enum Memo {
 
 impl KeyWindow {
     /// Starts loading what the next insert and in-order query of this window read (its newest
-    /// event, its edge, its index) into the CPU's caches.
+    /// event, its edge and index, or for a small window its oldest event) into the CPU's caches.
     pub fn prefetch(&self) {
         if let Some(newest) = self.entries.back() {
             prefetch(newest);
+        }
+        if self.memo.is_none() {
+            // A small window is scanned from its left edge, near the oldest event.
+            if let Some(oldest) = self.entries.front() {
+                prefetch(oldest);
+            }
         }
         if let Some(memo) = &self.memo {
             prefetch_all::<Memo>(memo);
