@@ -614,8 +614,8 @@ impl PaneIndex {
 /// of the chunk's last event), so while some event of the chunk is inside a window, all of them
 /// are: `rest` summarizes them. An insert at or after `chunk_last` lands after the chunk and
 /// joins `rest`; one before it shifts the chunk, and the edge is dropped (rebuilt by the next
-/// in-order query). Eviction drops events from the front only: while what it drops lies before
-/// `chunk_last`, the edge holds (a query never reaches back to what eviction dropped).
+/// in-order query). Eviction drops events from the front only: while it drops none after the
+/// chunk, the edge holds (a query never reaches back to what eviction dropped).
 #[derive(Debug, Clone, PartialEq)]
 struct Edge {
     /// The first event of the chunk inside the last window asked about (`len` if none is).
@@ -625,6 +625,8 @@ struct Edge {
     moments: bool,
     /// No event before the chunk is later than this (`i64::MIN` if there was none).
     before: i64,
+    /// Where the chunk ends among the window's events.
+    chunk_end: usize,
     chunk_last: i64,
     /// The events after the chunk.
     rest: Summary,
@@ -679,6 +681,7 @@ impl Edge {
             len: len as u8,
             moments: shape.moments,
             before: from.checked_sub(1).map_or(i64::MIN, |at| entries[at].ts),
+            chunk_end,
             chunk_last,
             rest,
             chunk,
@@ -930,7 +933,7 @@ impl KeyWindow {
                 Some(Memo::Distinct(d)) if self.entries[newest_dropped].ts > d.lo => {
                     self.memo = None
                 }
-                Some(Memo::Edge(edge)) if self.entries[newest_dropped].ts < edge.chunk_last => {}
+                Some(Memo::Edge(edge)) if dropped <= edge.chunk_end => edge.chunk_end -= dropped,
                 // `rest` counts events that are gone.
                 Some(Memo::Edge(_)) => self.memo = None,
                 _ => {}
@@ -1236,11 +1239,15 @@ mod tests {
         assert!(w.evict(1_600) > 0);
         assert!(has_edge(&w));
         assert_eq!(w.summary(shape, 2_690).count, 100);
-        // Eviction past the chunk: the edge's summary of the rest no longer holds.
+        // The chunk now holds 1,700 to 1,850. Eviction drops whole panes of 62 ms: up to the
+        // one ending at 1,860, the edge stays; the next pane (1,860 to 1,920) lies past the
+        // chunk, and the edge's summary of the rest no longer holds.
         for ts in (2_700..3_300).step_by(10) {
             w.insert(shape, one(ts));
         }
-        assert!(w.evict(2_250) > 0);
+        assert!(w.evict(1_919) > 0);
+        assert!(has_edge(&w));
+        assert!(w.evict(1_920) > 0);
         assert!(!has_edge(&w));
         assert_eq!(w.summary(shape, 3_290).count, 100);
         // An event out of order after the rest has begun joins it; one inside the chunk
