@@ -748,13 +748,15 @@ enum Memo {
 
 impl KeyWindow {
     /// Starts loading what the next insert and in-order query of this window read (its newest
-    /// event, its edge and index, or for a small window its oldest event) into the CPU's caches.
+    /// event, its edge and index, and unless it is indexed its oldest event) into the CPU's
+    /// caches.
     pub fn prefetch(&self) {
         if let Some(newest) = self.entries.back() {
             prefetch(newest);
         }
-        if self.memo.is_none() {
-            // A small window is scanned from its left edge, near the oldest event.
+        if self.index.is_none() {
+            // Eviction, and the scan of a small window from its left edge, start at the
+            // oldest event (an indexed window evicts whole panes, a few times per window).
             if let Some(oldest) = self.entries.front() {
                 prefetch(oldest);
             }
