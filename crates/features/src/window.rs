@@ -760,6 +760,10 @@ impl KeyWindow {
             if let Some(oldest) = self.entries.front() {
                 prefetch(oldest);
             }
+            // The search for what to evict reads the first few, which may cross a line.
+            if let Some(third) = self.entries.get(2) {
+                prefetch(third);
+            }
         }
         if let Some(memo) = &self.memo {
             prefetch_all::<Memo>(memo);
