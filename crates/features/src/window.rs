@@ -452,8 +452,8 @@ struct PaneIndex {
     shape: Shape,
     /// The newest entries, appended in time order, that the index does not hold yet: an
     /// insert in order only counts itself here, so that it touches neither the newest pane
-    /// nor the suffix summaries, and [`Self::catch_up`] adds them all before the index is
-    /// read. Most queries in time order are answered by the edge and never read the index.
+    /// nor the suffix summaries, and [`Self::catch_up`] adds them all when the index is next
+    /// read ([`Self::query`] and [`Self::evict`] do so first). Most queries in time order are answered by the edge and never read the index.
     unindexed: usize,
 }
 
@@ -549,8 +549,15 @@ impl PaneIndex {
     }
 
     /// Merges into `out` the events with `lo < ts <= t`; `newest` is the newest event's time.
-    /// Call with nothing left to [`Self::catch_up`].
-    fn query(&self, lo: i64, t: i64, newest: i64, entries: &VecDeque<Entry>, out: &mut Summary) {
+    fn query(
+        &mut self,
+        lo: i64,
+        t: i64,
+        newest: i64,
+        entries: &VecDeque<Entry>,
+        out: &mut Summary,
+    ) {
+        self.catch_up(entries);
         let shape = self.shape;
         let p = shape.pane_ms;
         let first = boundary(&self.panes, false, |b| b.max_ts <= lo);
@@ -584,8 +591,9 @@ impl PaneIndex {
     }
 
     /// Drops the panes whose events are all at or before `horizon`; returns the events in them
-    /// (the first that many entries). Call with nothing left to [`Self::catch_up`].
-    fn evict(&mut self, horizon: i64) -> usize {
+    /// (the first that many entries of `entries`).
+    fn evict(&mut self, horizon: i64, entries: &VecDeque<Entry>) -> usize {
+        self.catch_up(entries);
         let mut dropped = 0;
         while let Some(pane) = self.panes.front() {
             if pane.max_ts > horizon {
@@ -639,7 +647,7 @@ impl Edge {
         shape: Shape,
         lo: i64,
         entries: &VecDeque<Entry>,
-        index: Option<&PaneIndex>,
+        index: Option<&mut PaneIndex>,
         newest: i64,
     ) -> Self {
         let from = count_through(entries, lo);
@@ -785,10 +793,10 @@ impl KeyWindow {
     /// Adds an event; events may arrive in any time order.
     pub fn insert(&mut self, shape: Shape, e: Entry) {
         let in_order = self.entries.is_empty() || e.ts >= self.newest;
-        if self.entries.is_empty() {
-            (self.evictable_at, self.newest) = (e.ts, e.ts);
-            self.entries.push_back(e);
-        } else if in_order {
+        if in_order {
+            if self.entries.is_empty() {
+                self.evictable_at = e.ts;
+            }
             self.newest = e.ts;
             self.entries.push_back(e);
         } else {
@@ -844,10 +852,7 @@ impl KeyWindow {
         }
         let mut out = Summary::default();
         match &mut self.index {
-            Some(index) => {
-                index.catch_up(&self.entries);
-                index.query(lo, t, self.newest, &self.entries, &mut out)
-            }
+            Some(index) => index.query(lo, t, self.newest, &self.entries, &mut out),
             None => scan(&self.entries, lo, t, shape.moments, &mut out),
         }
         out
@@ -862,10 +867,7 @@ impl KeyWindow {
                 return edge.summary(shape.moments);
             }
         }
-        if let Some(index) = self.index.as_deref_mut() {
-            index.catch_up(entries);
-        }
-        let edge = Edge::build(shape, lo, entries, self.index.as_deref(), self.newest);
+        let edge = Edge::build(shape, lo, entries, self.index.as_deref_mut(), self.newest);
         let out = edge.summary(shape.moments);
         match self.memo.as_deref_mut() {
             Some(Memo::Edge(old)) => *old = edge,
@@ -926,10 +928,7 @@ impl KeyWindow {
             return 0;
         }
         let dropped = match &mut self.index {
-            Some(index) => {
-                index.catch_up(&self.entries);
-                index.evict(horizon)
-            }
+            Some(index) => index.evict(horizon, &self.entries),
             None => boundary(&self.entries, false, |e| e.ts <= horizon),
         }
         .min(self.entries.len());
