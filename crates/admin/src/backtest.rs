@@ -119,7 +119,7 @@ pub(crate) async fn handle(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Report>, ApiError> {
     let text = bundle_text(body)?;
-    let control = Arc::clone(&state.control);
+    let control = state.control()?;
     let recent = Arc::clone(&state.recent);
     let labels = state.labels.clone();
     let event_id = state.event_id.clone();

@@ -39,7 +39,8 @@ pub const OPENAPI: &str = include_str!("../openapi.yaml");
 /// Everything the handlers read.
 #[derive(Clone)]
 pub struct AdminState {
-    pub control: Arc<RulesControl>,
+    /// The control topic, once it has been read (the API answers before that).
+    pub rules: Arc<RulesSlot>,
     pub status: Arc<StatusBoard>,
     pub recent: Arc<RecentEvents>,
     pub labels: Option<Arc<LabelStore>>,
@@ -54,6 +55,39 @@ pub struct AdminState {
     pub checkpoints: Arc<CheckpointHandle>,
     /// Where checkpoints are stored and under which name, when they are taken.
     pub checkpoint_store: Option<(String, String)>,
+}
+
+/// Where the control topic's follower goes once the instance has read the topic: the admin
+/// API serves health and readiness before that, and answers rule requests with 503.
+#[derive(Debug, Default)]
+pub struct RulesSlot(std::sync::OnceLock<Arc<RulesControl>>);
+
+impl RulesSlot {
+    pub fn set(&self, control: Arc<RulesControl>) {
+        let _ = self.0.set(control);
+    }
+
+    pub fn get(&self) -> Option<&Arc<RulesControl>> {
+        self.0.get()
+    }
+}
+
+impl AdminState {
+    /// The control topic, or 503 while it is still being read.
+    fn control(&self) -> Result<Arc<RulesControl>, ApiError> {
+        self.rules.get().cloned().ok_or_else(|| {
+            let why = self
+                .status
+                .snapshot()
+                .waiting_for
+                .unwrap_or_else(|| "reading the control topic".into());
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "rules_not_loaded",
+                format!("the rules are not loaded yet ({why}); see GET /readyz"),
+            )
+        })
+    }
 }
 
 impl std::fmt::Debug for AdminState {
@@ -285,14 +319,25 @@ async fn healthz() -> Json<serde_json::Value> {
 async fn readyz(State(state): State<AdminState>) -> Response {
     let snapshot = state.status.snapshot();
     let mut waiting = Vec::new();
+    let rules_version = state.rules.get().map(|c| c.version());
+    if rules_version.is_none() {
+        waiting.push(format!(
+            "rules are not loaded: {}",
+            snapshot
+                .waiting_for
+                .as_deref()
+                .unwrap_or("reading the control topic")
+        ));
+    }
+    if let Some(halted) = &snapshot.halted {
+        waiting.push(halted.clone());
+    }
     if !snapshot.state_restored {
-        waiting.push("feature state is not restored yet");
+        waiting.push("feature state is not restored yet".into());
     }
     if !snapshot.partitions.values().any(|p| p.assigned) {
-        waiting.push("no source partition is assigned yet");
+        waiting.push("no source partition is assigned yet".into());
     }
-    // Rules: the control topic was read before the API started, so a version always runs.
-    let rules_version = state.control.version();
     if waiting.is_empty() {
         Json(json!({"status": "ready", "rules_version": rules_version})).into_response()
     } else {
@@ -335,16 +380,19 @@ async fn openapi() -> Response {
 }
 
 async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
-    let version = state.control.version();
-    let published = state.control.get(version);
-    Json(json!({
-        "instance": state.instance,
-        "rules": {
+    let rules = state.rules.get().map(|control| {
+        let version = control.version();
+        let published = control.get(version);
+        json!({
             "version": version,
             "published_at_ms": published.as_ref().map(|v| v.published_at),
             "origin": published.as_ref().map(|v| v.origin.clone()),
-            "versions": state.control.versions().len(),
-        },
+            "versions": control.versions().len(),
+        })
+    });
+    Json(json!({
+        "instance": state.instance,
+        "rules": rules,
         "pipeline": state.status.snapshot(),
         "backtest_buffer_events": state.recent.len(),
         "last_checkpoint": state.checkpoints.get().and_then(|(_, c)| {
@@ -358,6 +406,16 @@ async fn status(State(state): State<AdminState>) -> Json<serde_json::Value> {
                 "rules_version": latest.rules_version,
                 "bytes_total": latest.bytes_total,
             }))
+        }),
+        "checkpoints": state.checkpoints.get().map(|(_, c)| {
+            let stats = c.stats();
+            json!({
+                "completed": stats.completed,
+                "failed": stats.failed,
+                "failed_in_a_row": stats.failed_in_a_row,
+                "last_failure": stats.last_failure,
+                "last_good_age_seconds": c.last_good_age().as_secs_f64(),
+            })
         }),
     }))
 }
@@ -403,7 +461,7 @@ fn etag(version: u64) -> HeaderValue {
 }
 
 async fn rules(State(state): State<AdminState>) -> Result<Response, ApiError> {
-    let control = Arc::clone(&state.control);
+    let control = state.control()?;
     blocking(move || {
         let version = control.version();
         let v = control.get(version).ok_or_else(|| {
@@ -416,21 +474,23 @@ async fn rules(State(state): State<AdminState>) -> Result<Response, ApiError> {
     .await
 }
 
-async fn versions(State(state): State<AdminState>) -> Json<serde_json::Value> {
-    let versions: Vec<VersionSummary> = state
-        .control
+async fn versions(State(state): State<AdminState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let control = state.control()?;
+    let versions: Vec<VersionSummary> = control
         .versions()
         .iter()
         .map(|v| VersionSummary::from(v.as_ref()))
         .collect();
-    Json(json!({"current": state.control.version(), "versions": versions}))
+    Ok(Json(
+        json!({"current": control.version(), "versions": versions}),
+    ))
 }
 
 async fn version(
     State(state): State<AdminState>,
     Path(number): Path<u64>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let control = Arc::clone(&state.control);
+    let control = state.control()?;
     blocking(move || match control.get(number) {
         Some(v) => Ok(Json(version_body(&v))),
         None => Err(unknown_version(number, control.version())),
@@ -479,7 +539,7 @@ async fn validate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let text = bundle_text(body)?;
-    let control = Arc::clone(&state.control);
+    let control = state.control()?;
     blocking(move || match control.validate(&text) {
         Ok(compiled) => Ok(Json(json!({
             "valid": true,
@@ -503,7 +563,7 @@ async fn put_rules(
             "if_match_required",
             format!(
                 "send `If-Match: \"{}\"` (the version you are replacing, see GET /api/v1/rules) so that concurrent edits cannot overwrite each other",
-                state.control.version()
+                state.control()?.version()
             ),
         ));
     };
@@ -519,10 +579,11 @@ async fn rollback(
     Path(number): Path<u64>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Some(old) = state.control.get(number) else {
-        return Err(unknown_version(number, state.control.version()));
+    let control = state.control()?;
+    let Some(old) = control.get(number) else {
+        return Err(unknown_version(number, control.version()));
     };
-    let expected = if_match(&headers)?.unwrap_or_else(|| state.control.version());
+    let expected = if_match(&headers)?.unwrap_or_else(|| control.version());
     let comment = Some(format!("rollback to version {number}"));
     publish(&state, old.bundle.clone(), expected, comment).await
 }
@@ -535,7 +596,7 @@ async fn publish(
     expected: u64,
     comment: Option<String>,
 ) -> Result<Response, ApiError> {
-    let control = Arc::clone(&state.control);
+    let control = state.control()?;
     let timeout = state.publish_timeout;
     blocking(move || {
         let outcome = control
@@ -682,6 +743,16 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("request handler failed: {e}")))?
 }
 
+/// An instance's admin API before its rules are loaded: health, readiness (not ready, saying
+/// what it waits for), metrics and status answer; rule endpoints answer 503.
+#[derive(Debug)]
+pub struct AdminPlane {
+    state: AdminState,
+    server: AdminServer,
+    config: riskstream_common::KafkaConfig,
+    compiler: riskstream_rules::RuleCompiler,
+}
+
 /// An instance's control plane: the control topic follower, the status board and recent-event
 /// buffer the pipeline reports to, and the admin API serving them.
 #[derive(Debug)]
@@ -707,9 +778,94 @@ pub enum ControlPlaneError {
     Schema(#[from] riskstream_common::SchemaError),
 }
 
+impl AdminPlane {
+    /// Serves the admin API on `admin.listen`, before anything else is up. Refuses an address
+    /// other hosts can reach without a token (unless `admin.allow_unauthenticated`).
+    pub fn open(
+        config: &riskstream_common::Config,
+        labels: Option<Arc<LabelStore>>,
+        metrics: Option<PrometheusHandle>,
+    ) -> Result<Self, ControlPlaneError> {
+        let token = config.admin.checked_token()?;
+        let compiler = riskstream_rules::RuleCompiler::new(&config.event_schema()?);
+        let state = AdminState {
+            rules: Arc::new(RulesSlot::default()),
+            status: Arc::new(StatusBoard::new(&config.kafka.topics.transactions)),
+            recent: Arc::new(RecentEvents::new(config.admin.backtest_events)),
+            labels,
+            metrics,
+            token,
+            instance: instance_id(&config.admin),
+            event_id: config.schema.event_id.clone(),
+            publish_timeout: config.admin.publish_timeout,
+            checkpoints: Arc::new(CheckpointHandle::default()),
+            checkpoint_store: config
+                .checkpoint_url()
+                .map(|url| (url, config.checkpoint_name())),
+        };
+        if state.token.is_none() {
+            if config.admin.listens_on_loopback_only() {
+                tracing::warn!(listen = %config.admin.listen, "no admin token configured: rule updates are open to every process on this host");
+            } else {
+                tracing::warn!(listen = %config.admin.listen, "admin.allow_unauthenticated = true: rule updates are open to anyone who reaches the admin API");
+            }
+        }
+        let server = AdminServer::start(
+            &config.admin.listen,
+            router(state.clone(), config.admin.max_body_bytes),
+        )?;
+        Ok(Self {
+            state,
+            server,
+            config: config.kafka.clone(),
+            compiler,
+        })
+    }
+
+    /// Where the admin API listens.
+    pub fn address(&self) -> SocketAddr {
+        self.server.address()
+    }
+
+    /// The status board (what `/readyz` and `/api/v1/status` report).
+    pub fn status(&self) -> &Arc<StatusBoard> {
+        &self.state.status
+    }
+
+    /// Reads the control topic (seeding it with `seed` when empty), waiting for the cluster
+    /// as long as it takes and reporting why on `/readyz`. `None` when `stop` was set first.
+    pub fn load_rules(
+        self,
+        seed: Option<&str>,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<Option<ControlPlane>, ControlPlaneError> {
+        let status = Arc::clone(&self.state.status);
+        let waiting = |why: Option<String>| status.update(|s| s.waiting_for = why);
+        let Some(control) = RulesControl::start_until(
+            &self.config,
+            self.compiler,
+            seed,
+            &self.state.instance,
+            stop,
+            &waiting,
+        )?
+        else {
+            return Ok(None);
+        };
+        self.state.rules.set(Arc::clone(&control));
+        Ok(Some(ControlPlane {
+            control,
+            status: self.state.status,
+            recent: self.state.recent,
+            checkpoints: self.state.checkpoints,
+            server: self.server,
+        }))
+    }
+}
+
 impl ControlPlane {
-    /// Reads the control topic (seeding it with `seed` when empty), then serves the admin API
-    /// on `admin.listen`. Returns once the newest bundle runs: score with
+    /// Serves the admin API on `admin.listen` and reads the control topic (seeding it with
+    /// `seed` when empty). Returns once the newest bundle runs: score with
     /// [`RulesControl::table`] and report to [`Self::observers`].
     pub fn start(
         config: &riskstream_common::Config,
@@ -717,41 +873,11 @@ impl ControlPlane {
         labels: Option<Arc<LabelStore>>,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Self, ControlPlaneError> {
-        let instance = instance_id(&config.admin);
-        let compiler = riskstream_rules::RuleCompiler::new(&config.event_schema()?);
-        let control = RulesControl::start(&config.kafka, compiler, seed, &instance)?;
-        let status = Arc::new(StatusBoard::new(&config.kafka.topics.transactions));
-        let recent = Arc::new(RecentEvents::new(config.admin.backtest_events));
-        let checkpoints = Arc::new(CheckpointHandle::default());
-        let state = AdminState {
-            control: Arc::clone(&control),
-            status: Arc::clone(&status),
-            recent: Arc::clone(&recent),
-            labels,
-            metrics,
-            token: config.admin.bearer_token()?,
-            instance,
-            event_id: config.schema.event_id.clone(),
-            publish_timeout: config.admin.publish_timeout,
-            checkpoints: Arc::clone(&checkpoints),
-            checkpoint_store: config
-                .checkpoint_url()
-                .map(|url| (url, config.checkpoint_name())),
-        };
-        if state.token.is_none() {
-            tracing::warn!(listen = %config.admin.listen, "no admin token configured: rule updates are open to anyone who reaches the admin API");
-        }
-        let server = AdminServer::start(
-            &config.admin.listen,
-            router(state, config.admin.max_body_bytes),
-        )?;
-        Ok(Self {
-            control,
-            status,
-            recent,
-            checkpoints,
-            server,
-        })
+        AdminPlane::open(config, labels, metrics)?
+            .load_rules(seed, &std::sync::atomic::AtomicBool::new(false))?
+            .ok_or(ControlPlaneError::Control(
+                riskstream_kafka::ControlError::Closed,
+            ))
     }
 
     /// The status board and recent-event buffer for the pipeline to report to.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use riskstream_common::{DeadLetter, RawBatch};
-use riskstream_kafka::{Assignment, DeliveryTracker, KafkaSink, KafkaSource};
+use riskstream_kafka::{Assignment, DeliveryTracker, EmbeddedBroker, KafkaSink, KafkaSource};
 use riskstream_pipeline::{Pipeline, Sink, SinkError, VerdictBatch};
 
 /// The real Kafka sink, noting the rules versions of every batch it is handed.
@@ -295,5 +295,92 @@ fn an_update_through_one_instance_reaches_both_and_concurrent_updates_have_one_w
     }
     a.stop()?;
     b.stop()?;
+    Ok(())
+}
+
+/// An instance whose cluster is down, then up without the control topic, then given it (as a
+/// deployment's topic job does): the admin API answers from the start, `/readyz` says what it
+/// waits for at each step, and the rules load once the topic is there.
+#[test]
+fn rules_load_once_the_cluster_and_the_control_topic_are_there() -> TestResult {
+    let broker = EmbeddedBroker::start(1)?;
+    broker.create_topic("transactions", 2)?;
+    let config = config(&broker, "")?;
+    broker.down(-1)?;
+    let admin = riskstream_admin::AdminPlane::open(&config, None, None)?;
+    let base = format!("http://{}", admin.address());
+    let status = Arc::clone(admin.status());
+    let stop = Arc::new(AtomicBool::new(false));
+    let loading = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || admin.load_rules(Some(&bundle(101)), &stop))
+    };
+    let http = reqwest::blocking::Client::new();
+    let waiting_for = |expected: &str| -> TestResult {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let response = http.get(format!("{base}/readyz")).send()?;
+            let code = response.status().as_u16();
+            let body: serde_json::Value = response.json()?;
+            if code == 503 && body["waiting_for"].to_string().contains(expected) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("/readyz never waited for `{expected}`: {code} {body}").into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    waiting_for("the Kafka cluster at")?;
+    let rules = http.get(format!("{base}/api/v1/rules")).send()?;
+    assert_eq!(rules.status().as_u16(), 503);
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()?
+            .status()
+            .as_u16(),
+        200
+    );
+    broker.up(-1)?;
+    // The embedded broker does not implement CreateTopics: the topic appears when created here.
+    waiting_for("does not exist yet")?;
+    broker.create_topic("riskstream.rules", 1)?;
+    let plane = loading.join().map_err(|_| "load_rules panicked")??;
+    let plane = plane.ok_or("load_rules stopped")?;
+    assert_eq!(plane.control.version(), 1);
+    assert!(status.snapshot().waiting_for.is_none());
+    let rules = http.get(format!("{base}/api/v1/rules")).send()?;
+    assert_eq!(rules.status().as_u16(), 200);
+    stop.store(true, Ordering::Release);
+    Ok(())
+}
+
+/// A stop while the cluster is away ends the wait within a second.
+#[test]
+fn a_stop_ends_the_wait_for_the_cluster() -> TestResult {
+    let broker = EmbeddedBroker::start(1)?;
+    let config = config(&broker, "")?;
+    broker.down(-1)?;
+    let admin = riskstream_admin::AdminPlane::open(&config, None, None)?;
+    let status = Arc::clone(admin.status());
+    let stop = Arc::new(AtomicBool::new(false));
+    let loading = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || admin.load_rules(Some(&bundle(101)), &stop))
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status.snapshot().waiting_for.is_none() {
+        assert!(Instant::now() < deadline, "never reported waiting");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let asked = Instant::now();
+    stop.store(true, Ordering::Release);
+    let outcome = loading.join().map_err(|_| "load_rules panicked")??;
+    assert!(outcome.is_none(), "stopped, not loaded");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
     Ok(())
 }

@@ -153,8 +153,17 @@ impl CheckpointStore {
                     (local(&dir, &config)?, Path::default())
                 }
                 "s3" | "s3a" => {
+                    // An unreachable store fails a checkpoint within seconds (it is retried at
+                    // the next interval) instead of holding it for the client's default of
+                    // three minutes of retries.
+                    let retry = object_store::RetryConfig {
+                        max_retries: 3,
+                        retry_timeout: std::time::Duration::from_secs(15),
+                        ..object_store::RetryConfig::default()
+                    };
                     let store = object_store::aws::AmazonS3Builder::from_env()
                         .with_url(url)
+                        .with_retry(retry)
                         .build()
                         .map_err(|e| config(e.to_string()))?;
                     let prefix = Path::parse(parsed.path().trim_start_matches('/'))

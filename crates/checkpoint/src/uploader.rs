@@ -26,11 +26,28 @@ pub struct Staged {
 pub struct CheckpointerStats {
     pub completed: u64,
     pub failed: u64,
+    /// Checkpoints failed since the last one completed.
+    pub failed_in_a_row: u32,
+    /// Why the last failed checkpoint failed.
+    pub last_failure: Option<String>,
     pub bytes_uploaded: u64,
     pub files_reused: u64,
     /// The newest complete checkpoint.
     pub latest: Option<Manifest>,
     pub latest_at: Option<Instant>,
+    /// When the checkpointer started (the age of "no checkpoint yet").
+    pub started_at: Option<Instant>,
+}
+
+impl CheckpointerStats {
+    /// How long ago the newest good checkpoint completed (or the checkpointer started, while
+    /// none has).
+    pub fn last_good_age(&self) -> Duration {
+        self.latest_at
+            .or(self.started_at)
+            .map(|at| at.elapsed())
+            .unwrap_or_default()
+    }
 }
 
 enum Message {
@@ -143,6 +160,7 @@ impl Checkpointer {
                 stats: CheckpointerStats {
                     latest: restored.cloned(),
                     latest_at: restored.map(|_| Instant::now()),
+                    started_at: Some(Instant::now()),
                     ..CheckpointerStats::default()
                 },
                 ..Progress::default()
@@ -269,6 +287,24 @@ impl Checkpointer {
         self.shared.lock().stats.clone()
     }
 
+    /// How long ago the newest good checkpoint completed (see
+    /// [`CheckpointerStats::last_good_age`]).
+    pub fn last_good_age(&self) -> Duration {
+        self.shared.lock().stats.last_good_age()
+    }
+
+    /// Checkpoints failed since the last one completed, and why the last one failed.
+    pub fn failing(&self) -> Option<(u32, String)> {
+        let progress = self.shared.lock();
+        let stats = &progress.stats;
+        (stats.failed_in_a_row > 0).then(|| {
+            (
+                stats.failed_in_a_row,
+                stats.last_failure.clone().unwrap_or_default(),
+            )
+        })
+    }
+
     /// Finishes what was handed over and stops the thread (once every clone is dropped or
     /// stopped).
     pub fn stop(self) {
@@ -338,6 +374,8 @@ impl Worker {
         self.metrics.failed.increment(1);
         let mut progress = self.shared.lock();
         progress.stats.failed += 1;
+        progress.stats.failed_in_a_row += 1;
+        progress.stats.last_failure = Some(why.clone());
         progress.in_flight = progress.in_flight.saturating_sub(1);
         progress.failed.insert(id, why);
         drop(progress);
@@ -396,6 +434,7 @@ impl Worker {
         );
         let mut progress = self.shared.lock();
         progress.stats.completed += 1;
+        progress.stats.failed_in_a_row = 0;
         progress.in_flight = progress.in_flight.saturating_sub(1);
         progress.stats.bytes_uploaded += manifest.bytes_uploaded;
         progress.stats.files_reused += manifest.files_reused as u64;
@@ -412,10 +451,11 @@ impl Worker {
         }
     }
 
+    /// The age of the newest good checkpoint (since start while there is none), so that an
+    /// alert sees checkpoints that never succeed as well as ones that stopped succeeding.
     fn report_age(&self) {
-        if let Some(at) = self.shared.lock().stats.latest_at {
-            self.metrics.age.set(at.elapsed().as_secs_f64());
-        }
+        let age = self.shared.lock().stats.last_good_age();
+        self.metrics.age.set(age.as_secs_f64());
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use riskstream_admin::{telemetry, ControlPlane};
+use riskstream_admin::{telemetry, AdminPlane};
 use riskstream_common::Config;
 use riskstream_pipeline::{JsonLinesSink, JsonLinesSource, Pipeline};
 use riskstream_rules::{RuleCompiler, RuleTable};
@@ -210,6 +210,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None => DEFAULT_BUNDLE.to_string(),
             };
             let shutdown = shutdown_on_signal()?;
+            bound_shutdown(Arc::clone(&shutdown), config.shutdown.timeout);
             tracing::info!(brokers = %config.kafka.brokers, topic = %config.kafka.topics.transactions, rules_topic = %config.kafka.topics.rules, "starting");
             let labels = Arc::new(riskstream_kafka::LabelStore::new(1_000_000));
             let metrics = match telemetry::prometheus() {
@@ -219,10 +220,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     None
                 }
             };
-            // Rules come from the control topic; the bundle given (or the default) seeds it
-            // when it is empty.
-            let plane = ControlPlane::start(&config, Some(&seed), Some(labels.clone()), metrics)
-                .context("cannot start the control plane (control topic, admin API)")?;
+            // The admin API answers first (health, and readiness saying what is awaited), then
+            // the rules come from the control topic, however long the cluster takes to be
+            // there; the bundle given (or the default) seeds the topic when it is empty.
+            let admin = AdminPlane::open(&config, Some(labels.clone()), metrics)
+                .context("cannot start the admin API")?;
+            let Some(plane) = admin
+                .load_rules(Some(&seed), &shutdown)
+                .context("cannot load the rules from the control topic")?
+            else {
+                tracing::info!("stopped while waiting for the Kafka cluster");
+                return Ok(ExitCode::SUCCESS);
+            };
             let summary = riskstream_kafka::run_observed(
                 &config,
                 plane.control.table(),
@@ -407,6 +416,26 @@ fn check_bundle(config: &Config, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// Bounds a graceful stop: once `shutdown` is set, the process exits with a failure status if
+/// it is still running `timeout` later (draining against a broker that does not come back, a
+/// final checkpoint that cannot be written). Nothing past the last checkpoint is committed, so
+/// a restart recovers.
+fn bound_shutdown(shutdown: Arc<AtomicBool>, timeout: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("shutdown-bound".into())
+        .spawn(move || {
+            while !shutdown.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(timeout);
+            tracing::error!(?timeout, "the graceful stop took longer than shutdown.timeout: exiting without it; a restart recovers from the last checkpoint");
+            std::process::exit(3);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot bound the graceful stop (shutdown.timeout)");
+    }
+}
+
 /// A flag set by SIGINT or SIGTERM (a second signal exits at once).
 fn shutdown_on_signal() -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
@@ -525,6 +554,15 @@ fn score(
     let mut sink = JsonLinesSink::create(output, &dlq, &late)?;
     let mut pipeline = Pipeline::new(config, rules, "file")?;
     let summary = riskstream_pipeline::run(&mut source, &mut pipeline, &mut sink)?;
+    // A state directory that cannot be written (a full disk) must not look like a success: a
+    // later `score --state` would continue from incomplete state.
+    pipeline.close().with_context(|| match &config.state.dir {
+        Some(dir) => format!(
+            "the feature state could not be written to {}; the directory is incomplete: free space and score again from an empty directory",
+            dir.display()
+        ),
+        None => "the feature state could not be written to its temporary directory".to_string(),
+    })?;
     eprintln!("{summary}");
     if summary.dead_letter_count() > 0 {
         eprintln!("dead letters written to {}", dlq.display());

@@ -8,8 +8,10 @@
 //! when its successor fences it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +22,8 @@ use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+use common::{free_port, riskstream, same_features, Broker};
 
 const KILLS: usize = 21;
 const CUSTOMERS: u64 = 300;
@@ -38,47 +42,6 @@ rules:
   - {id: spike, when: \"amount > 3 * avg_10m\", score: 30}
 decision: {review_at: 30, block_at: 70}
 ";
-
-fn riskstream() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_riskstream"));
-    cmd.env_remove("RISKSTREAM_CONFIG")
-        .env("RISKSTREAM_LOG", "info");
-    cmd
-}
-
-/// `riskstream broker --configured-topics`, and its bootstrap address.
-struct Broker {
-    child: Child,
-    address: String,
-}
-
-impl Broker {
-    fn start(config: &Path) -> Broker {
-        let mut child = riskstream()
-            .arg("--config")
-            .arg(config)
-            .args(["broker", "--configured-topics"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("broker starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("broker prints its address");
-        Broker {
-            child,
-            address: line.trim().to_string(),
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn event(i: u64) -> (String, String) {
     let customer = format!("c{}", (i * 7919) % CUSTOMERS);
@@ -178,13 +141,6 @@ fn run_instance(config: &Path, bundle: &Path, log: &Path) -> Child {
         .stderr(log)
         .spawn()
         .expect("riskstream run starts")
-}
-
-fn close(a: &serde_json::Value, b: &serde_json::Value) -> bool {
-    match (a.as_f64(), b.as_f64()) {
-        (Some(x), Some(y)) => (x - y).abs() <= 1e-9 * x.abs().max(y.abs()).max(1.0),
-        _ => a == b,
-    }
 }
 
 /// A temporary directory with the test bundle in it, and a broker process.
@@ -336,12 +292,7 @@ fn crash_and_recover(delivery: &str) {
             .get(id)
             .unwrap_or_else(|| panic!("verdict for unknown event {id}"));
         for features in seen {
-            let same = expected
-                .as_object()
-                .expect("features")
-                .iter()
-                .all(|(k, v)| close(v, &features[k]));
-            if !same {
+            if !same_features(expected, features) {
                 differing.push((id.clone(), features.clone(), expected.clone()));
             }
         }
@@ -383,14 +334,6 @@ fn at_least_once_survives_repeated_sigkills_with_exact_state() {
 #[test]
 fn exactly_once_survives_repeated_sigkills_with_exact_state() {
     crash_and_recover("exactly_once");
-}
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// `riskstream checkpoints create` asks a running instance for a checkpoint through its admin

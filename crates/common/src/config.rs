@@ -50,6 +50,18 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Traces.
     pub telemetry: TelemetryConfig,
+    /// Stopping on SIGTERM/SIGINT.
+    pub shutdown: ShutdownConfig,
+}
+
+/// The `[shutdown]` section: how a signalled instance stops.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Longest a stop may take to drain, take its final checkpoint and commit; past it the
+    /// process exits with a failure status and a restart recovers from the last checkpoint.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 /// The `[admin]` section: the admin HTTP API.
@@ -73,6 +85,10 @@ pub struct AdminConfig {
     pub publish_timeout: Duration,
     /// Name of this instance in published rule versions; empty: host name and process id.
     pub instance_id: String,
+    /// Serve a non-loopback `listen` address without a token (only on purpose: anyone who
+    /// reaches the address can then replace the rules).
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
 }
 
 impl AdminConfig {
@@ -93,6 +109,36 @@ impl AdminConfig {
             (None, None) => None,
         };
         Ok(token.filter(|t| !t.0.is_empty()))
+    }
+
+    /// Whether `listen` accepts connections from loopback only (`127.0.0.0/8`, `[::1]`,
+    /// `localhost`). Any other address, `0.0.0.0` and host names included, is reachable from
+    /// other hosts.
+    pub fn listens_on_loopback_only(&self) -> bool {
+        let host = match self.listen.rsplit_once(':') {
+            Some((host, _port)) => host,
+            None => self.listen.as_str(),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+
+    /// The bearer token, checked against the address: an admin API reachable from other hosts
+    /// must have one, unless `allow_unauthenticated` says otherwise on purpose.
+    pub fn checked_token(&self) -> Result<Option<Secret>, ConfigError> {
+        let token = self.bearer_token()?;
+        if token.is_none() && !self.listens_on_loopback_only() && !self.allow_unauthenticated {
+            return Err(ConfigError::Value(format!(
+                "admin.listen = {} is reachable from other hosts and no token is configured: \
+                 set admin.token (RISKSTREAM__ADMIN__TOKEN) or admin.token_file (a mounted secret), \
+                 listen on 127.0.0.1, or set admin.allow_unauthenticated = true to serve it open on purpose",
+                self.listen
+            )));
+        }
+        Ok(token)
     }
 }
 
@@ -215,6 +261,9 @@ pub struct CheckpointConfig {
     /// This instance's name under `url` and in its `transactional.id`; empty: `admin.instance_id`,
     /// else `riskstream`. Instances sharing `url` need distinct names.
     pub name: String,
+    /// Checkpoints that may fail in a row (each retried at the next interval) before the
+    /// instance stops consuming and reports itself not ready until one succeeds.
+    pub tolerable_failures: u32,
 }
 
 impl Config {
@@ -277,7 +326,8 @@ pub struct TimeConfig {
     /// A partition's watermark trails the highest event time it has seen by this much.
     #[serde(with = "humantime_serde")]
     pub max_out_of_orderness: Duration,
-    /// A partition without events for this long (processing time) stops holding the watermark.
+    /// A partition without events for this long (delivery time: processing time while the
+    /// source delivers) stops holding the watermark.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Events stamped more than this ahead of the processing clock are corrected by `skew_policy`.
@@ -354,6 +404,11 @@ impl Config {
                 "admin.max_body_bytes must be at least 1".into(),
             ));
         }
+        if self.checkpoint.tolerable_failures == 0 {
+            return Err(ConfigError::Value(
+                "checkpoint.tolerable_failures must be at least 1".into(),
+            ));
+        }
         if self.kafka.max_unacked == 0 {
             return Err(ConfigError::Value(
                 "kafka.max_unacked must be at least 1".into(),
@@ -390,6 +445,56 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("batch_max_event"), "{err}");
+    }
+
+    #[test]
+    fn an_admin_api_reachable_from_other_hosts_needs_a_token() -> Result<(), ConfigError> {
+        let admin = |toml: &str| Config::from_toml_over_defaults(toml).map(|c| c.admin);
+        assert!(
+            admin("")?.checked_token()?.is_none(),
+            "loopback: open is fine"
+        );
+        for listen in [
+            "127.0.0.1:8080",
+            "127.1.2.3:80",
+            "[::1]:8080",
+            "localhost:8080",
+        ] {
+            let a = admin(&format!("[admin]\nlisten = \"{listen}\"\n"))?;
+            assert!(a.listens_on_loopback_only(), "{listen}");
+        }
+        for listen in [
+            "0.0.0.0:8080",
+            "[::]:8080",
+            "10.0.0.5:8080",
+            "riskstream-0:8080",
+        ] {
+            let a = admin(&format!("[admin]\nlisten = \"{listen}\"\n"))?;
+            assert!(!a.listens_on_loopback_only(), "{listen}");
+            let err = a
+                .checked_token()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.contains("admin.token") && err.contains("admin.token_file"),
+                "{listen}: {err}"
+            );
+            let open = admin(&format!(
+                "[admin]\nlisten = \"{listen}\"\nallow_unauthenticated = true\n"
+            ))?;
+            assert!(open.checked_token()?.is_none());
+            let with = admin(&format!(
+                "[admin]\nlisten = \"{listen}\"\ntoken = \"s3cret\"\n"
+            ))?;
+            assert_eq!(
+                with.checked_token()?
+                    .map(|t| t.expose().to_string())
+                    .as_deref(),
+                Some("s3cret")
+            );
+        }
+        Ok(())
     }
 
     #[test]

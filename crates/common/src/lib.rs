@@ -10,7 +10,7 @@ pub mod schema;
 pub use batch::{DeadLetter, DeadReason, RawBatch};
 pub use config::{
     AdminConfig, CheckpointConfig, Config, ConfigError, Delivery, KafkaConfig, PipelineConfig,
-    Secret, SkewPolicy, StateConfig, TelemetryConfig, TimeConfig, TopicsConfig,
+    Secret, ShutdownConfig, SkewPolicy, StateConfig, TelemetryConfig, TimeConfig, TopicsConfig,
 };
 pub use schema::{EventSchema, FieldType, SchemaConfig, SchemaError};
 

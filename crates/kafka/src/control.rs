@@ -30,12 +30,13 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use riskstream_common::KafkaConfig;
 use riskstream_rules::{BundleError, CompiledBundle, RuleCompiler, RuleTable};
 use serde::{Deserialize, Serialize};
 
+use crate::errors::{self, Backoff, WatchedContext};
 use crate::{client_config, Role};
 
 /// The control topic could not be used.
@@ -163,7 +164,7 @@ impl ControlMetrics {
 /// and the producer that publishes updates.
 pub struct RulesControl {
     shared: Arc<Shared>,
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: ThreadedProducer<WatchedContext>,
     origin: String,
     sequence: AtomicU64,
     shutdown: Arc<AtomicBool>,
@@ -183,18 +184,50 @@ impl std::fmt::Debug for RulesControl {
 const POLL: Duration = Duration::from_millis(50);
 /// How often a start that cannot reach the broker says so.
 const STARTUP_LOG_EVERY: Duration = Duration::from_secs(10);
+/// How long a start waits for its seed bundle to come back before sending it again.
+const SEED_RESEND: Duration = Duration::from_secs(30);
+/// How long one metadata or watermark request of a waiting start may take (short, so that a
+/// stop is seen at once).
+const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// The control topic's consumer.
+type ControlConsumer = BaseConsumer<WatchedContext>;
 
 impl RulesControl {
     /// Creates the control topic if it is missing, reads it to its end, seeds it with `seed`
     /// (a bundle document) when it holds no version, and starts following it. Waits for the
-    /// broker as long as it takes (logging every few seconds); returns once the newest bundle
-    /// runs. `origin` names this instance in the versions it publishes.
+    /// broker as long as it takes; returns once the newest bundle runs. `origin` names this
+    /// instance in the versions it publishes.
     pub fn start(
         config: &KafkaConfig,
         compiler: RuleCompiler,
         seed: Option<&str>,
         origin: &str,
     ) -> Result<Arc<Self>, ControlError> {
+        Self::start_until(
+            config,
+            compiler,
+            seed,
+            origin,
+            &AtomicBool::new(false),
+            &|_| {},
+        )?
+        .ok_or(ControlError::Closed)
+    }
+
+    /// [`Self::start`], giving up when `stop` is set (`None`; seen within about a second
+    /// whatever it is waiting for). While the cluster does not answer or the topic is not
+    /// there yet, `waiting` is told why (and `None` once the rules are loaded). Errors that
+    /// librdkafka retries itself are logged, counted and waited out; only a fatal one
+    /// (configuration, authentication, an unsupported broker) is returned.
+    pub fn start_until(
+        config: &KafkaConfig,
+        compiler: RuleCompiler,
+        seed: Option<&str>,
+        origin: &str,
+        stop: &AtomicBool,
+        waiting: &dyn Fn(Option<String>),
+    ) -> Result<Option<Arc<Self>>, ControlError> {
         let topic = config.topics.rules.clone();
         let kafka_error = |e: rdkafka::error::KafkaError| ControlError::Kafka {
             topic: topic.clone(),
@@ -206,15 +239,18 @@ impl RulesControl {
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "10");
-        let consumer: BaseConsumer = consumer_config.create().map_err(kafka_error)?;
+        let consumer: ControlConsumer = consumer_config
+            .create_with_context(WatchedContext {
+                name: "control topic",
+            })
+            .map_err(kafka_error)?;
         let mut partition = TopicPartitionList::new();
         partition
             .add_partition_offset(&topic, 0, Offset::Beginning)
             .map_err(kafka_error)?;
-        if topic_missing(&consumer, &topic) {
-            create_topic(config, &topic);
-        }
-        let end = wait_for_end(&consumer, &topic)?;
+        let Some(end) = wait_for_end(config, &consumer, &topic, stop, waiting)? else {
+            return Ok(None);
+        };
         consumer.assign(&partition).map_err(kafka_error)?;
 
         let mut producer_config: ClientConfig = client_config(config, Role::Producer);
@@ -222,13 +258,19 @@ impl RulesControl {
             .set("linger.ms", "0")
             .set("compression.type", "none")
             .set("message.timeout.ms", "30000");
-        let producer: ThreadedProducer<DefaultProducerContext> =
-            producer_config.create().map_err(kafka_error)?;
+        let producer: ThreadedProducer<WatchedContext> = producer_config
+            .create_with_context(WatchedContext {
+                name: "control topic producer",
+            })
+            .map_err(kafka_error)?;
 
         // Read what is there, deciding each record as the follower will.
         let mut log = Log::default();
         let mut idle_since = Instant::now();
         while log.next_offset < end {
+            if stop.load(Ordering::Acquire) {
+                return Ok(None);
+            }
             if log.read_next(&consumer, &topic, &compiler)? {
                 idle_since = Instant::now();
             } else if idle_since.elapsed() > STARTUP_LOG_EVERY {
@@ -238,6 +280,10 @@ impl RulesControl {
                     break;
                 }
                 tracing::warn!(%topic, at = log.next_offset, end, "still reading the control topic");
+                waiting(Some(format!(
+                    "reading control topic {topic}: at offset {} of {end}",
+                    log.next_offset
+                )));
                 idle_since = Instant::now();
             }
         }
@@ -256,13 +302,19 @@ impl RulesControl {
                     seed,
                 );
                 send(&producer, &topic, &record)?;
-                let deadline = Instant::now() + Duration::from_secs(60);
+                // Sent again should it be lost in an outage (a copy that lands after the first
+                // conflicts with it and changes nothing).
+                let mut sent_at = Instant::now();
                 while !log.seen.contains_key(&record.request_id) {
-                    if Instant::now() > deadline {
-                        return Err(ControlError::Timeout {
-                            topic,
-                            timeout: Duration::from_secs(60),
-                        });
+                    if stop.load(Ordering::Acquire) {
+                        return Ok(None);
+                    }
+                    if sent_at.elapsed() > SEED_RESEND {
+                        waiting(Some(format!(
+                            "seeding control topic {topic}: the broker has not confirmed the first bundle yet"
+                        )));
+                        send(&producer, &topic, &record)?;
+                        sent_at = Instant::now();
                     }
                     log.read_next(&consumer, &topic, &compiler)?;
                 }
@@ -280,6 +332,7 @@ impl RulesControl {
             return Err(ControlError::Empty { topic });
         };
         tracing::info!(%topic, version = compiled.version(), versions = log.versions.len(), "rules loaded from the control topic");
+        waiting(None);
         let metrics = ControlMetrics::new();
         metrics.version.set(compiled.version() as f64);
         let shared = Arc::new(Shared {
@@ -302,14 +355,14 @@ impl RulesControl {
                     message: format!("cannot start the follower thread: {e}"),
                 })?
         };
-        Ok(Arc::new(Self {
+        Ok(Some(Arc::new(Self {
             shared,
             producer,
             origin: origin.to_string(),
             sequence,
             shutdown,
             follower: Mutex::new(Some(follower)),
-        }))
+        })))
     }
 
     /// The rule table this control feeds: hand it to the pipeline.
@@ -427,14 +480,27 @@ struct Log {
 
 impl Log {
     /// Reads and decides the next record, if one arrives within a poll.
+    /// Errors the cluster may recover from are counted and logged and read as nothing
+    /// arriving; a fatal one is returned.
     fn read_next(
         &mut self,
-        consumer: &BaseConsumer,
+        consumer: &ControlConsumer,
         topic: &str,
         compiler: &RuleCompiler,
     ) -> Result<bool, ControlError> {
-        let Some(message) = poll(consumer, topic)? else {
-            return Ok(false);
+        let message = match poll(consumer) {
+            Ok(Some(message)) => message,
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                if let Some(fatal) = errors::record("control topic", &e, "") {
+                    return Err(ControlError::Kafka {
+                        topic: topic.to_string(),
+                        message: fatal,
+                    });
+                }
+                std::thread::sleep(POLL);
+                return Ok(false);
+            }
         };
         self.next_offset = message.offset() + 1;
         let current = self.versions.keys().next_back().copied().unwrap_or(0);
@@ -515,13 +581,14 @@ fn decide(
 }
 
 /// The follower: applies new records until `shutdown`.
-fn follow(shared: &Shared, consumer: &BaseConsumer, shutdown: &AtomicBool) {
+fn follow(shared: &Shared, consumer: &ControlConsumer, shutdown: &AtomicBool) {
     while !shutdown.load(Ordering::Acquire) {
-        let message = match poll(consumer, &shared.topic) {
+        let message = match poll(consumer) {
             Ok(Some(message)) => message,
             Ok(None) => continue,
             Err(e) => {
-                tracing::warn!(error = %e, "control topic");
+                // Fatal or not, the running bundle stays; the pipeline stops on a fatal one.
+                errors::record("control topic", &e, "");
                 std::thread::sleep(POLL);
                 continue;
             }
@@ -574,22 +641,14 @@ fn follow(shared: &Shared, consumer: &BaseConsumer, shutdown: &AtomicBool) {
 }
 
 /// One message of the control topic, or `None` after [`POLL`] without one.
-fn poll<'c>(
-    consumer: &'c BaseConsumer,
-    topic: &str,
-) -> Result<Option<rdkafka::message::BorrowedMessage<'c>>, ControlError> {
-    match consumer.poll(POLL) {
-        None => Ok(None),
-        Some(Ok(message)) => Ok(Some(message)),
-        Some(Err(e)) => Err(ControlError::Kafka {
-            topic: topic.to_string(),
-            message: e.to_string(),
-        }),
-    }
+fn poll(
+    consumer: &ControlConsumer,
+) -> Result<Option<rdkafka::message::BorrowedMessage<'_>>, rdkafka::error::KafkaError> {
+    consumer.poll(POLL).transpose()
 }
 
 /// The consumer's position in the control topic's partition.
-fn read_position(consumer: &BaseConsumer, topic: &str) -> Option<i64> {
+fn read_position(consumer: &ControlConsumer, topic: &str) -> Option<i64> {
     let positions = consumer.position().ok()?;
     match positions.find_partition(topic, 0)?.offset() {
         Offset::Offset(o) => Some(o),
@@ -597,58 +656,90 @@ fn read_position(consumer: &BaseConsumer, topic: &str) -> Option<i64> {
     }
 }
 
-/// The end offset of the control topic's partition, waiting for the broker as long as it takes.
-fn wait_for_end(consumer: &BaseConsumer, topic: &str) -> Result<i64, ControlError> {
+/// The end offset of the control topic's partition, once the cluster answers and the topic
+/// exists (created here when the cluster says it does not); `None` when `stop` was set first.
+fn wait_for_end(
+    config: &KafkaConfig,
+    consumer: &ControlConsumer,
+    topic: &str,
+    stop: &AtomicBool,
+    waiting: &dyn Fn(Option<String>),
+) -> Result<Option<i64>, ControlError> {
     let started = Instant::now();
-    let mut last_log = Instant::now();
+    let mut last_log: Option<Instant> = None;
+    let mut backoff = Backoff::default();
     loop {
-        match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
-            Ok(metadata) => {
-                let partitions = metadata
-                    .topics()
-                    .iter()
-                    .find(|t| t.name() == topic && t.error().is_none())
-                    .map(|t| t.partitions().len());
-                match partitions {
-                    Some(1) => {
-                        if let Ok((_, high)) =
-                            consumer.fetch_watermarks(topic, 0, Duration::from_secs(5))
-                        {
-                            return Ok(high);
-                        }
-                    }
-                    Some(0) | None => {}
-                    Some(partitions) => {
-                        return Err(ControlError::Partitions {
-                            topic: topic.to_string(),
-                            partitions,
-                        })
-                    }
-                }
+        if let Some(fatal) = errors::fatal_error() {
+            return Err(ControlError::Kafka {
+                topic: topic.to_string(),
+                message: fatal.to_string(),
+            });
+        }
+        let why = match probe_end(consumer, topic) {
+            Ok(Probe::End(high)) => return Ok(Some(high)),
+            Ok(Probe::Missing) => {
+                create_topic(config, topic);
+                format!("control topic {topic} does not exist yet: creating it")
+            }
+            Ok(Probe::Partitions(partitions)) => {
+                return Err(ControlError::Partitions {
+                    topic: topic.to_string(),
+                    partitions,
+                })
             }
             Err(e) => {
-                if last_log.elapsed() >= STARTUP_LOG_EVERY {
-                    tracing::warn!(%topic, error = %e, waited = ?started.elapsed(), "waiting for the control topic");
-                    last_log = Instant::now();
+                if let Some(fatal) = errors::record("control topic", &e, "") {
+                    return Err(ControlError::Kafka {
+                        topic: topic.to_string(),
+                        message: fatal,
+                    });
                 }
+                format!(
+                    "the Kafka cluster at {} (control topic {topic}): {e}",
+                    config.brokers
+                )
             }
+        };
+        waiting(Some(why.clone()));
+        if last_log.is_none_or(|at| at.elapsed() >= STARTUP_LOG_EVERY) {
+            tracing::warn!(%topic, waited = ?started.elapsed(), "waiting for the control topic: {why}");
+            last_log = Some(Instant::now());
         }
-        std::thread::sleep(Duration::from_millis(100));
+        if !backoff.wait(stop) {
+            return Ok(None);
+        }
     }
 }
 
-/// Whether the cluster reports `topic` as unknown (an unreachable cluster: not known yet).
-fn topic_missing(consumer: &BaseConsumer, topic: &str) -> bool {
-    consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(5))
-        .ok()
-        .and_then(|m| {
-            m.topics()
-                .iter()
-                .find(|t| t.name() == topic)
-                .map(|t| t.error().is_some() || t.partitions().is_empty())
-        })
-        .unwrap_or(false)
+/// What the cluster says about the control topic.
+enum Probe {
+    End(i64),
+    Missing,
+    Partitions(usize),
+}
+
+fn probe_end(consumer: &ControlConsumer, topic: &str) -> Result<Probe, rdkafka::error::KafkaError> {
+    let metadata = consumer.fetch_metadata(Some(topic), PROBE_TIMEOUT)?;
+    let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(Probe::Missing);
+    };
+    if let Some(e) = t.error() {
+        let code = rdkafka::error::RDKafkaErrorCode::from(e);
+        return match code {
+            RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic => {
+                Ok(Probe::Missing)
+            }
+            _ => Err(rdkafka::error::KafkaError::MetadataFetch(code)),
+        };
+    }
+    match t.partitions().len() {
+        0 => Ok(Probe::Missing),
+        1 => {
+            let (_, high) = consumer.fetch_watermarks(topic, 0, PROBE_TIMEOUT)?;
+            Ok(Probe::End(high))
+        }
+        n => Ok(Probe::Partitions(n)),
+    }
 }
 
 /// Creates the control topic (one partition, compacted). A cluster that refuses is told
@@ -672,9 +763,10 @@ fn create_topic(config: &KafkaConfig, topic: &str) {
         }
     };
     let new = NewTopic::new(topic, 1, TopicReplication::Fixed(-1)).set("cleanup.policy", "compact");
+    // Short, so that a stop is seen while the cluster is not answering; retried meanwhile.
     let options = AdminOptions::new()
-        .operation_timeout(Some(Duration::from_secs(10)))
-        .request_timeout(Some(Duration::from_secs(10)));
+        .operation_timeout(Some(Duration::from_secs(1)))
+        .request_timeout(Some(Duration::from_secs(2)));
     match runtime.block_on(admin.create_topics([&new], &options)) {
         Ok(results) => {
             for result in results {
@@ -692,7 +784,7 @@ fn create_topic(config: &KafkaConfig, topic: &str) {
 }
 
 fn send(
-    producer: &ThreadedProducer<DefaultProducerContext>,
+    producer: &ThreadedProducer<WatchedContext>,
     topic: &str,
     record: &ControlRecord,
 ) -> Result<(), ControlError> {

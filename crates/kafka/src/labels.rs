@@ -174,7 +174,10 @@ impl LabelsConsumer {
                                 tracing::debug!(%topic, partition = m.partition(), offset = m.offset(), error = %e, "invalid label");
                             }
                         },
-                        Some(Err(e)) => tracing::debug!(%topic, error = %e, "labels consumer error"),
+                        Some(Err(e)) => {
+                            // Waited out; a fatal error stops the pipeline, which stops this.
+                            crate::errors::record("labels consumer", &e, "");
+                        }
                         None => {}
                     }
                 }

@@ -14,6 +14,7 @@
 pub mod acks;
 pub mod broker;
 pub mod control;
+pub mod errors;
 pub mod labels;
 pub mod sink;
 pub mod source;
@@ -150,10 +151,25 @@ pub fn run_observed(
             return Ok(());
         }
         let manifest = listed.manifest.as_ref().map_err(Clone::clone)?;
-        match committed_offsets(&source, topic, manifest.offsets.keys().copied()) {
-            Ok(committed) if committed == manifest.offsets => Ok(()),
-            Ok(_) => Err("its transaction did not commit".into()),
-            Err(e) => Err(format!("its transaction may not have committed ({e})")),
+        // Asked until the cluster answers: passing over a checkpoint whose transaction did
+        // commit would score its events again.
+        let mut backoff = errors::Backoff::default();
+        loop {
+            match committed_offsets(&source, topic, manifest.offsets.keys().copied()) {
+                Ok(committed) if committed == manifest.offsets => return Ok(()),
+                Ok(_) => return Err("its transaction did not commit".into()),
+                Err(e) => {
+                    if let Some(fatal) = errors::record("transactions consumer", &e, "") {
+                        return Err(format!(
+                            "cannot tell whether its transaction committed: {fatal}"
+                        ));
+                    }
+                    tracing::warn!(checkpoint = listed.id, error = %e, "waiting for the cluster to tell whether the checkpoint's transaction committed");
+                    if !backoff.wait(&shutdown) {
+                        return Err("stopping before the cluster answered whether its transaction committed".into());
+                    }
+                }
+            }
         }
     };
     let (mut pipeline, restored) = Pipeline::recover(config, rules, topic, accept)?;
@@ -170,7 +186,10 @@ pub fn run_observed(
             message: "exactly_once delivery needs the consumer group's metadata".into(),
         })?;
         let id = format!("{}-{}", config.kafka.group_id, config.checkpoint_name());
-        KafkaSink::transactional(&config.kafka, tracker, &id, group)?
+        match KafkaSink::transactional(&config.kafka, tracker, &id, group, &shutdown)? {
+            Some(sink) => sink,
+            None => return Ok(Summary::default()),
+        }
     } else {
         KafkaSink::new(&config.kafka, tracker)?
     };
@@ -205,7 +224,9 @@ pub fn run_observed(
         shutdown.store(true, std::sync::atomic::Ordering::Release);
         labels.join();
     }
-    result
+    let summary = result?;
+    pipeline.close()?;
+    Ok(summary)
 }
 
 /// The group's committed offsets of `partitions` of `topic` (partitions without one are left

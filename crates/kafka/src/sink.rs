@@ -32,7 +32,13 @@ pub struct DeliveryContext {
     failures: Counter,
 }
 
-impl ClientContext for DeliveryContext {}
+impl ClientContext for DeliveryContext {
+    /// Global errors (all brokers down, authentication) are counted and logged; a fatal one
+    /// fails the next batch.
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        crate::errors::record("verdicts producer", &error, reason);
+    }
+}
 
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = usize;
@@ -93,6 +99,8 @@ impl std::fmt::Debug for KafkaSink {
 
 /// How long `flush` waits for outstanding acknowledgements before it reports them missing.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
+/// One attempt at initialising transactions (retried while the cluster is away).
+const INIT_ATTEMPT: Duration = Duration::from_secs(2);
 
 impl KafkaSink {
     /// A producer for `config`'s cluster and topics, reporting deliveries to `tracker`.
@@ -104,12 +112,16 @@ impl KafkaSink {
     /// producer with that id (the broker aborts its open transaction) and begins the first
     /// transaction. `group` is the transactions consumer's group, whose offsets each
     /// transaction commits.
+    ///
+    /// Waits for the cluster as long as it takes (an unreachable coordinator is retried);
+    /// `None` when `stop` is set first.
     pub fn transactional(
         config: &KafkaConfig,
         tracker: Arc<DeliveryTracker>,
         transactional_id: &str,
         group: ConsumerGroupMetadata,
-    ) -> Result<Self, SinkError> {
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<Option<Self>, SinkError> {
         let transactions = Transactions {
             source_topic: config.topics.transactions.clone(),
             group,
@@ -120,16 +132,32 @@ impl KafkaSink {
             commit_wait: metrics::histogram!("riskstream_kafka_commit_wait_seconds"),
         };
         let sink = Self::create(config, tracker, Some((transactional_id, transactions)))?;
-        let timeout = config.transaction_timeout;
+        let mut backoff = crate::errors::Backoff::default();
+        loop {
+            // Short attempts, so that a stop is seen while the cluster is away.
+            match sink.producer.init_transactions(INIT_ATTEMPT) {
+                Ok(()) => break,
+                Err(e) => {
+                    if let Some(fatal) = crate::errors::record("verdicts producer", &e, "") {
+                        return Err(SinkError::Stream {
+                            name: sink.verdicts_topic.clone(),
+                            message: fatal,
+                        });
+                    }
+                    if !backoff.wait(stop) {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
         sink.producer
-            .init_transactions(timeout)
-            .and_then(|()| sink.producer.begin_transaction())
+            .begin_transaction()
             .map_err(|e| stream_error(&sink.verdicts_topic, e))?;
         tracing::info!(
             transactional_id,
             "transactional producer ready; earlier instances fenced"
         );
-        Ok(sink)
+        Ok(Some(sink))
     }
 
     fn create(
@@ -174,7 +202,11 @@ impl KafkaSink {
     /// The ticket of the batch being emitted; fails once a delivery has failed permanently
     /// (checked once per call, not per message).
     fn ticket(&mut self) -> Result<TicketId, SinkError> {
-        if let Some(message) = self.tracker.failure() {
+        if let Some(message) = self
+            .tracker
+            .failure()
+            .or_else(|| crate::errors::fatal_error().map(str::to_string))
+        {
             return Err(SinkError::Stream {
                 name: self.verdicts_topic.clone(),
                 message,

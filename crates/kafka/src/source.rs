@@ -39,6 +39,10 @@ pub struct SourceContext {
     paused: AtomicBool,
     /// Where positions and lag go (from librdkafka's statistics, once a second).
     status: OnceLock<Arc<StatusBoard>>,
+    /// Partitions the last statistics showed with records at the broker beyond the
+    /// consumer's position, or without a leader: whatever the consumer saw last, they are
+    /// not idle.
+    lagging: Mutex<BTreeSet<i32>>,
     /// Offsets to start partitions at when first assigned (a restored checkpoint's), instead
     /// of the group's committed ones.
     start_offsets: Mutex<BTreeMap<i32, i64>>,
@@ -66,6 +70,10 @@ impl SourceContext {
 }
 
 impl ClientContext for SourceContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.global_error(error, reason);
+    }
+
     /// librdkafka's statistics (`statistics.interval.ms`): positions, end offsets and lag per
     /// partition, into the consumer lag gauge and the status board.
     fn stats(&self, statistics: Statistics) {
@@ -74,6 +82,7 @@ impl ClientContext for SourceContext {
         };
         let known = |offset: i64| Some(offset).filter(|o| *o >= 0);
         let mut seen = Vec::new();
+        let mut lagging = BTreeSet::new();
         for (&id, p) in &topic.partitions {
             // -1 is librdkafka's internal unassigned partition; unowned ones report nothing new.
             if id < 0 || !p.desired {
@@ -89,8 +98,12 @@ impl ClientContext for SourceContext {
                 metrics::gauge!("riskstream_consumer_lag", "topic" => self.topic.clone(), "partition" => id.to_string())
                     .set(lag as f64);
             }
+            if lag.is_some_and(|l| l > 0) || p.leader < 0 {
+                lagging.insert(id);
+            }
             seen.push((id, position, known(p.committed_offset), high, lag));
         }
+        *lock(&self.lagging) = lagging;
         if let Some(status) = self.status.get() {
             status.update(|s| {
                 for (id, position, committed, high, lag) in seen {
@@ -102,6 +115,14 @@ impl ClientContext for SourceContext {
                 }
             });
         }
+    }
+}
+
+impl SourceContext {
+    /// librdkafka's global errors (all brokers down, authentication): counted, logged, and a
+    /// fatal one remembered so that `fill` stops the pipeline.
+    fn global_error(&self, error: KafkaError, reason: &str) {
+        crate::errors::record("transactions consumer", &error, reason);
     }
 }
 
@@ -261,7 +282,6 @@ pub struct KafkaSource {
     committed: Vec<(i32, i64)>,
     shutdown: Arc<AtomicBool>,
     metrics: SourceMetrics,
-    last_error_log: Option<Instant>,
     /// Messages that arrived while holding (before a pause took effect): first in the next batch.
     carry: Vec<(Vec<u8>, Position, i64)>,
     /// Since when the pipeline has been full (see [`Source::hold`]).
@@ -319,6 +339,7 @@ impl KafkaSource {
             rebalanced: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             status: OnceLock::new(),
+            lagging: Mutex::new(BTreeSet::new()),
             start_offsets: Mutex::new(BTreeMap::new()),
             commits: AtomicBool::new(true),
             checkpoints: OnceLock::new(),
@@ -362,7 +383,6 @@ impl KafkaSource {
                 pauses: metrics::counter!("riskstream_kafka_consumer_pauses_total", "topic" => label.clone()),
                 commits: metrics::counter!("riskstream_kafka_offset_commits_total", "topic" => label),
             },
-            last_error_log: None,
             carry: Vec::new(),
             held_since: None,
             owned: BTreeSet::new(),
@@ -436,15 +456,27 @@ impl KafkaSource {
         Ok(())
     }
 
-    fn log_error(&mut self, e: &KafkaError) {
+    /// Counts and logs a consumer error (an outage reports the same one many times a
+    /// second: logged every few seconds); a fatal one stops the pipeline.
+    fn log_error(&mut self, e: &KafkaError) -> Result<(), SourceError> {
         self.metrics.errors.increment(1);
-        // A broker outage reports the same error many times a second; say it every 5 s.
-        if self
-            .last_error_log
-            .is_none_or(|at| at.elapsed() >= Duration::from_secs(5))
-        {
-            tracing::warn!(topic = %self.topic, error = %e, "consumer error (retrying)");
-            self.last_error_log = Some(Instant::now());
+        match crate::errors::record("transactions consumer", e, "") {
+            Some(fatal) => Err(SourceError::Stream {
+                name: self.topic.clone(),
+                message: fatal,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// A fatal error any Kafka client of this process met (authentication, configuration).
+    fn check_fatal(&self) -> Result<(), SourceError> {
+        match crate::errors::fatal_error() {
+            Some(fatal) => Err(SourceError::Stream {
+                name: self.topic.clone(),
+                message: fatal.to_string(),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -505,9 +537,12 @@ impl Source for KafkaSource {
                 Some(Err(KafkaError::PartitionEOF(partition))) => {
                     self.at_end.insert(partition);
                 }
-                Some(Err(e)) => self.log_error(&e),
+                Some(Err(e)) => self.log_error(&e)?,
                 // Idle (nothing arrived within IDLE_POLL), or the linger deadline has passed.
-                None => break,
+                None => {
+                    self.check_fatal()?;
+                    break;
+                }
             }
             if self.context().rebalanced.swap(false, Ordering::AcqRel) {
                 break;
@@ -519,7 +554,7 @@ impl Source for KafkaSource {
         self.metrics.consumed.increment(batch.len() as u64);
         if self.last_commit.elapsed() >= self.commit_interval {
             if let Err(e) = self.commit_acknowledged(CommitMode::Async) {
-                self.log_error(&e);
+                self.log_error(&e)?;
             }
         }
         Ok(SourceState::Open)
@@ -542,14 +577,18 @@ impl Source for KafkaSource {
             Some(Ok(message)) => {
                 let (position, ingest) = origin(&message, &mut now_ms());
                 let payload = message.payload().unwrap_or_default().to_vec();
+                self.at_end.remove(&position.partition);
                 self.carry.push((payload, position, ingest));
             }
-            Some(Err(e)) => self.log_error(&e),
-            None => {}
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                self.at_end.insert(partition);
+            }
+            Some(Err(e)) => self.log_error(&e)?,
+            None => self.check_fatal()?,
         }
         if self.last_commit.elapsed() >= self.commit_interval {
             if let Err(e) = self.commit_acknowledged(CommitMode::Async) {
-                self.log_error(&e);
+                self.log_error(&e)?;
             }
         }
         Ok(())
@@ -575,8 +614,19 @@ impl Source for KafkaSource {
         assigned
     }
 
+    /// Owned partitions not read to their end since their last message, or which the last
+    /// statistics showed behind the broker's end or without a leader.
     fn backlogged(&self) -> Vec<i32> {
-        self.owned.difference(&self.at_end).copied().collect()
+        let lagging = lock(&self.context().lagging);
+        self.owned
+            .iter()
+            .filter(|p| !self.at_end.contains(p) || lagging.contains(p))
+            .copied()
+            .collect()
+    }
+
+    fn stopping(&self) -> bool {
+        self.shutdown.load(Ordering::Acquire)
     }
 
     fn close(&mut self) -> Result<(), SourceError> {

@@ -75,6 +75,45 @@ pub(crate) struct Schedule {
     pub delivery: Delivery,
     /// The offsets of the last checkpoint begun.
     pub last_offsets: BTreeMap<i32, i64>,
+    /// Checkpoints that may fail in a row before the pipeline stops taking input.
+    pub tolerable_failures: u32,
+    /// Set once the state store could not be written: input stops for good.
+    pub broken: Arc<OnceLock<String>>,
+}
+
+/// Whether a pipeline must stop taking input because its checkpoints keep failing (a full
+/// disk, unreachable storage): scoring on would only widen what a restart must redo, and
+/// nothing past the last good checkpoint may be committed. Cloned to the source's thread.
+///
+/// A state store that cannot be written (a full disk) stops input at once and for good: the
+/// changes it lost exist only in memory, so no later checkpoint could be trusted; a restart
+/// recovers from the last good one.
+#[derive(Debug, Clone)]
+pub struct Halt {
+    pub(crate) checkpointer: Checkpointer,
+    pub(crate) tolerable: u32,
+    pub(crate) broken: Arc<OnceLock<String>>,
+}
+
+impl Halt {
+    /// Why input is stopped: the state store could not be written (for good), or
+    /// `checkpoint.tolerable_failures` checkpoints or more failed in a row (until one succeeds).
+    pub fn reason(&self) -> Option<String> {
+        if let Some(why) = self.broken.get() {
+            return Some(format!(
+                "the state store cannot be written ({why}), so consumption is stopped: free space and restart the instance; it recovers from its last good checkpoint ({:.0} s ago)",
+                self.checkpointer.last_good_age().as_secs_f64()
+            ));
+        }
+        let (failed, why) = self.checkpointer.failing()?;
+        (failed >= self.tolerable).then(|| {
+            format!(
+                "{failed} checkpoints failed in a row (checkpoint.tolerable_failures = {}), so consumption is stopped until one succeeds (last good checkpoint {:.0} s ago); last failure: {why}",
+                self.tolerable,
+                self.checkpointer.last_good_age().as_secs_f64()
+            )
+        })
+    }
 }
 
 impl Schedule {

@@ -39,7 +39,7 @@ use riskstream_rules::{CompiledBundle, Decision, RuleTable, ScoreError};
 use riskstream_state::{Cf, StateStore};
 use riskstream_time::{Rejection, TimeStage};
 
-pub use checkpoint::{CheckpointHandle, CheckpointRequests, Marker};
+pub use checkpoint::{CheckpointHandle, CheckpointRequests, Halt, Marker};
 pub use sink::{JsonLinesSink, Sink, SinkError};
 pub use source::{JsonLinesSource, Source, SourceError, SourceState};
 pub use status::{PartitionStatus, PipelineStatus, RecentEvents, StatusBoard};
@@ -62,6 +62,8 @@ pub enum PipelineError {
     Config(#[from] SchemaError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error("stopped without a final checkpoint: the state store could not be written ({0}); a restart recovers from the last good checkpoint")]
+    Broken(String),
     #[error("cannot create a temporary state directory: {source}")]
     TempState {
         #[source]
@@ -321,6 +323,8 @@ impl Pipeline {
             instance,
             delivery: config.kafka.delivery,
             last_offsets: BTreeMap::new(),
+            tolerable_failures: config.checkpoint.tolerable_failures,
+            broken: Arc::new(std::sync::OnceLock::new()),
         });
         Ok((pipeline, restored))
     }
@@ -380,6 +384,52 @@ impl Pipeline {
         self.checkpoints.as_ref().map(|c| &c.checkpointer)
     }
 
+    /// What tells whether input must stop (checkpoints failing), when checkpoints are taken.
+    pub fn halt(&self) -> Option<Halt> {
+        self.checkpoints.as_ref().map(|c| Halt {
+            checkpointer: c.checkpointer.clone(),
+            tolerable: c.tolerable_failures,
+            broken: Arc::clone(&c.broken),
+        })
+    }
+
+    /// With checkpoints, a state store that cannot be written stops input for good instead of
+    /// the pipeline ([`Halt`]): `error` is such a failure, recorded; `false` for any other.
+    fn break_on(&mut self, error: &PipelineError) -> bool {
+        let Some(schedule) = &self.checkpoints else {
+            return false;
+        };
+        if !matches!(
+            error,
+            PipelineError::Features(FeatureError::State(_)) | PipelineError::Checkpoint(_)
+        ) {
+            return false;
+        }
+        if schedule.broken.set(error.to_string()).is_ok() {
+            tracing::error!(
+                "the state store cannot be written: {error}; input stops until a restart"
+            );
+        }
+        self.report_halt();
+        true
+    }
+
+    /// Whether the state store could not be written (input stopped for good).
+    fn broken(&self) -> bool {
+        self.checkpoints
+            .as_ref()
+            .is_some_and(|c| c.broken.get().is_some())
+    }
+
+    /// Writes out every change to the state store and makes it durable (RocksDB's memtables
+    /// to files), so that a later run over the same state directory continues from here.
+    /// A write error (a full disk) is returned, naming the directory.
+    pub fn close(mut self) -> Result<(), PipelineError> {
+        self.flush_state()?;
+        self.features.store().flush().map_err(FeatureError::from)?;
+        Ok(())
+    }
+
     /// Per source partition, the offset after the last record processed.
     pub fn offsets(&self) -> &BTreeMap<i32, i64> {
         &self.offsets
@@ -435,13 +485,18 @@ impl Pipeline {
     /// Between batches, while no input arrives: takes a checkpoint that was requested, or whose
     /// interval passed with records read since the last one (exactly-once: their outputs are
     /// committed only then).
+    ///
+    /// A checkpoint that failed is retried each interval, with or without new input, and the
+    /// status board says whether input is stopped because of failures.
     pub fn idle(&mut self, now_ms: i64) -> Result<(), PipelineError> {
         let writing = self.features.writing();
+        self.report_halt();
         let Some(schedule) = &mut self.checkpoints else {
             return Ok(());
         };
         let moved = schedule.last_offsets != self.offsets;
-        if !writing && (moved || schedule.requested()) && schedule.due(now_ms) {
+        let failing = schedule.checkpointer.failing().is_some();
+        if !writing && (moved || failing || schedule.requested()) && schedule.due(now_ms) {
             return self.checkpoint(now_ms);
         }
         // A flush or checkpoint being collected goes on without batches.
@@ -462,6 +517,23 @@ impl Pipeline {
             .into_iter()
             .map(|(p, max)| (partition_key(p), max.to_le_bytes()))
             .collect()
+    }
+
+    /// Tells the status board whether input is stopped (checkpoints failing).
+    fn report_halt(&self) {
+        let (Some(status), Some(halt)) = (&self.status, self.halt()) else {
+            return;
+        };
+        let reason = halt.reason();
+        status.update(|s| {
+            if s.halted.is_some() != reason.is_some() {
+                match &reason {
+                    Some(why) => tracing::error!("input stopped: {why}"),
+                    None => tracing::info!("a checkpoint succeeded again: input resumes"),
+                }
+            }
+            s.halted = reason;
+        });
     }
 
     /// Reports progress to `status` after every batch; marks the state restored.
@@ -591,6 +663,7 @@ impl Pipeline {
         }
         out.rules_version = bundle.version();
         self.report(&bundle, out, rows.len(), now_ms);
+        self.report_halt();
         self.evict(&bundle, now_ms)?;
         if !self.features.writing() && self.checkpoints.as_mut().is_some_and(|c| c.due(now_ms)) {
             return self.checkpoint(now_ms);
@@ -877,8 +950,14 @@ pub fn run(
     const IN_FLIGHT: usize = 2;
     /// How long the reader holds the source between retries while the scorer is full.
     const HOLD: Duration = Duration::from_millis(2);
+    /// How long the reader holds the source at a time while input is stopped.
+    const HALTED_HOLD: Duration = Duration::from_millis(100);
     let batch_max_events = pipeline.decoder.capacity();
     let mut decoder = pipeline.decoder()?;
+    let halt = pipeline.halt();
+    // Set when the scorer stops, so that a reader with nothing to hand over ends too.
+    let scorer_gone = std::sync::atomic::AtomicBool::new(false);
+    let scorer_gone = &scorer_gone;
     let source_name = source.name().to_string();
     let started = Instant::now();
     let mut summary = Summary::default();
@@ -908,7 +987,11 @@ pub fn run(
                 }
                 Ok::<bool, PipelineError>(true)
             };
+            let mut halted = false;
             loop {
+                if scorer_gone.load(std::sync::atomic::Ordering::Acquire) {
+                    return Ok(());
+                }
                 // Partition changes go ahead of any event read after them (a source ends a
                 // fill at a rebalance, so the batch before holds only earlier events).
                 let revoked = source_ref.take_revoked();
@@ -918,6 +1001,19 @@ pub fn run(
                 let assigned = source_ref.take_assigned();
                 if !assigned.is_empty() && !send(source_ref, Input::Assigned(assigned))? {
                     return Ok(());
+                }
+                // Checkpoints failing: read nothing (the source pauses its partitions) until one
+                // succeeds; the scorer retries them meanwhile.
+                if halt.as_ref().is_some_and(|h| h.reason().is_some()) {
+                    if source_ref.stopping() {
+                        return Ok(());
+                    }
+                    halted = true;
+                    source_ref.hold(HALTED_HOLD)?;
+                    continue;
+                }
+                if std::mem::take(&mut halted) {
+                    source_ref.release()?;
                 }
                 let mut raw = RawBatch::new();
                 let state = source_ref.fill(&mut raw, batch_max_events)?;
@@ -947,9 +1043,18 @@ pub fn run(
         let scoring = (|| -> Result<Option<(u64, Checkpointer)>, PipelineError> {
             loop {
                 let input = match decoded.recv_timeout(IDLE_TICK) {
+                    // Input stopped for good (the state store failed): what is still in flight
+                    // is left unscored, as a restart scores it again.
+                    Ok(_) if pipeline.broken() => continue,
+                    Err(RecvTimeoutError::Timeout) if pipeline.broken() => continue,
                     Ok(input) => input,
                     Err(RecvTimeoutError::Timeout) => {
-                        pipeline.idle(source::now_ms())?;
+                        if let Err(e) = pipeline.idle(source::now_ms()) {
+                            if pipeline.break_on(&e) {
+                                continue;
+                            }
+                            return Err(e);
+                        }
                         if let Some(marker) = pipeline.take_marker() {
                             if to_write.send(Output::Checkpoint(marker)).is_err() {
                                 return Ok(None);
@@ -988,7 +1093,12 @@ pub fn run(
                     rules_version = tracing::field::Empty
                 );
                 let _entered = span.enter();
-                pipeline.process_decoded(&raw, batch, &mut out, source::now_ms())?;
+                if let Err(e) = pipeline.process_decoded(&raw, batch, &mut out, source::now_ms()) {
+                    if pipeline.break_on(&e) {
+                        continue;
+                    }
+                    return Err(e);
+                }
                 span.record("rules_version", out.rules_version);
                 summary.add(&raw, &out);
                 if to_write.send(Output::Batch(raw, out)).is_err() {
@@ -1001,6 +1111,10 @@ pub fn run(
                         return Ok(None);
                     }
                 }
+            }
+            if let Some(why) = pipeline.checkpoints.as_ref().and_then(|c| c.broken.get()) {
+                // Nothing more can be made durable: stop without a last checkpoint.
+                return Err(PipelineError::Broken(why.clone()));
             }
             // The end of the input (or a shutdown): a last checkpoint covers everything read.
             let mut last = None;
@@ -1015,6 +1129,7 @@ pub fn run(
             pipeline.flush_state()?;
             Ok(last)
         })();
+        scorer_gone.store(true, std::sync::atomic::Ordering::Release);
         let read = reader
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));

@@ -74,6 +74,12 @@ pub trait Source {
         Vec::new()
     }
 
+    /// Whether the source has been asked to stop (a signal): a pipeline that is not taking
+    /// input (its checkpoints failing) ends instead of holding the source.
+    fn stopping(&self) -> bool {
+        false
+    }
+
     /// Called once after the run ended and the sink flushed every output: a source that
     /// tracks acknowledged progress records it (Kafka commits its offsets).
     fn close(&mut self) -> Result<(), SourceError> {

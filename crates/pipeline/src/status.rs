@@ -19,6 +19,13 @@ use serde::Serialize;
 pub struct PipelineStatus {
     /// The input, e.g. the transactions topic.
     pub source: String,
+    /// What the instance is waiting for before it can score (the Kafka cluster, the control
+    /// topic), while it waits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
+    /// Why the pipeline stopped consuming (checkpoints failing), while it is stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub halted: Option<String>,
     /// Feature state is open and restored from the state directory.
     pub state_restored: bool,
     /// The rules version of the last scored batch (0 before the first).

@@ -13,8 +13,26 @@
 //!    ([`Rejection::TooLate`]) for the late output. Nothing is dropped silently.
 //! 3. **Watermarks**: each source partition's watermark is the highest event time it has seen
 //!    minus `max_out_of_orderness`. The operator watermark is the minimum over partitions that
-//!    have had events within `idle_timeout` of processing time (an idle partition stops holding
-//!    it back) and never goes backwards.
+//!    are not idle, and never goes backwards.
+//!
+//! **Idleness.** A partition is idle once it has delivered no event for `idle_timeout` of
+//! *delivery time*: processing time during which the source delivered batches, counted at most
+//! [`DELIVERY_GAP_MS`] per gap between two batches. A pause of the whole input, a broker stall,
+//! an outage or a restart stops the delivery clock, so no partition goes idle because of it, and
+//! when data resumes, the first partition to deliver does not count alone. Besides, a partition
+//! the source reports as backlogged (records fetched but not yet delivered, lag at the broker,
+//! no leader) is never idle ([`TimeStage::keep_active`]); one assigned but not yet heard from
+//! holds the watermark until it delivers or goes idle; with every partition idle the watermark
+//! stays where it is.
+//!
+//! The bound: a partition that is not idle is never behind the watermark by more than its own
+//! disorder beyond `max_out_of_orderness` — the watermark is at most its highest event time minus
+//! `max_out_of_orderness`, whatever pause, stall, restart or rebalance came in between. Only a
+//! partition that delivered nothing, was read to its end, showed no lag and had a leader for
+//! `idle_timeout` of delivery time (at least `idle_timeout` of processing time while the other
+//! partitions delivered) can find the watermark ahead of its next events, by as much event time
+//! as the other partitions covered meanwhile; those events are still scored while within
+//! `allowed_lateness`.
 //!
 //! The stage holds no event data and does no I/O; the processing clock is passed in so tests and
 //! replays control it. The watermark advances event by event, so what is late does not depend on
@@ -72,7 +90,38 @@ pub struct Assignment {
 struct PartitionClock {
     /// Highest event time seen; [`NO_EVENT`] for a partition assigned but not yet heard from.
     max_event_time: i64,
+    /// The delivery clock when it last delivered an event (or was known to have some waiting).
     last_event_at: i64,
+}
+
+/// The longest gap between two batches that counts in full on the delivery clock: a longer one
+/// (the input paused, the broker stalled) counts as this much.
+pub const DELIVERY_GAP_MS: i64 = 1_000;
+
+/// Processing time during which the source delivered: it runs between batches at most
+/// [`DELIVERY_GAP_MS`] apart and stands still in a pause of the whole input.
+#[derive(Debug, Clone, Copy, Default)]
+struct DeliveryClock {
+    /// Delivery time up to the last batch.
+    elapsed: i64,
+    /// Processing time of the last batch.
+    last_at: Option<i64>,
+}
+
+impl DeliveryClock {
+    /// The delivery clock at processing time `now_ms` (a pause counts at most one gap).
+    fn at(&self, now_ms: i64) -> i64 {
+        match self.last_at {
+            Some(last) => self.elapsed + (now_ms - last).clamp(0, DELIVERY_GAP_MS),
+            None => self.elapsed,
+        }
+    }
+
+    /// A batch was delivered at `now_ms`.
+    fn tick(&mut self, now_ms: i64) {
+        self.elapsed = self.at(now_ms);
+        self.last_at = Some(self.last_at.map_or(now_ms, |last| last.max(now_ms)));
+    }
 }
 
 /// `max_event_time` of a partition that has not delivered an event yet.
@@ -91,6 +140,7 @@ pub struct TimeStage {
     partitions: BTreeMap<i32, PartitionClock>,
     /// The operator watermark never goes backwards.
     emitted: Option<i64>,
+    delivery: DeliveryClock,
     counters: TimeCounters,
 }
 
@@ -108,6 +158,7 @@ impl TimeStage {
             config: config.clone(),
             partitions: BTreeMap::new(),
             emitted: None,
+            delivery: DeliveryClock::default(),
             counters: TimeCounters {
                 late_scored: metrics::counter!("riskstream_late_events_total", "outcome" => "scored"),
                 too_late: metrics::counter!("riskstream_late_events_total", "outcome" => "late_output"),
@@ -123,19 +174,21 @@ impl TimeStage {
 
     /// The operator watermark at processing time `now_ms`, or `None` before any event.
     ///
-    /// The minimum over partitions that delivered an event within `idle_timeout`. A partition
-    /// assigned but not heard from yet holds the watermark where it is until it delivers or
-    /// its idle timeout passes, so that a partition read late does not find its events behind a
-    /// watermark its siblings moved.
+    /// The minimum over partitions that delivered an event within `idle_timeout` of delivery
+    /// time (see the module doc). A partition assigned but not heard from yet holds the
+    /// watermark where it is until it delivers or goes idle, so that a partition read late does
+    /// not find its events behind a watermark its siblings moved. With every partition idle,
+    /// the watermark stays.
     pub fn watermark(&self, now_ms: i64) -> Option<i64> {
         let ooo = self.config.max_out_of_orderness.as_millis() as i64;
         let idle = self.config.idle_timeout.as_millis() as i64;
+        let delivered = self.delivery.at(now_ms);
         let mut waiting = false;
         let mut active: Option<i64> = None;
         for p in self
             .partitions
             .values()
-            .filter(|p| now_ms - p.last_event_at <= idle)
+            .filter(|p| delivered - p.last_event_at <= idle)
         {
             match p.watermark(ooo) {
                 Some(wm) => active = Some(active.map_or(wm, |a| a.min(wm))),
@@ -145,14 +198,7 @@ impl TimeStage {
         if waiting {
             return self.emitted;
         }
-        // With every partition idle, nothing holds the watermark back: take the furthest.
-        let computed = active.or_else(|| {
-            self.partitions
-                .values()
-                .filter_map(|p| p.watermark(ooo))
-                .max()
-        });
-        match (computed, self.emitted) {
+        match (active, self.emitted) {
             (Some(c), Some(e)) => Some(c.max(e)),
             (c, e) => c.or(e),
         }
@@ -161,9 +207,10 @@ impl TimeStage {
     /// Marks `partitions` as active at `now_ms` without an event: their source has records of
     /// them waiting, so they must not count as idle.
     pub fn keep_active(&mut self, partitions: &[i32], now_ms: i64) {
+        let delivered = self.delivery.at(now_ms);
         for p in partitions {
             if let Some(clock) = self.partitions.get_mut(p) {
-                clock.last_event_at = clock.last_event_at.max(now_ms);
+                clock.last_event_at = clock.last_event_at.max(delivered);
             }
         }
     }
@@ -172,9 +219,10 @@ impl TimeStage {
     /// its first event: it holds the watermark until it delivers one or goes idle. A partition
     /// already tracked (restored state) keeps its clock.
     pub fn add_partition(&mut self, partition: i32, now_ms: i64) {
+        let delivered = self.delivery.at(now_ms);
         self.partitions.entry(partition).or_insert(PartitionClock {
             max_event_time: NO_EVENT,
-            last_event_at: now_ms,
+            last_event_at: delivered,
         });
     }
 
@@ -193,11 +241,12 @@ impl TimeStage {
 
     /// Restores a partition's highest seen event time (recovery from a checkpoint).
     pub fn restore_partition(&mut self, partition: i32, max_event_time: i64, now_ms: i64) {
+        let delivered = self.delivery.at(now_ms);
         self.partitions.insert(
             partition,
             PartitionClock {
                 max_event_time,
-                last_event_at: now_ms,
+                last_event_at: delivered,
             },
         );
     }
@@ -206,6 +255,8 @@ impl TimeStage {
     /// `now_ms`. Updates the partitions' watermarks with the events that are kept.
     pub fn assign(&mut self, event_time: &[i64], partition: &[i32], now_ms: i64) -> Assignment {
         debug_assert_eq!(event_time.len(), partition.len());
+        self.delivery.tick(now_ms);
+        let delivered = self.delivery.elapsed;
         let watermark = self.watermark(now_ms);
         let skew = self.config.max_future_skew.as_millis() as i64;
         let lateness = self.config.allowed_lateness.as_millis() as i64;
@@ -267,7 +318,7 @@ impl TimeStage {
                         || current == Some(clock.max_event_time - ooo);
                     let advanced = t > clock.max_event_time;
                     clock.max_event_time = clock.max_event_time.max(t);
-                    clock.last_event_at = now_ms;
+                    clock.last_event_at = delivered;
                     (advanced, held)
                 }
                 None => {
@@ -275,7 +326,7 @@ impl TimeStage {
                         p,
                         PartitionClock {
                             max_event_time: t,
-                            last_event_at: now_ms,
+                            last_event_at: delivered,
                         },
                     );
                     (true, true)
@@ -373,6 +424,16 @@ mod tests {
         assert_eq!(dlq.watermark(NOW), Some(NOW - 2 * S));
     }
 
+    /// Partition `p` delivers one event a second at processing times `from`, `from + 1 s`, …
+    /// up to `to`, each stamped `lead` ahead of its processing time.
+    fn deliver_each_second(time: &mut TimeStage, p: i32, from: i64, to: i64, lead: i64) {
+        let mut now = from;
+        while now <= to {
+            time.assign(&[now + lead], &[p], now);
+            now += S;
+        }
+    }
+
     #[test]
     fn an_idle_partition_stops_holding_the_watermark_back() {
         let mut time = TimeStage::new(&config(SkewPolicy::Clamp));
@@ -382,19 +443,64 @@ mod tests {
             Some(NOW - 102 * S),
             "partition 0 holds it"
         );
-        // Partition 1 keeps receiving events; partition 0 falls silent.
-        time.assign(&[NOW + 4 * S], &[1], NOW + 9 * S);
-        assert_eq!(time.watermark(NOW + 9 * S), Some(NOW - 102 * S));
-        time.assign(&[NOW + 8 * S], &[1], NOW + 11 * S);
+        // Partition 1 keeps delivering; partition 0 falls silent for 10 s of delivery.
+        deliver_each_second(&mut time, 1, NOW + S, NOW + 10 * S, -5 * S);
+        assert_eq!(time.watermark(NOW + 10 * S), Some(NOW - 102 * S));
+        deliver_each_second(&mut time, 1, NOW + 11 * S, NOW + 11 * S, -5 * S);
         assert_eq!(
             time.watermark(NOW + 11 * S),
-            Some(NOW + 6 * S),
+            Some(NOW + 4 * S),
             "idle partition 0 no longer holds it back"
         );
         // When partition 0 wakes up, the watermark does not go backwards.
         let a = time.assign(&[NOW - 99 * S], &[0], NOW + 12 * S);
         assert_eq!(a.late, [true]);
-        assert_eq!(time.watermark(NOW + 12 * S), Some(NOW + 6 * S));
+        assert_eq!(time.watermark(NOW + 12 * S), Some(NOW + 4 * S));
+    }
+
+    #[test]
+    fn a_pause_of_the_whole_input_makes_no_partition_idle() {
+        let mut time = TimeStage::new(&config(SkewPolicy::Clamp));
+        time.add_partition(0, NOW);
+        time.add_partition(1, NOW);
+        // Partition 0 runs 50 s of event time ahead of partition 1.
+        time.assign(&[NOW - 10 * S, NOW - 60 * S], &[0, 1], NOW);
+        assert_eq!(time.watermark(NOW), Some(NOW - 62 * S));
+        // Nothing arrives for 48 s (a pause, a broker stall): nobody is idle, nothing moves.
+        assert_eq!(time.watermark(NOW + 48 * S), Some(NOW - 62 * S));
+        // Partition 0 resumes first with a batch spanning a minute of event time, and keeps
+        // delivering for 9 s while partition 1's records are still on their way.
+        let a = time.assign(&[NOW - 9 * S, NOW + 50 * S], &[0, 0], NOW + 48 * S);
+        assert!(a.late.iter().all(|l| !l) && a.rejected.is_empty());
+        deliver_each_second(&mut time, 0, NOW + 49 * S, NOW + 57 * S, 0);
+        assert_eq!(
+            time.watermark(NOW + 57 * S),
+            Some(NOW - 62 * S),
+            "partition 1 still holds the watermark after the pause"
+        );
+        // Partition 1's next events, within its own disorder bound, are on time.
+        let a = time.assign(&[NOW - 61 * S, NOW - 59 * S], &[1, 1], NOW + 57 * S);
+        assert_eq!(a.late, [false, false]);
+        assert_eq!(time.watermark(NOW + 57 * S), Some(NOW - 61 * S));
+    }
+
+    #[test]
+    fn every_partition_idle_keeps_the_watermark_where_it_is() {
+        let mut time = TimeStage::new(&config(SkewPolicy::Clamp));
+        time.add_partition(0, NOW);
+        time.add_partition(1, NOW);
+        time.assign(&[NOW - 10 * S, NOW - 60 * S], &[0, 1], NOW);
+        // Every event of the next 12 s of delivery is rejected (too far behind): the batches
+        // run the delivery clock, but no partition delivers an event.
+        for i in 1..=12 {
+            let a = time.assign(&[NOW - 3600 * S], &[0], NOW + i * S);
+            assert_eq!(a.rejected.len(), 1);
+        }
+        assert_eq!(
+            time.watermark(NOW + 12 * S),
+            Some(NOW - 62 * S),
+            "not the furthest partition's"
+        );
     }
 
     #[test]
@@ -410,28 +516,31 @@ mod tests {
         let a = time.assign(&[NOW - 59 * MIN], &[1], NOW + S);
         assert!(a.rejected.is_empty() && a.late == [false]);
         assert_eq!(time.watermark(NOW + S), Some(NOW - 59 * MIN - 2 * S));
-        // A partition that never delivers stops holding it after the idle timeout.
+        // A partition that never delivers stops holding it after the idle timeout of delivery.
         time.add_partition(2, NOW + S);
         assert_eq!(time.watermark(NOW + 5 * S), Some(NOW - 59 * MIN - 2 * S));
-        time.assign(&[NOW + S], &[0], NOW + 12 * S);
-        time.assign(&[NOW + S], &[1], NOW + 12 * S);
+        for i in 2..=12 {
+            time.assign(&[NOW + S], &[0], NOW + i * S);
+            time.assign(&[NOW + S], &[1], NOW + i * S);
+        }
         assert_eq!(time.watermark(NOW + 12 * S), Some(NOW - S));
         // A partition whose source has records waiting is not idle, however long it is silent.
         time.add_partition(3, NOW + 12 * S);
-        time.keep_active(&[3], NOW + 30 * S);
+        for i in 13..=30 {
+            time.keep_active(&[3], NOW + i * S);
+            time.assign(&[NOW + 2 * S], &[0], NOW + i * S);
+            time.assign(&[NOW + 2 * S], &[1], NOW + i * S);
+        }
         assert_eq!(
-            time.watermark(NOW + 31 * S),
+            time.watermark(NOW + 30 * S),
             Some(NOW - S),
             "partition 3 holds it"
         );
         // Restored clocks are kept: adding a known partition changes nothing.
-        time.add_partition(0, NOW + 13 * S);
-        assert_eq!(time.watermark(NOW + 13 * S), Some(NOW - S));
-        assert_eq!(
-            time.watermark(NOW + 41 * S),
-            Some(NOW - S),
-            "all idle: the furthest"
-        );
+        time.add_partition(0, NOW + 30 * S);
+        assert_eq!(time.watermark(NOW + 30 * S), Some(NOW - S));
+        // Without deliveries nothing goes idle, however long the pause.
+        assert_eq!(time.watermark(NOW + 300 * S), Some(NOW - S));
     }
 
     #[test]
