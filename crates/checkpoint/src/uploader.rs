@@ -293,6 +293,11 @@ impl Checkpointer {
         self.shared.lock().stats.last_good_age()
     }
 
+    /// Checkpoints failed since the last one completed.
+    pub fn failed_in_a_row(&self) -> u32 {
+        self.shared.lock().stats.failed_in_a_row
+    }
+
     /// Checkpoints failed since the last one completed, and why the last one failed.
     pub fn failing(&self) -> Option<(u32, String)> {
         let progress = self.shared.lock();

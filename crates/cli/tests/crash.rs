@@ -23,7 +23,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-use common::{free_port, riskstream, same_features, Broker};
+use common::{assert_same_features, free_port, riskstream, Broker};
 
 const KILLS: usize = 21;
 const CUSTOMERS: u64 = 300;
@@ -286,22 +286,12 @@ fn crash_and_recover(delivery: &str) {
         missing.len(),
         &missing[..missing.len().min(5)]
     );
-    let mut differing = Vec::new();
-    for (id, seen) in &verdicts {
-        let expected = reference
-            .get(id)
-            .unwrap_or_else(|| panic!("verdict for unknown event {id}"));
-        for features in seen {
-            if !same_features(expected, features) {
-                differing.push((id.clone(), features.clone(), expected.clone()));
-            }
-        }
-    }
-    assert!(
-        differing.is_empty(),
-        "{delivery}: {} verdicts differ from the uninterrupted run, e.g. {:?}",
-        differing.len(),
-        &differing[..differing.len().min(3)]
+    assert_same_features(
+        delivery,
+        verdicts
+            .iter()
+            .flat_map(|(id, seen)| seen.iter().map(move |features| (id, features))),
+        |id| reference.get(id),
     );
     let repeated: usize = verdicts.values().map(|v| v.len() - 1).sum();
     if delivery == "exactly_once" {

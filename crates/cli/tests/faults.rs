@@ -27,7 +27,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-use common::{free_port, riskstream, same_features, signal, wait_exit, Broker};
+use common::{assert_same_features, free_port, riskstream, signal, wait_exit, Broker};
 
 /// The shared sample stream (`../shared/data/synccfd-small`).
 const SAMPLE: &str = concat!(
@@ -167,6 +167,15 @@ impl Reader {
         }
     }
 
+    /// Reads until `n` events have a verdict, failing after `timeout`.
+    fn wait_verdicts(&mut self, n: usize, timeout: Duration) {
+        assert_eq!(
+            self.until(n, timeout).verdicts.len(),
+            n,
+            "events with a verdict"
+        );
+    }
+
     /// Reads until `n` events have a verdict (and a second more, for repeats), or `timeout`.
     fn until(&mut self, n: usize, timeout: Duration) -> &Outputs {
         let deadline = Instant::now() + timeout;
@@ -267,6 +276,13 @@ impl Instance {
         }
     }
 
+    /// Waits up to `timeout` for `/readyz` to answer 200.
+    fn wait_ready(&mut self, what: &str, timeout: Duration) {
+        self.wait_for(what, timeout, |i| {
+            matches!(i.get("/readyz"), Some((200, _)))
+        });
+    }
+
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -293,18 +309,32 @@ impl Drop for Instance {
     }
 }
 
+/// What a test adds to the configuration [`write_config`] writes: lines of `[kafka]`, lines of
+/// `[kafka.consumer]`, and whole sections.
+#[derive(Default)]
+struct Extra<'a> {
+    kafka: &'a str,
+    consumer: &'a str,
+    sections: &'a str,
+}
+
 /// A configuration for `run` against `brokers`, with the sample's lateness, the admin API on
-/// `admin_port`, and `extra` TOML appended (whole sections).
-fn write_config(dir: &Path, name: &str, brokers: &str, admin_port: u16, extra: &str) -> PathBuf {
+/// `admin_port`, and `extra`.
+fn write_config(dir: &Path, name: &str, brokers: &str, admin_port: u16, extra: Extra) -> PathBuf {
+    let Extra {
+        kafka,
+        consumer,
+        sections,
+    } = extra;
     let path = dir.join(name);
     std::fs::write(
         &path,
         format!(
-            "[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"faults-{name}\"\n\
-             [kafka.consumer]\n\"fetch.wait.max.ms\" = \"2\"\n\
+            "[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"faults-{name}\"\n{kafka}\
+             [kafka.consumer]\n\"fetch.wait.max.ms\" = \"2\"\n{consumer}\
              [kafka.properties]\n\"reconnect.backoff.max.ms\" = \"500\"\n\
              [time]\nallowed_lateness = \"5d\"\n\
-             [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{extra}"
+             [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{sections}"
         ),
     )
     .expect("config");
@@ -381,7 +411,7 @@ fn started_before_the_broker_it_waits_then_scores_every_event() {
         "before.toml",
         &format!("127.0.0.1:{listener_port}"),
         admin_port,
-        "",
+        Extra::default(),
     );
     let mut instance = Instance::start(&config, &bundle, &dir.path().join("run.log"), admin_port);
     instance.wait_for(
@@ -406,11 +436,7 @@ fn started_before_the_broker_it_waits_then_scores_every_event() {
         TcpListener::bind(("127.0.0.1", listener_port)).expect("the instance's broker port"),
         broker.address.clone(),
     );
-    instance.wait_for(
-        "ready once the broker is there",
-        Duration::from_secs(120),
-        |i| matches!(i.get("/readyz"), Some((200, _))),
-    );
+    instance.wait_ready("ready once the broker is there", Duration::from_secs(120));
     produce(&producer(&broker.address), &events, 0);
     let mut reader = Reader::new(&broker.address);
     let out = reader.until(events.len(), Duration::from_secs(240));
@@ -429,7 +455,7 @@ fn sigterm_while_waiting_for_the_broker_ends_the_instance_at_once() {
         "wait.toml",
         &format!("127.0.0.1:{}", free_port()),
         admin_port,
-        "",
+        Extra::default(),
     );
     let mut instance = Instance::start(&config, &bundle, &dir.path().join("run.log"), admin_port);
     instance.wait_for("waiting for the broker", Duration::from_secs(60), |i| {
@@ -450,21 +476,19 @@ fn a_pause_of_the_whole_input_makes_no_event_late() {
     let (dir, bundle) = set_up();
     let broker = Broker::start(&dir.path().join("broker.toml"));
     let admin_port = free_port();
-    let config = write_config(dir.path(), "pause.toml", &broker.address, admin_port, "");
+    let config = write_config(
+        dir.path(),
+        "pause.toml",
+        &broker.address,
+        admin_port,
+        Extra::default(),
+    );
     let mut instance = Instance::start(&config, &bundle, &dir.path().join("run.log"), admin_port);
-    instance.wait_for("ready", Duration::from_secs(60), |i| {
-        matches!(i.get("/readyz"), Some((200, _)))
-    });
+    instance.wait_ready("ready", Duration::from_secs(60));
     let producer = producer(&broker.address);
     let mut reader = Reader::new(&broker.address);
     produce(&producer, &events[..30_000], 0);
-    assert_eq!(
-        reader
-            .until(30_000, Duration::from_secs(120))
-            .verdicts
-            .len(),
-        30_000
-    );
+    reader.wait_verdicts(30_000, Duration::from_secs(120));
     // The fault under test: nothing arrives for 48 s (longer than the 10 s idle timeout).
     std::thread::sleep(Duration::from_secs(48));
     produce(&producer, &events[30_000..], 0);
@@ -482,31 +506,23 @@ fn broker_stall(delivery: &str) {
     let (dir, bundle) = set_up();
     let broker = Broker::start(&dir.path().join("broker.toml"));
     let admin_port = free_port();
-    let extra = format!(
-        "[state]\ndir = \"{}\"\n[checkpoint]\ninterval = \"2s\"\n",
-        dir.path().join("state").display()
-    );
-    let name = format!("stall-{delivery}.toml");
     let config = write_config(
         dir.path(),
-        &name,
+        &format!("stall-{delivery}.toml"),
         &broker.address,
         admin_port,
-        &format!("{extra}[shutdown]\ntimeout = \"60s\"\n"),
+        Extra {
+            kafka: &format!("delivery = \"{delivery}\"\n"),
+            sections: &format!(
+                "[state]\ndir = \"{}\"\n[checkpoint]\ninterval = \"2s\"\n\
+                 [shutdown]\ntimeout = \"60s\"\n",
+                dir.path().join("state").display()
+            ),
+            ..Extra::default()
+        },
     );
-    let config_text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
-        &config,
-        config_text.replace(
-            "[kafka]\n",
-            &format!("[kafka]\ndelivery = \"{delivery}\"\n"),
-        ),
-    )
-    .expect("config");
     let mut instance = Instance::start(&config, &bundle, &dir.path().join("run.log"), admin_port);
-    instance.wait_for("ready", Duration::from_secs(60), |i| {
-        matches!(i.get("/readyz"), Some((200, _)))
-    });
+    instance.wait_ready("ready", Duration::from_secs(60));
     let feeder = {
         let (address, events) = (broker.address.clone(), Arc::clone(&events));
         std::thread::spawn(move || produce(&producer(&address), &events, 2_000))
@@ -702,38 +718,25 @@ fn run_on_a_full_disk_stops_consuming_and_recovers_exactly_after_a_restart() {
         "disk.toml",
         &broker.address,
         admin_port,
-        &format!(
-            "[state]\ndir = \"{}\"\n[checkpoint]\nurl = \"{}\"\ninterval = \"500ms\"\n\
-             tolerable_failures = 3\n[shutdown]\ntimeout = \"5s\"\n",
-            state_disk.dir.join("state").display(),
-            checkpoint_disk.dir.join("checkpoints").display(),
-        ),
+        Extra {
+            // A restart after a failed stop waits for the group to drop the old member.
+            consumer: "\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
+            sections: &format!(
+                "[state]\ndir = \"{}\"\n[checkpoint]\nurl = \"{}\"\ninterval = \"500ms\"\n\
+                 tolerable_failures = 3\n[shutdown]\ntimeout = \"5s\"\n",
+                state_disk.dir.join("state").display(),
+                checkpoint_disk.dir.join("checkpoints").display(),
+            ),
+            ..Extra::default()
+        },
     );
-    // A restart after a failed stop waits for the group to drop the old member: keep it short.
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(
-        &config,
-        text.replace(
-            "[kafka.consumer]\n",
-            "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"heartbeat.interval.ms\" = \"500\"\n",
-        ),
-    )
-    .expect("config");
     let log = dir.path().join("run.log");
     let mut instance = Instance::start(&config, &bundle, &log, admin_port);
-    instance.wait_for("ready", Duration::from_secs(60), |i| {
-        matches!(i.get("/readyz"), Some((200, _)))
-    });
+    instance.wait_ready("ready", Duration::from_secs(60));
     let producer = producer(&broker.address);
     let mut reader = Reader::new(&broker.address);
     produce(&producer, &events[..15_000], 0);
-    assert_eq!(
-        reader
-            .until(15_000, Duration::from_secs(120))
-            .verdicts
-            .len(),
-        15_000
-    );
+    reader.wait_verdicts(15_000, Duration::from_secs(120));
 
     // The checkpoint storage fills up: checkpoints fail, are retried, and after three in a
     // row the instance stops consuming and says why.
@@ -770,16 +773,8 @@ fn run_on_a_full_disk_stops_consuming_and_recovers_exactly_after_a_restart() {
     );
     // Space comes back: the next checkpoint succeeds and consumption resumes by itself.
     std::fs::remove_file(filler).expect("free space");
-    instance.wait_for("ready again", Duration::from_secs(60), |i| {
-        matches!(i.get("/readyz"), Some((200, _)))
-    });
-    assert_eq!(
-        reader
-            .until(30_000, Duration::from_secs(120))
-            .verdicts
-            .len(),
-        30_000
-    );
+    instance.wait_ready("ready again", Duration::from_secs(60));
+    reader.wait_verdicts(30_000, Duration::from_secs(120));
 
     // Now the state store's own disk fills up: input stops for good.
     let filler = state_disk.fill();
@@ -796,9 +791,7 @@ fn run_on_a_full_disk_stops_consuming_and_recovers_exactly_after_a_restart() {
     // Space is freed; a restart restores the last good checkpoint and finishes.
     std::fs::remove_file(filler).expect("free space");
     let mut instance = Instance::start(&config, &bundle, &log, admin_port);
-    instance.wait_for("ready after the restart", Duration::from_secs(60), |i| {
-        matches!(i.get("/readyz"), Some((200, _)))
-    });
+    instance.wait_ready("ready after the restart", Duration::from_secs(60));
     let out = reader.until(events.len(), Duration::from_secs(240));
     let missing = events
         .iter()
@@ -807,20 +800,12 @@ fn run_on_a_full_disk_stops_consuming_and_recovers_exactly_after_a_restart() {
     assert_eq!(missing, 0, "events without a verdict after the restart");
     assert_eq!(out.late, 0);
     let reference = reference_features(dir.path(), &bundle, &events);
-    let mut differing = Vec::new();
-    for (id, seen) in &out.verdicts {
-        let expected = &reference[id];
-        for (features, _) in seen {
-            if !same_features(expected, features) {
-                differing.push((id.clone(), features.clone(), expected.clone()));
-            }
-        }
-    }
-    assert!(
-        differing.is_empty(),
-        "{} verdicts differ from an uninterrupted run, e.g. {:?}",
-        differing.len(),
-        &differing[..differing.len().min(3)]
+    assert_same_features(
+        "after a full disk and a restart",
+        out.verdicts
+            .iter()
+            .flat_map(|(id, seen)| seen.iter().map(move |(features, _)| (id, features))),
+        |id| reference.get(id),
     );
     let (status, _, log) = instance.terminate(Duration::from_secs(30));
     assert!(status.success(), "{status}:\n{log}");

@@ -75,10 +75,8 @@ pub(crate) struct Schedule {
     pub delivery: Delivery,
     /// The offsets of the last checkpoint begun.
     pub last_offsets: BTreeMap<i32, i64>,
-    /// Checkpoints that may fail in a row before the pipeline stops taking input.
-    pub tolerable_failures: u32,
-    /// Set once the state store could not be written: input stops for good.
-    pub broken: Arc<OnceLock<String>>,
+    /// When input must stop (checkpoints failing, the state store broken).
+    pub halt: Halt,
 }
 
 /// Whether a pipeline must stop taking input because its checkpoints keep failing (a full
@@ -90,12 +88,31 @@ pub(crate) struct Schedule {
 /// recovers from the last good one.
 #[derive(Debug, Clone)]
 pub struct Halt {
-    pub(crate) checkpointer: Checkpointer,
-    pub(crate) tolerable: u32,
-    pub(crate) broken: Arc<OnceLock<String>>,
+    checkpointer: Checkpointer,
+    /// Checkpoints that may fail in a row before input stops.
+    tolerable: u32,
+    /// Set once the state store could not be written: input stops for good.
+    broken: Arc<OnceLock<String>>,
 }
 
 impl Halt {
+    pub(crate) fn new(checkpointer: Checkpointer, tolerable: u32) -> Self {
+        Self {
+            checkpointer,
+            tolerable,
+            broken: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Records that the state store could not be written (`why`); `false` if it was already.
+    pub(crate) fn break_for(&self, why: String) -> bool {
+        self.broken.set(why).is_ok()
+    }
+
+    pub(crate) fn broken(&self) -> Option<&String> {
+        self.broken.get()
+    }
+
     /// Why input is stopped: the state store could not be written (for good), or
     /// `checkpoint.tolerable_failures` checkpoints or more failed in a row (until one succeeds).
     pub fn reason(&self) -> Option<String> {
@@ -104,6 +121,10 @@ impl Halt {
                 "the state store cannot be written ({why}), so consumption is stopped: free space and restart the instance; it recovers from its last good checkpoint ({:.0} s ago)",
                 self.checkpointer.last_good_age().as_secs_f64()
             ));
+        }
+        // The cheap count first: this is asked once per fill.
+        if self.checkpointer.failed_in_a_row() < self.tolerable {
+            return None;
         }
         let (failed, why) = self.checkpointer.failing()?;
         (failed >= self.tolerable).then(|| {

@@ -306,6 +306,7 @@ impl Pipeline {
             config.checkpoint.retain,
             config.kafka.delivery == Delivery::AtLeastOnce,
         )?;
+        let halt = Halt::new(checkpointer.clone(), config.checkpoint.tolerable_failures);
         let staging = sibling(&dir, "staging");
         let _ = std::fs::remove_dir_all(&staging);
         let mut pipeline = Self::open(config, rules, source_name, dir, temp)?;
@@ -323,8 +324,7 @@ impl Pipeline {
             instance,
             delivery: config.kafka.delivery,
             last_offsets: BTreeMap::new(),
-            tolerable_failures: config.checkpoint.tolerable_failures,
-            broken: Arc::new(std::sync::OnceLock::new()),
+            halt,
         });
         Ok((pipeline, restored))
     }
@@ -386,11 +386,7 @@ impl Pipeline {
 
     /// What tells whether input must stop (checkpoints failing), when checkpoints are taken.
     pub fn halt(&self) -> Option<Halt> {
-        self.checkpoints.as_ref().map(|c| Halt {
-            checkpointer: c.checkpointer.clone(),
-            tolerable: c.tolerable_failures,
-            broken: Arc::clone(&c.broken),
-        })
+        self.checkpoints.as_ref().map(|c| c.halt.clone())
     }
 
     /// With checkpoints, a state store that cannot be written stops input for good instead of
@@ -405,7 +401,7 @@ impl Pipeline {
         ) {
             return false;
         }
-        if schedule.broken.set(error.to_string()).is_ok() {
+        if schedule.halt.break_for(error.to_string()) {
             tracing::error!(
                 "the state store cannot be written: {error}; input stops until a restart"
             );
@@ -418,7 +414,7 @@ impl Pipeline {
     fn broken(&self) -> bool {
         self.checkpoints
             .as_ref()
-            .is_some_and(|c| c.broken.get().is_some())
+            .is_some_and(|c| c.halt.broken().is_some())
     }
 
     /// Writes out every change to the state store and makes it durable (RocksDB's memtables
@@ -495,7 +491,7 @@ impl Pipeline {
             return Ok(());
         };
         let moved = schedule.last_offsets != self.offsets;
-        let failing = schedule.checkpointer.failing().is_some();
+        let failing = schedule.checkpointer.failed_in_a_row() > 0;
         if !writing && (moved || failing || schedule.requested()) && schedule.due(now_ms) {
             return self.checkpoint(now_ms);
         }
@@ -521,19 +517,15 @@ impl Pipeline {
 
     /// Tells the status board whether input is stopped (checkpoints failing).
     fn report_halt(&self) {
-        let (Some(status), Some(halt)) = (&self.status, self.halt()) else {
-            return;
-        };
-        let reason = halt.reason();
-        status.update(|s| {
-            if s.halted.is_some() != reason.is_some() {
-                match &reason {
-                    Some(why) => tracing::error!("input stopped: {why}"),
-                    None => tracing::info!("a checkpoint succeeded again: input resumes"),
-                }
-            }
-            s.halted = reason;
-        });
+        if let Some(status) = &self.status {
+            let reason = self.halt_reason();
+            status.update(|s| set_halted(s, reason));
+        }
+    }
+
+    /// Why input is stopped, if it is (see [`Halt::reason`]).
+    fn halt_reason(&self) -> Option<String> {
+        self.checkpoints.as_ref().and_then(|c| c.halt.reason())
     }
 
     /// Reports progress to `status` after every batch; marks the state restored.
@@ -663,7 +655,6 @@ impl Pipeline {
         }
         out.rules_version = bundle.version();
         self.report(&bundle, out, rows.len(), now_ms);
-        self.report_halt();
         self.evict(&bundle, now_ms)?;
         if !self.features.writing() && self.checkpoints.as_mut().is_some_and(|c| c.due(now_ms)) {
             return self.checkpoint(now_ms);
@@ -707,7 +698,9 @@ impl Pipeline {
         let Some(status) = &self.status else {
             return;
         };
+        let halted = self.halt_reason();
         status.update(|s| {
+            set_halted(s, halted);
             if s.rules_version != out.rules_version {
                 // A window starts with the first batch of a bundle that has it.
                 s.features = self.features.warmth(bundle, watermark);
@@ -843,6 +836,17 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// Records in `status` whether input is stopped, logging when that changes.
+fn set_halted(status: &mut PipelineStatus, reason: Option<String>) {
+    if status.halted.is_some() != reason.is_some() {
+        match &reason {
+            Some(why) => tracing::error!("input stopped: {why}"),
+            None => tracing::info!("a checkpoint succeeded again: input resumes"),
+        }
+    }
+    status.halted = reason;
 }
 
 /// The events the time stage kept, with their per-event time decisions aligned to the rows.
@@ -1112,7 +1116,7 @@ pub fn run(
                     }
                 }
             }
-            if let Some(why) = pipeline.checkpoints.as_ref().and_then(|c| c.broken.get()) {
+            if let Some(why) = pipeline.checkpoints.as_ref().and_then(|c| c.halt.broken()) {
                 // Nothing more can be made durable: stop without a last checkpoint.
                 return Err(PipelineError::Broken(why.clone()));
             }

@@ -111,3 +111,26 @@ pub fn same_features(expected: &serde_json::Value, features: &serde_json::Value)
         .iter()
         .all(|(k, v)| close(v, &features[k]))
 }
+
+/// Asserts that every verdict — `(event id, features)`, repeats included — carries the
+/// features `reference` (an uninterrupted run) gives its event.
+pub fn assert_same_features<'a>(
+    what: &str,
+    verdicts: impl IntoIterator<Item = (&'a String, &'a serde_json::Value)>,
+    reference: impl Fn(&str) -> Option<&'a serde_json::Value>,
+) {
+    let mut differing = Vec::new();
+    for (id, features) in verdicts {
+        let expected =
+            reference(id).unwrap_or_else(|| panic!("{what}: verdict for unknown event {id}"));
+        if !same_features(expected, features) {
+            differing.push((id.clone(), features.clone(), expected.clone()));
+        }
+    }
+    assert!(
+        differing.is_empty(),
+        "{what}: {} verdicts differ from the uninterrupted run, e.g. {:?}",
+        differing.len(),
+        &differing[..differing.len().min(3)]
+    );
+}
