@@ -314,9 +314,9 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// 200 once state is restored, partitions are assigned and rules are loaded; 503 with what is
-/// missing otherwise.
-async fn readyz(State(state): State<AdminState>) -> Response {
+/// What the instance is still waiting for before it is ready: rules loaded, not halted, state
+/// restored, a partition assigned. Empty: ready.
+fn waiting_for(state: &AdminState) -> (Vec<String>, Option<u64>) {
     let snapshot = state.status.snapshot();
     let mut waiting = Vec::new();
     let rules_version = state.rules.get().map(|c| c.version());
@@ -338,6 +338,13 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     if !snapshot.partitions.values().any(|p| p.assigned) {
         waiting.push("no source partition is assigned yet".into());
     }
+    (waiting, rules_version)
+}
+
+/// 200 once state is restored, partitions are assigned and rules are loaded; 503 with what is
+/// missing otherwise.
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let (waiting, rules_version) = waiting_for(&state);
     if waiting.is_empty() {
         Json(json!({"status": "ready", "rules_version": rules_version})).into_response()
     } else {
@@ -349,7 +356,13 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     }
 }
 
+/// The Prometheus exposition; `riskstream_ready` (1 or 0, as `/readyz` would answer) is
+/// brought up to date first, so an alert sees readiness without probing `/readyz`.
 async fn metrics_text(State(state): State<AdminState>) -> Response {
+    if state.metrics.is_some() {
+        let ready = waiting_for(&state).0.is_empty();
+        metrics::gauge!("riskstream_ready").set(if ready { 1.0 } else { 0.0 });
+    }
     match &state.metrics {
         Some(handle) => (
             [(

@@ -33,6 +33,11 @@ const LATENCY_BUCKETS: [f64; 14] = [
 /// Buckets (seconds) of `riskstream_state_flush_seconds`: 0.1 ms to 1 s.
 const FLUSH_BUCKETS: [f64; 9] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.02, 0.05, 0.2, 1.0];
 
+/// Buckets (seconds) of `riskstream_checkpoint_duration_seconds`: 10 ms to 5 minutes.
+const CHECKPOINT_BUCKETS: [f64; 12] = [
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
 static PROMETHEUS: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
 
 /// The process's Prometheus recorder, installed on first use as the global `metrics` recorder.
@@ -49,6 +54,12 @@ pub fn prometheus() -> Result<PrometheusHandle, TelemetryError> {
                     b.set_buckets_for_metric(
                         Matcher::Full("riskstream_state_flush_seconds".into()),
                         &FLUSH_BUCKETS,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("riskstream_checkpoint_duration_seconds".into()),
+                        &CHECKPOINT_BUCKETS,
                     )
                 })
                 .map_err(|e| e.to_string())?;

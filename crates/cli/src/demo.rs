@@ -7,7 +7,6 @@
 //! It owns orchestration and reporting only; the pipeline is the one `riskstream run` runs.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +20,7 @@ use riskstream_admin::ControlPlane;
 use riskstream_common::Config;
 use riskstream_kafka::{Assignment, EmbeddedBroker, LabelStore};
 
+use crate::generate::send;
 use crate::generator::{Generator, Scenario};
 
 /// Settings of one demo run.
@@ -270,20 +270,13 @@ fn generate(
             let record = BaseRecord::to(&config.kafka.topics.transactions)
                 .key(event.tx_id)
                 .payload(event.json);
-            send(&producer, record)?;
+            send(&producer, record, stop)?;
             if !event.malformed {
-                label.clear();
-                let _ = write!(
-                    label,
-                    r#"{{"tx_id":"{}","fraud":{},"scenario":{}}}"#,
-                    event.tx_id,
-                    u8::from(event.scenario != Scenario::Genuine),
-                    event.scenario as u8
-                );
+                event.label(&mut label);
                 let record = BaseRecord::to(labels_topic)
                     .key(event.tx_id)
                     .payload(label.as_str());
-                send(&producer, record)?;
+                send(&producer, record, stop)?;
             }
             sent += 1;
             produced.store(sent, Ordering::Relaxed);
@@ -293,31 +286,6 @@ fn generate(
         .flush(Duration::from_secs(30))
         .context("the generator's events were not all acknowledged")?;
     Ok(frauds)
-}
-
-fn send<K, P>(
-    producer: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
-    mut record: BaseRecord<'_, K, P>,
-) -> Result<()>
-where
-    K: rdkafka::message::ToBytes + ?Sized,
-    P: rdkafka::message::ToBytes + ?Sized,
-{
-    loop {
-        match producer.send(record) {
-            Ok(()) => return Ok(()),
-            Err((
-                rdkafka::error::KafkaError::MessageProduction(
-                    rdkafka::types::RDKafkaErrorCode::QueueFull,
-                ),
-                back,
-            )) => {
-                record = back;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err((e, _)) => return Err(e).context("the generator cannot produce"),
-        }
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

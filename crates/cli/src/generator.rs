@@ -54,6 +54,21 @@ pub struct Generated<'a> {
     pub malformed: bool,
 }
 
+impl Generated<'_> {
+    /// The event's label as the labels topic carries it, `{tx_id, fraud, scenario}`, into `out`
+    /// (cleared first).
+    pub fn label(&self, out: &mut String) {
+        out.clear();
+        let _ = write!(
+            out,
+            r#"{{"tx_id":"{}","fraud":{},"scenario":{}}}"#,
+            self.tx_id,
+            u8::from(self.scenario != Scenario::Genuine),
+            self.scenario as u8
+        );
+    }
+}
+
 struct Place {
     lat: f64,
     lon: f64,
@@ -100,6 +115,8 @@ pub struct Generator {
     details_stolen: Vec<StolenCard>,
     cards_stolen: Vec<StolenCard>,
     compromised: Vec<Compromise>,
+    /// Event ids are this prefix and a sequence number.
+    id_prefix: String,
     tx_id: String,
     json: String,
 }
@@ -171,9 +188,23 @@ impl Generator {
             details_stolen: Vec::new(),
             cards_stolen: Vec::new(),
             compromised: Vec::new(),
+            id_prefix: "d-".to_string(),
             tx_id: String::with_capacity(24),
             json: String::with_capacity(512),
         }
+    }
+
+    /// Event ids start with `prefix` (default `d-`): a generator restarted with another prefix
+    /// never repeats an earlier run's ids.
+    pub fn with_id_prefix(mut self, prefix: &str) -> Self {
+        self.id_prefix = prefix.to_string();
+        self
+    }
+
+    /// Holds simulated time at `max_ms` at most: a generator that has caught up with the wall
+    /// clock follows it instead of stamping events in the future.
+    pub fn hold_clock(&mut self, max_ms: i64) {
+        self.sim_ms = self.sim_ms.min(max_ms as f64);
     }
 
     /// Customers in the population.
@@ -188,7 +219,7 @@ impl Generator {
         self.seq += 1;
         self.start_incidents(now);
         self.tx_id.clear();
-        let _ = write!(self.tx_id, "d-{}", self.seq);
+        let _ = write!(self.tx_id, "{}{}", self.id_prefix, self.seq);
 
         // Event time: usually now; 1% arrive out of order, by up to 20 simulated minutes.
         let ts = if self.rng.random_bool(0.01) {
@@ -458,6 +489,31 @@ fn exp1(rng: &mut SmallRng) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_clock_stamps_no_event_past_it_and_ids_carry_the_prefix() {
+        // Simulated time far faster than the clock: held, events stay at or before the bound.
+        let start = 1_700_000_000_000;
+        // 1,000 events/s at 1,000x: a simulated second between events, on average.
+        let mut g = Generator::new(1_000.0, 1_000.0, start, 3).with_id_prefix("run7-");
+        let bound = start + 60_000;
+        let mut at_bound = 0;
+        for _ in 0..5_000 {
+            g.hold_clock(bound);
+            let e = g.next_event();
+            assert!(e.tx_id.starts_with("run7-"), "{}", e.tx_id);
+            if e.malformed {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_slice(e.json).unwrap_or_default();
+            let ts = v["ts"].as_i64().unwrap_or(i64::MAX);
+            // One event's gap past the bound at most (the hold applies before each event):
+            // exponential with a 1 s mean, so 30 s is never reached in practice.
+            assert!(ts <= bound + 30_000, "{ts} past {bound}");
+            at_bound += u64::from(ts >= bound - 1_200_000);
+        }
+        assert!(at_bound > 4_000, "simulated time never reached the bound");
+    }
 
     #[test]
     fn events_are_valid_json_with_every_scenario_and_realistic_activity() {

@@ -4,6 +4,7 @@
 //! them. Errors end up here and are printed with their causes for a person to act on.
 
 mod demo;
+mod generate;
 mod generator;
 
 use std::path::{Path, PathBuf};
@@ -114,6 +115,54 @@ enum Command {
         /// Rule bundle. Default: the built-in default bundle.
         #[arg(long)]
         bundle: Option<PathBuf>,
+    },
+    /// Produce the demo's payment traffic, with four fraud scenarios and a label per event, to
+    /// the transactions and labels topics of any Kafka cluster (`kafka.brokers`,
+    /// RISKSTREAM__KAFKA__BROKERS) at a steady rate, until the duration, the count or a signal.
+    Generate {
+        /// Events per second.
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        /// Simulated time per wall-clock time while simulated time is behind the clock (see
+        /// --history); once it catches up it follows the clock.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+        /// How far behind the clock simulated time starts (e.g. 1d with --speed 100 replays a
+        /// day of history in about 15 minutes before running live).
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        history: Duration,
+        /// How long to produce (e.g. 10m). Default: until SIGINT/SIGTERM.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<Duration>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Seed of the traffic generator.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Topic of the labels. Default: `kafka.topics.labels`, else `labels`.
+        #[arg(long)]
+        labels_topic: Option<String>,
+        /// Produce no labels.
+        #[arg(long, conflicts_with = "labels_topic")]
+        no_labels: bool,
+        /// Prefix of the event ids. Default: `g<start time in seconds>-`, so that a restarted
+        /// generator never repeats an id.
+        #[arg(long)]
+        id_prefix: Option<String>,
+    },
+    /// Ask a running instance whether it is alive (`/healthz`) or ready (`/readyz`); exit 0 if
+    /// so, 1 with the reason if not. The container image's HEALTHCHECK, with no curl needed.
+    Health {
+        /// The instance's admin API. Default: `admin.listen`.
+        #[arg(long)]
+        admin: Option<String>,
+        /// Ask for readiness instead of liveness.
+        #[arg(long)]
+        ready: bool,
+        /// How long to wait for the answer.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+        timeout: Duration,
     },
     /// This instance's checkpoints (`checkpoint.url`, `checkpoint.name`).
     Checkpoints {
@@ -268,10 +317,68 @@ fn run(cli: Cli) -> Result<ExitCode> {
             demo::run(config, &bundle, options, shutdown)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Generate {
+            rate,
+            speed,
+            history,
+            duration,
+            count,
+            seed,
+            labels_topic,
+            no_labels,
+            id_prefix,
+        } => {
+            let labels_topic = match (no_labels, labels_topic, config.kafka.topics.labels()) {
+                (true, _, _) => None,
+                (false, Some(topic), _) => Some(topic),
+                (false, None, Some(topic)) => Some(topic.to_string()),
+                (false, None, None) => Some("labels".to_string()),
+            };
+            let id_prefix = id_prefix.unwrap_or_else(|| {
+                let secs = riskstream_pipeline::source::now_ms() / 1000;
+                format!("g{secs}-")
+            });
+            let options = generate::GenerateOptions {
+                rate: rate.max(1),
+                speed: speed.max(1.0),
+                history,
+                duration,
+                count,
+                seed,
+                labels_topic,
+                id_prefix,
+            };
+            let shutdown = shutdown_on_signal()?;
+            let done = generate::run(&config, &options, &shutdown)?;
+            eprintln!(
+                "generated {} events ({} fraud, {} malformed on purpose) and {} labels; {} records acknowledged, {} failed",
+                done.events, done.frauds, done.malformed, done.labels, done.delivered, done.failed
+            );
+            Ok(if done.failed > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Broker {
             topics,
             configured_topics,
         } => broker(&config, &topics, configured_topics),
+        Command::Health {
+            admin,
+            ready,
+            timeout,
+        } => {
+            let address = admin.unwrap_or_else(|| config.admin.listen.clone());
+            let path = if ready { "/readyz" } else { "/healthz" };
+            let (status, body) = admin_request("GET", &address, path, None, timeout)?;
+            if status == 200 {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("{path} answered {status}: {}", body.trim());
+                Ok(ExitCode::FAILURE)
+            }
+        }
         Command::Checkpoints { action } => checkpoints(config, action),
     }
 }
@@ -360,13 +467,14 @@ fn checkpoints(mut config: Config, action: CheckpointAction) -> Result<ExitCode>
         }
         CheckpointAction::Create { admin } => {
             let address = admin.unwrap_or_else(|| config.admin.listen.clone());
-            let url = if address.contains("://") {
-                format!("{address}/api/v1/checkpoints")
-            } else {
-                format!("http://{address}/api/v1/checkpoints")
-            };
             let token = config.admin.bearer_token()?;
-            let (status, body) = http_post(&url, token.as_ref().map(|t| t.expose()))?;
+            let (status, body) = admin_request(
+                "POST",
+                &address,
+                "/api/v1/checkpoints",
+                token.as_ref().map(|t| t.expose()),
+                Duration::from_secs(120),
+            )?;
             println!("{body}");
             Ok(if status == 201 {
                 ExitCode::SUCCESS
@@ -377,25 +485,48 @@ fn checkpoints(mut config: Config, action: CheckpointAction) -> Result<ExitCode>
     }
 }
 
-/// A bodiless POST over plain HTTP/1.1 (the admin API), with an optional bearer token.
-fn http_post(url: &str, token: Option<&str>) -> Result<(u16, String)> {
+/// A bodiless request over plain HTTP/1.1 to the admin API at `address` (`host:port` or
+/// `http://host:port`), with an optional bearer token. An unspecified listen address
+/// (`0.0.0.0:8080`, as in a container) is reached on loopback.
+fn admin_request(
+    method: &str,
+    address: &str,
+    path: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, String)> {
     use std::io::{Read, Write};
-    let rest = url
-        .strip_prefix("http://")
-        .context("the admin API is plain http:// (put a TLS proxy in front for remote use)")?;
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let mut stream = std::net::TcpStream::connect(host)
+    use std::net::ToSocketAddrs;
+    let host = match address.split_once("://") {
+        Some(("http", rest)) => rest.trim_end_matches('/'),
+        Some(_) => anyhow::bail!(
+            "the admin API is plain http:// (put a TLS proxy in front for remote use)"
+        ),
+        None => address,
+    };
+    let host = match host.strip_prefix("0.0.0.0:") {
+        Some(port) => format!("127.0.0.1:{port}"),
+        None => host.to_string(),
+    };
+    let target = host
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve the admin API address {host}"))?
+        .next()
+        .with_context(|| format!("the admin API address {host} resolves to nothing"))?;
+    let mut stream = std::net::TcpStream::connect_timeout(&target, timeout)
         .with_context(|| format!("cannot reach the admin API at {host}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    stream.set_read_timeout(Some(timeout))?;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
     write!(
         stream,
-        "POST /{path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
-    stream.read_to_string(&mut response)?;
+    stream
+        .read_to_string(&mut response)
+        .with_context(|| format!("no answer from the admin API at {host}"))?;
     let status = response
         .split_whitespace()
         .nth(1)

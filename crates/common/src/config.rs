@@ -181,6 +181,10 @@ pub struct KafkaConfig {
     pub brokers: String,
     /// Consumer group of the transactions consumer.
     pub group_id: String,
+    /// Static group membership: this instance's `group.instance.id` (a StatefulSet's pod
+    /// name). Empty: dynamic membership.
+    #[serde(default)]
+    pub group_instance_id: String,
     /// Where a group without committed offsets starts: `earliest` or `latest`.
     pub auto_offset_reset: String,
     /// How often acknowledged offsets are committed.
@@ -197,6 +201,11 @@ pub struct KafkaConfig {
     /// librdkafka properties for every client (security, SASL, SSL …).
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, String>,
+    /// A file of librdkafka properties, `key=value` per line (`#` comments), merged over
+    /// `properties` at load: credentials (`sasl.password`, …) from a mounted secret rather than
+    /// from the configuration.
+    #[serde(default)]
+    pub properties_file: Option<std::path::PathBuf>,
     /// librdkafka properties for the consumers only.
     #[serde(default)]
     pub consumer: std::collections::BTreeMap<String, String>,
@@ -351,6 +360,35 @@ pub struct PipelineConfig {
     pub linger: Duration,
 }
 
+/// Reads `key=value` lines (blank lines and `#` comments skipped) of a librdkafka properties
+/// file. Values are never echoed in errors: the file holds secrets.
+fn read_properties_file(
+    path: &Path,
+) -> Result<std::collections::BTreeMap<String, String>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::Value(format!(
+            "kafka.properties_file {}: cannot read it: {e}",
+            path.display()
+        ))
+    })?;
+    let mut properties = std::collections::BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(ConfigError::Value(format!(
+                "kafka.properties_file {} line {}: expected key=value",
+                path.display(),
+                n + 1
+            )));
+        };
+        properties.insert(key.trim().to_string(), value.trim().to_string());
+    }
+    Ok(properties)
+}
+
 impl Config {
     /// Loads the defaults, then `file` if given, then `RISKSTREAM__…` environment overrides.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -381,7 +419,11 @@ impl Config {
     }
 
     fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        if let Some(path) = &config.kafka.properties_file {
+            let properties = read_properties_file(path)?;
+            config.kafka.properties.extend(properties);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -426,6 +468,55 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kafka_properties_file_is_merged_over_properties_and_never_echoed() -> Result<(), ConfigError>
+    {
+        let dir = std::env::temp_dir().join(format!("riskstream-props-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| ConfigError::Value(e.to_string()))?;
+        let file = dir.join("kafka.properties");
+        std::fs::write(
+            &file,
+            "# credentials\nsasl.username = scorer\n\nsasl.password=s3cret=with=equals\n",
+        )
+        .map_err(|e| ConfigError::Value(e.to_string()))?;
+        let toml = format!(
+            "[kafka]\nproperties_file = {:?}\n[kafka.properties]\n\"sasl.username\" = \"inline\"\n\"security.protocol\" = \"SASL_SSL\"\n",
+            file.display().to_string()
+        );
+        let config = Config::from_toml_over_defaults(&toml)?;
+        let p = &config.kafka.properties;
+        assert_eq!(p.get("sasl.username").map(String::as_str), Some("scorer"));
+        assert_eq!(
+            p.get("sasl.password").map(String::as_str),
+            Some("s3cret=with=equals")
+        );
+        assert_eq!(
+            p.get("security.protocol").map(String::as_str),
+            Some("SASL_SSL")
+        );
+
+        std::fs::write(&file, "sasl.password s3cret\n")
+            .map_err(|e| ConfigError::Value(e.to_string()))?;
+        let err = Config::from_toml_over_defaults(&toml)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("line 1: expected key=value"), "{err}");
+        assert!(!err.contains("s3cret"), "the secret leaked into: {err}");
+
+        let missing = format!(
+            "[kafka]\nproperties_file = {:?}\n",
+            dir.join("absent").display().to_string()
+        );
+        let err = Config::from_toml_over_defaults(&missing)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("cannot read it"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
 
     #[test]
     fn defaults_load_and_describe_the_demo_schema() -> Result<(), ConfigError> {

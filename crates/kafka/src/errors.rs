@@ -26,6 +26,29 @@ pub struct Classified {
     pub fatal: bool,
 }
 
+/// Every `kind` that [`classify`] gives.
+pub const KINDS: [&str; 11] = [
+    "transport",
+    "leader_not_available",
+    "unknown_topic",
+    "timeout",
+    "queue_full",
+    "transaction_retriable",
+    "other",
+    "config",
+    "authentication",
+    "unsupported_broker",
+    "fatal",
+];
+
+/// Registers `riskstream_kafka_errors_total` at zero for every kind, so that while the cluster is
+/// healthy a dashboard or an alert sees a rate of 0 instead of no series at all.
+pub fn register_metrics() {
+    for kind in KINDS {
+        metrics::counter!("riskstream_kafka_errors_total", "kind" => kind).increment(0);
+    }
+}
+
 /// The kind and severity of `error`.
 pub fn classify(error: &KafkaError) -> Classified {
     use RDKafkaErrorCode as C;
@@ -246,6 +269,23 @@ mod tests {
             assert!(c.fatal, "{code:?} must end the instance");
         }
         assert!(classify(&KafkaError::ClientCreation("bad".into())).fatal);
+        // Every kind given is one registered at start.
+        for error in [
+            KafkaError::MessageConsumption(C::BrokerTransportFailure),
+            KafkaError::MessageConsumption(C::LeaderNotAvailable),
+            KafkaError::MessageConsumption(C::UnknownTopic),
+            KafkaError::MessageConsumption(C::RequestTimedOut),
+            KafkaError::MessageConsumption(C::QueueFull),
+            KafkaError::MessageConsumption(C::Unknown),
+            KafkaError::Global(C::SaslAuthenticationFailed),
+            KafkaError::Global(C::UnsupportedVersion),
+            KafkaError::Global(C::InvalidArgument),
+            KafkaError::Global(C::Fatal),
+            KafkaError::Canceled,
+        ] {
+            let kind = classify(&error).kind;
+            assert!(KINDS.contains(&kind), "{kind} is not in KINDS");
+        }
         assert_eq!(
             classify(&KafkaError::MessageConsumption(C::BrokerTransportFailure)).kind,
             "transport"

@@ -57,6 +57,9 @@ pub fn client_config(config: &KafkaConfig, role: Role) -> ClientConfig {
                 // before fetching again: a scorer that drains it faster than that then sits idle
                 // (W1 saturation: 135K events/s with the default, 270K with 10 ms).
                 .set("fetch.queue.backoff.ms", "10");
+            if !config.group_instance_id.is_empty() {
+                c.set("group.instance.id", &config.group_instance_id);
+            }
         }
         Role::Producer => {
             c.set("acks", "all")
@@ -134,6 +137,7 @@ pub fn run_observed(
     labels: Option<Arc<LabelStore>>,
     observers: Observers,
 ) -> Result<Summary, PipelineError> {
+    errors::register_metrics();
     let tracker = Arc::new(DeliveryTracker::new());
     let exactly_once = config.kafka.delivery == Delivery::ExactlyOnce;
     let topic = &config.kafka.topics.transactions;

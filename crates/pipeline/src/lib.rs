@@ -150,6 +150,7 @@ struct PipelineMetrics {
     latency: metrics::Histogram,
     watermark_lag: metrics::Gauge,
     flushes: metrics::Histogram,
+    state_size: metrics::Gauge,
 }
 
 /// Outcomes of `riskstream_events_total`, in the order of [`PipelineMetrics::events`].
@@ -162,6 +163,7 @@ impl PipelineMetrics {
             events: Vec::new(),
             watermark_lag: metrics::gauge!("riskstream_watermark_lag_seconds"),
             flushes: metrics::histogram!("riskstream_state_flush_seconds"),
+            state_size: metrics::gauge!("riskstream_state_size_bytes"),
             dead: DeadReason::ALL
                 .iter()
                 .map(|r| {
@@ -735,6 +737,11 @@ impl Pipeline {
         let started = Instant::now();
         self.flush_progress(None)?;
         self.metrics.flushes.record(started.elapsed().as_secs_f64());
+        // The size as of the previous write: this one is still being applied.
+        match self.features.store().size_bytes() {
+            Ok(bytes) => self.metrics.state_size.set(bytes as f64),
+            Err(e) => tracing::debug!(error = %e, "state size unavailable"),
+        }
         Ok(())
     }
 

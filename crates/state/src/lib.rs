@@ -357,6 +357,26 @@ impl StateStore {
         Ok(())
     }
 
+    /// Bytes the state takes: SST files on disk plus memtables, over every column family
+    /// (RocksDB's own accounting, read from memory; no disk access).
+    pub fn size_bytes(&self) -> Result<u64, StateError> {
+        let mut total = 0;
+        for cf in Cf::ALL {
+            let handle = self.cf(cf)?;
+            for property in [
+                "rocksdb.total-sst-files-size",
+                "rocksdb.cur-size-all-mem-tables",
+            ] {
+                total += self
+                    .db
+                    .property_int_value_cf(handle, property)
+                    .map_err(|e| self.rocks(e))?
+                    .unwrap_or(0);
+            }
+        }
+        Ok(total)
+    }
+
     /// Flushes memtables to SST files (for checkpoints and size measurements).
     pub fn flush(&self) -> Result<(), StateError> {
         for cf in Cf::ALL {
