@@ -19,7 +19,12 @@ cargo build --release --locked -p riskstream
 stage="$CARGO_TARGET_DIR/image-context"
 rm -rf "$stage"
 mkdir -p "$stage"
-cp "$CARGO_TARGET_DIR/release/riskstream" "$stage/riskstream"
+# The release profile keeps line tables (a gigabyte over DataFusion); the image gets the binary
+# without them (symbols stay, so backtraces name functions), the line tables stay here for
+# `addr2line -e riskstream.debug`.
+objcopy --only-keep-debug "$CARGO_TARGET_DIR/release/riskstream" "$CARGO_TARGET_DIR/riskstream.debug"
+objcopy --strip-debug --add-gnu-debuglink="$CARGO_TARGET_DIR/riskstream.debug" \
+  "$CARGO_TARGET_DIR/release/riskstream" "$stage/riskstream"
 cp -r config "$stage/config"
 cp deploy/docker/Dockerfile "$stage/Dockerfile"
 
