@@ -633,15 +633,18 @@ fn read_bundle(path: &Path) -> Result<String> {
 }
 
 fn validate(config: &Config, bundle: &Path) -> Result<ExitCode> {
+    let text = read_bundle(bundle)?;
+    let started = std::time::Instant::now();
     let compiler = RuleCompiler::new(&config.event_schema()?);
-    match compiler.compile_text(&read_bundle(bundle)?, 1) {
+    match compiler.compile_text(&text, 1) {
         Ok(compiled) => {
             let doc = compiled.doc();
             println!(
-                "{}: ok ({} rules, {} features)",
+                "{}: ok ({} rules, {} features; compiled in {:.1} ms)",
                 bundle.display(),
                 doc.rules.len(),
-                doc.features.len()
+                doc.features.len(),
+                started.elapsed().as_secs_f64() * 1000.0
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -23,8 +23,10 @@ fn shared_data() -> Option<PathBuf> {
 
 fn riskstream() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_riskstream"));
+    // Most tests read features no rule reads: list them all (the default is "fired").
     cmd.env_remove("RISKSTREAM_CONFIG")
-        .env("RISKSTREAM_LOG", "warn");
+        .env("RISKSTREAM_LOG", "warn")
+        .env("RISKSTREAM__VERDICT__FEATURES", "all");
     cmd
 }
 
@@ -109,6 +111,63 @@ fn assert_one_verdict_per_event(input: &Path) {
         assert!(first.get(key).is_some(), "verdict lacks {key}: {first}");
     }
     assert!(first["features"]["ship_distance_km"].is_number());
+}
+
+#[test]
+fn by_default_verdicts_list_the_features_of_the_rules_that_fired() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("verdicts.jsonl");
+    let run = score(
+        &repo("config/rules/default.yaml"),
+        &repo("testdata/synccfd-slice.jsonl"),
+        &output,
+    )
+    .env_remove("RISKSTREAM__VERDICT__FEATURES")
+    .env("RISKSTREAM__TIME__ALLOWED_LATENESS", "5d")
+    .output()
+    .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    // What each rule of the default bundle reads (config/rules/default.yaml).
+    let reads = |rule: &str| -> &[&str] {
+        match rule {
+            "high_amount" | "very_high_amount" => &[],
+            "cnp_shipped_elsewhere" | "large_cnp_shipped_elsewhere" => &["ship_distance_km"],
+            "amount_spike" | "mild_amount_spike" => &["cust_tx_count_30d", "cust_avg_amount_30d"],
+            "daily_velocity" => &["cust_tx_count_1d"],
+            "terminal_burst" => &["term_tx_count_1h"],
+            "far_terminal_large_amount" => &["terminal_distance_km"],
+            other => panic!("a rule this test does not know: {other}"),
+        }
+    };
+    let (mut with_features, mut without) = (0, 0);
+    for v in json_lines(&output) {
+        let listed: HashSet<&str> = v["features"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let expected: HashSet<&str> = v["fired"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|h| reads(h["rule_id"].as_str().unwrap()).iter().copied())
+            .collect();
+        assert_eq!(listed, expected, "{v}");
+        if expected.is_empty() {
+            without += 1;
+        } else {
+            with_features += 1;
+        }
+    }
+    assert!(
+        with_features > 0 && without > 0,
+        "{with_features} {without}"
+    );
 }
 
 #[test]
@@ -243,11 +302,16 @@ fn validate_reports_problems_by_rule() {
         .arg(repo("config/rules/default.yaml"))
         .output()
         .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stdout)
-    );
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{out}");
+    // The compile time is reported.
+    let ms: f64 = out
+        .split("compiled in ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no compile time in: {out}"));
+    assert!(ms > 0.0, "{out}");
 }
 
 /// Verdicts of `riskstream score` by event id: (features, late flag).

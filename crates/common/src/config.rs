@@ -52,6 +52,54 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// Stopping on SIGTERM/SIGINT.
     pub shutdown: ShutdownConfig,
+    pub verdict: VerdictConfig,
+}
+
+/// The `[verdict]` section: what each verdict carries.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerdictConfig {
+    /// Which feature values a verdict lists.
+    pub features: VerdictFeatures,
+}
+
+/// `verdict.features`: `"fired"`, `"all"`, `"none"`, or a list of feature names.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "FeaturesSetting")]
+pub enum VerdictFeatures {
+    /// The features the fired rules' `when` and `score` expressions read: the reasons.
+    Fired,
+    /// Every feature of the bundle.
+    All,
+    /// None (`"features":{}`).
+    None,
+    /// These features, where the bundle has them, in the bundle's order.
+    List(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FeaturesSetting {
+    Mode(String),
+    List(Vec<String>),
+}
+
+impl TryFrom<FeaturesSetting> for VerdictFeatures {
+    type Error = String;
+
+    fn try_from(setting: FeaturesSetting) -> Result<Self, String> {
+        match setting {
+            FeaturesSetting::Mode(mode) => match mode.as_str() {
+                "fired" => Ok(Self::Fired),
+                "all" => Ok(Self::All),
+                "none" => Ok(Self::None),
+                other => Err(format!(
+                    "verdict.features must be \"fired\", \"all\", \"none\" or a list of feature names, not \"{other}\""
+                )),
+            },
+            FeaturesSetting::List(names) => Ok(Self::List(names)),
+        }
+    }
 }
 
 /// The `[shutdown]` section: how a signalled instance stops.

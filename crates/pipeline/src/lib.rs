@@ -43,7 +43,7 @@ pub use checkpoint::{CheckpointHandle, CheckpointRequests, Halt, Marker};
 pub use sink::{JsonLinesSink, Sink, SinkError};
 pub use source::{JsonLinesSource, Source, SourceError, SourceState};
 pub use status::{PartitionStatus, PipelineStatus, RecentEvents, StatusBoard};
-pub use verdict::{TimeFlags, VerdictBatch};
+pub use verdict::{FeatureSelection, TimeFlags, VerdictBatch};
 
 /// Why the pipeline stopped.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +101,8 @@ pub struct Pipeline {
     time: TimeStage,
     features: FeatureOperator,
     rules: Arc<RuleTable>,
+    /// `verdict.features`, resolved against the running bundle.
+    verdict_features: verdict::FeatureSelection,
     metrics: PipelineMetrics,
     last_eviction: Option<i64>,
     /// Where progress is reported (admin API), when anyone reads it.
@@ -363,6 +365,7 @@ impl Pipeline {
             time,
             features,
             rules,
+            verdict_features: verdict::FeatureSelection::new(config.verdict.features.clone()),
             metrics: PipelineMetrics::new(source_name),
             last_eviction: None,
             status: None,
@@ -633,6 +636,7 @@ impl Pipeline {
         let processed_at = source::now_ms();
         verdict::encode(
             &mut out.verdicts,
+            &mut self.verdict_features,
             &bundle,
             &evaluated,
             raw,

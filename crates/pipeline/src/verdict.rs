@@ -7,7 +7,9 @@
 //!  "processed_at":"2025-01-01T00:00:23.004Z","latency_ms":4}
 //! ```
 //!
-//! Encoding writes straight into one reusable buffer per batch: no per-event allocation.
+//! Which features a verdict lists is `verdict.features` ([`FeatureSelection`]): by default the
+//! ones the fired rules read. Encoding writes straight into one reusable buffer per batch (no
+//! per-event allocation), and its cost follows the features a verdict lists, not the bundle's.
 
 use std::io::Write;
 
@@ -15,7 +17,7 @@ use arrow::array::{Array, ArrayRef, AsArray};
 use arrow::datatypes::{DataType, Float64Type, Int64Type, TimestampMillisecondType};
 use arrow::util::display::ArrayFormatter;
 use chrono::{DateTime, Datelike, Timelike};
-use riskstream_common::{Position, RawBatch};
+use riskstream_common::{Position, RawBatch, VerdictFeatures};
 use riskstream_rules::{CompiledBundle, Evaluated};
 
 /// The verdicts of one batch: JSON payloads and keys in two contiguous buffers.
@@ -70,6 +72,89 @@ impl VerdictBatch {
     }
 }
 
+/// `verdict.features` resolved against one bundle (names to columns), and the scratch space of
+/// the per-verdict selection; re-resolved when the bundle changes.
+#[derive(Debug)]
+pub struct FeatureSelection {
+    setting: VerdictFeatures,
+    /// The bundle version `listed` was resolved for.
+    resolved_for: Option<u64>,
+    /// `List`: the listed features' indexes among the feature columns, ascending.
+    listed: Vec<usize>,
+    /// `Fired`: per feature, the row that last selected it (so each is listed once per row
+    /// without clearing anything between rows).
+    marks: Vec<u32>,
+    /// `Fired`: the features of the current row.
+    row: Vec<usize>,
+}
+
+impl FeatureSelection {
+    pub fn new(setting: VerdictFeatures) -> Self {
+        Self {
+            setting,
+            resolved_for: None,
+            listed: Vec::new(),
+            marks: Vec::new(),
+            row: Vec::new(),
+        }
+    }
+
+    /// Resolves the setting for `bundle` (once per bundle version).
+    fn prepare(&mut self, bundle: &CompiledBundle) {
+        if self.resolved_for == Some(bundle.version()) {
+            return;
+        }
+        self.resolved_for = Some(bundle.version());
+        let (_, names) = bundle.feature_columns();
+        let names: Vec<&str> = names.collect();
+        self.marks = vec![u32::MAX; names.len()];
+        self.listed.clear();
+        if let VerdictFeatures::List(wanted) = &self.setting {
+            for want in wanted {
+                match names.iter().position(|n| n == want) {
+                    Some(i) => self.listed.push(i),
+                    None => tracing::warn!(
+                        feature = %want,
+                        rules_version = bundle.version(),
+                        "verdict.features names a feature this bundle does not have; verdicts leave it out"
+                    ),
+                }
+            }
+            self.listed.sort_unstable();
+            self.listed.dedup();
+        }
+    }
+
+    /// The features to list for `row`, ascending.
+    fn for_row<'s>(
+        &'s mut self,
+        bundle: &CompiledBundle,
+        scores: &riskstream_rules::Scores,
+        row: usize,
+        all: &'s [usize],
+    ) -> &'s [usize] {
+        match self.setting {
+            VerdictFeatures::All => all,
+            VerdictFeatures::None => &[],
+            VerdictFeatures::List(_) => &self.listed,
+            VerdictFeatures::Fired => {
+                self.row.clear();
+                let mark = row as u32;
+                for hit in scores.hits.iter().filter(|h| h.fired.value(row)) {
+                    for &f in bundle.rule_features(hit.rule) {
+                        if self.marks[f] != mark {
+                            self.marks[f] = mark;
+                            self.row.push(f);
+                        }
+                    }
+                }
+                self.row.sort_unstable();
+                &self.row
+            }
+        }
+    }
+}
+
 /// Per-row time flags from the time stage.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TimeFlags<'a> {
@@ -86,6 +171,7 @@ pub struct TimeFlags<'a> {
 #[allow(clippy::too_many_arguments)]
 pub fn encode(
     out: &mut VerdictBatch,
+    selection: &mut FeatureSelection,
     bundle: &CompiledBundle,
     evaluated: &Evaluated,
     raw: &RawBatch,
@@ -106,6 +192,13 @@ pub fn encode(
         .as_primitive_opt::<TimestampMillisecondType>();
     let (first_feature, names) = bundle.feature_columns();
     let features: Vec<(&str, &ArrayRef)> = names.zip(&batch.columns()[first_feature..]).collect();
+    selection.prepare(bundle);
+    let all: Vec<usize> = match selection.setting {
+        VerdictFeatures::All => (0..features.len()).collect(),
+        _ => Vec::new(),
+    };
+    // A new batch: rows restart at 0, so the marks of the last one must not match.
+    selection.marks.fill(u32::MAX);
     let mut buf = std::mem::take(&mut out.lines);
     debug_assert_eq!(rows.len(), batch.num_rows());
     for (row, &raw_index) in rows.iter().enumerate() {
@@ -143,7 +236,12 @@ pub fn encode(
             buf.extend_from_slice(b"\"}");
         }
         buf.extend_from_slice(b"],\"features\":{");
-        for (i, (name, column)) in features.iter().enumerate() {
+        for (i, &f) in selection
+            .for_row(bundle, scores, row, &all)
+            .iter()
+            .enumerate()
+        {
+            let (name, column) = features[f];
             if i > 0 {
                 buf.push(b',');
             }

@@ -80,7 +80,10 @@ fn state_stops_growing_on_an_endless_stream_with_bounded_keys() {
 }
 
 fn run_one_batch(config_toml: &str, events: &[String], now: i64) -> Processed {
-    let config = Config::from_toml_over_defaults(config_toml).unwrap();
+    // Every feature in the verdicts: the test reads features no rule reads.
+    let config =
+        Config::from_toml_over_defaults(&format!("{config_toml}\n[verdict]\nfeatures = \"all\"\n"))
+            .unwrap();
     let bundle = "features:\n  - {name: since, entity: customer_id, agg: seconds_since_last, window: 1h}\n  - {name: pair, entity: [customer_id, terminal_id], agg: count, window: 1h}\n  - {name: terms, entity: customer_id, agg: count_distinct, of: terminal_id, window: 1h}\nrules:\n  - {id: quick, when: \"since < 60\", score: 1}\ndecision: {review_at: 1, block_at: 2}\n";
     let compiled = RuleCompiler::new(&config.event_schema().unwrap())
         .compile_text(bundle, 1)

@@ -16,6 +16,7 @@ use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::simplify::SimplifyContext;
 use datafusion::logical_expr::{Cast, Expr, ExprSchemable};
 use datafusion::optimizer::simplify_expressions::ExprSimplifier;
+use datafusion::physical_expr::utils::collect_columns;
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
 use metrics::Counter;
@@ -92,6 +93,9 @@ pub(crate) enum CompiledScore {
 
 pub(crate) struct CompiledRule {
     pub(crate) id: String,
+    /// The features its `when` and `score` read: indexes among the feature columns (windowed,
+    /// then row-level), ascending.
+    pub(crate) features: Vec<usize>,
     pub(crate) mode: Mode,
     pub(crate) action: Option<Decision>,
     pub(crate) when: Arc<dyn PhysicalExpr>,
@@ -154,6 +158,12 @@ impl CompiledBundle {
     pub fn rule(&self, index: usize) -> (&str, Mode) {
         let r = &self.rules[index];
         (&r.id, r.mode)
+    }
+
+    /// The features rule `index` reads in its `when` and `score`, as indexes among the feature
+    /// columns of [`Self::feature_columns`], ascending.
+    pub fn rule_features(&self, index: usize) -> &[usize] {
+        &self.rules[index].features
     }
 
     /// Names of all feature columns (windowed, then row-level), and the index of the first.
@@ -335,8 +345,19 @@ impl RuleCompiler {
             };
             if let (Some(when), Some(score)) = (when, score) {
                 let mode = spec.mode.as_str();
+                let mut read = collect_columns(&when);
+                if let CompiledScore::Expr(e) = &score {
+                    read.extend(collect_columns(e));
+                }
+                let mut features: Vec<usize> = read
+                    .iter()
+                    .filter_map(|c| c.index().checked_sub(first_feature_column))
+                    .collect();
+                features.sort_unstable();
+                features.dedup();
                 rules.push(CompiledRule {
                     id: spec.id.clone(),
+                    features,
                     mode: spec.mode,
                     action: spec.action,
                     when,

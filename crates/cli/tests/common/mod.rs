@@ -9,8 +9,11 @@ use std::time::{Duration, Instant};
 
 pub fn riskstream() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_riskstream"));
+    // The tests compare every feature of every verdict with a reference, so verdicts list them
+    // all (`verdict.features` defaults to the fired rules' features).
     cmd.env_remove("RISKSTREAM_CONFIG")
-        .env("RISKSTREAM_LOG", "info");
+        .env("RISKSTREAM_LOG", "info")
+        .env("RISKSTREAM__VERDICT__FEATURES", "all");
     cmd
 }
 
