@@ -4,10 +4,7 @@
 //! features that aggregate the same events share one *window*: `count`, `sum`, `avg`, `min`,
 //! `max` and `stddev` over the same window length, `where` filter and `of` field, so
 //! `cust_avg_amount_1d` and `cust_max_amount_1d` keep the customer's events once and read one
-//! summary. A `count` of events (no `of`) joins such a window over a *required* field with the
-//! same length and filter: every event has a value there, so the window holds exactly the
-//! events it counts. `count_distinct`, `last` and `seconds_since_last` keep windows of their
-//! own.
+//! summary. `count_distinct`, `last` and `seconds_since_last` keep windows of their own.
 //!
 //! A window's identity is a stable hash of what it holds (entity, length, filter, field, and the
 //! aggregation for windows of their own), never of which other features exist: a feature whose
@@ -59,11 +56,6 @@ pub(crate) struct Reader {
     pub counts_events: bool,
 }
 
-/// A `count` without a field: it counts events, whatever values a window holds.
-fn counts_events(feature: &CompiledWindowFeature) -> bool {
-    feature.spec.agg == Agg::Count && feature.spec.of.is_none()
-}
-
 /// Aggregations answered by a window's summary.
 fn summarized(agg: Agg) -> bool {
     matches!(
@@ -92,27 +84,8 @@ impl<'a> Layout<'a> {
         let mut layout = Layout {
             entities: Vec::new(),
         };
-        // Counts of events that a window over a required field will answer are placed once
-        // those windows exist; everything else in bundle order.
-        let joins = |f: &CompiledWindowFeature| {
-            counts_events(f)
-                && features.iter().any(|other| {
-                    summarized(other.spec.agg)
-                        && other.of_required
-                        && other.entity_columns == f.entity_columns
-                        && other.window_ms() == f.window_ms()
-                        && other.spec.filter == f.spec.filter
-                })
-        };
         for (index, feature) in features.iter().enumerate() {
-            if !joins(feature) {
-                layout.place(index, feature);
-            }
-        }
-        for (index, feature) in features.iter().enumerate() {
-            if joins(feature) {
-                layout.place(index, feature);
-            }
+            layout.place(index, feature);
         }
         layout
     }
@@ -139,29 +112,17 @@ impl<'a> Layout<'a> {
         let reader = Reader {
             feature: index,
             agg: spec.agg,
-            counts_events: counts_events(feature),
+            counts_events: spec.agg == Agg::Count && spec.of.is_none(),
         };
         let window_ms = feature.window_ms();
         let shared = if summarized(spec.agg) {
-            let same = |w: &Window| {
+            entity.windows.iter_mut().find(|w| {
                 let s = &w.source.spec;
                 w.summarized
                     && w.shape.window_ms == window_ms
                     && s.filter == spec.filter
                     && s.of == spec.of
-            };
-            // A count of events prefers a window over a required field: one window fewer.
-            let over_required = |w: &Window| {
-                reader.counts_events
-                    && w.summarized
-                    && w.source.of_required
-                    && w.shape.window_ms == window_ms
-                    && w.source.spec.filter == spec.filter
-            };
-            match entity.windows.iter().position(over_required) {
-                Some(at) => entity.windows.get_mut(at),
-                None => entity.windows.iter_mut().find(|w| same(w)),
-            }
+            })
         } else {
             None
         };
@@ -231,28 +192,22 @@ mod tests {
             plan,
             [
                 vec![
-                    // Counts of events join the windows over `amount` (a required field) of
-                    // the same length: they hold exactly the same events.
-                    vec![
-                        "cust_avg_amount_1d",
-                        "cust_max_amount_1d",
-                        "amount_sd_1d",
-                        "cust_tx_count_1d"
-                    ],
-                    vec!["cust_avg_amount_7d", "cust_tx_count_7d"],
-                    vec!["cust_avg_amount_30d", "cust_tx_count_30d"],
-                    // A filtered count has no filtered window over a field to join.
+                    vec!["cust_tx_count_1d"],
+                    vec!["cust_tx_count_7d"],
+                    vec!["cust_tx_count_30d"],
+                    vec!["cust_avg_amount_1d", "cust_max_amount_1d", "amount_sd_1d"],
+                    vec!["cust_avg_amount_7d"],
+                    vec!["cust_avg_amount_30d"],
                     vec!["cust_cnp_count_1h"],
                     vec!["terminals_1d"],
                 ],
-                // Different lengths: nothing to share.
                 vec![vec!["term_tx_count_1d"], vec!["term_sum_amount_7d"]],
             ]
         );
         // The shared 1-day window keeps the second moment for the stddev.
-        let shared = &layout.entities[0].windows[0];
+        let shared = &layout.entities[0].windows[3];
         assert!(shared.shape.moments && shared.summarized);
-        assert!(!layout.entities[0].windows[1].shape.moments);
+        assert!(!layout.entities[0].windows[0].shape.moments);
         // Identities depend on what a window holds, not on its neighbours.
         let alone = RuleCompiler::new(&schema).compile_text(
             "features:\n  - {name: x, entity: customer_id, agg: max, of: amount, window: 1d}\nrules:\n  - {id: r, when: \"amount < 0\", score: 1}\ndecision: {review_at: 1, block_at: 2}\n",

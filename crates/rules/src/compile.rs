@@ -72,9 +72,6 @@ pub struct CompiledWindowFeature {
     pub entity_columns: Vec<usize>,
     /// Column index (in the event schema) of the aggregated field.
     pub of_column: Option<usize>,
-    /// The aggregated field is required: every scored event has a value for it (the decoder
-    /// dead-letters events where it is missing or null).
-    pub of_required: bool,
     /// The `where` filter, planned over the event schema.
     pub filter: Option<Arc<dyn PhysicalExpr>>,
     /// The type of the feature column.
@@ -251,7 +248,6 @@ impl RuleCompiler {
                 w.of.as_deref()
                     .and_then(|of| column(of, "`of`", &mut problems));
             let of_type = of_column.map(|i| event_arrow.field(i).data_type().clone());
-            let of_required = of_column.is_some_and(|i| !event_arrow.field(i).is_nullable());
             if let (Some(ty), true) = (&of_type, w.agg.needs_numeric()) {
                 if !ty.is_numeric() {
                     problems.push(
@@ -284,7 +280,6 @@ impl RuleCompiler {
                     spec: w.clone(),
                     entity_columns,
                     of_column,
-                    of_required,
                     filter,
                     data_type,
                     filter_errors: metrics::counter!(
