@@ -25,6 +25,11 @@
 //! - `features_w1_by_window`: 1M events, window 10m, 1h, 1d, 30d, for W1's 200K customers and
 //!   for 10K.
 //! - `features_w1_by_keys`: 10M events, 1-day window, 10K, 100K and 1M customers.
+//!
+//! `features_w2_breadth` measures breadth instead: 100K W2-like events (customer, device, IP
+//! and terminal drawn from W2-sized key spaces, a day of event time) from empty state through
+//! 10, 50 and 200 of W2's windowed features (`testdata/w2/w2.yaml`, taken evenly). Issue 20's
+//! target: the per-event cost at 200 features under 4× the cost at 10.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -299,12 +304,136 @@ fn keys(c: &mut Criterion) {
     );
 }
 
+/// `k` of W2's windowed features, taken evenly from its list, with one rule, in the W2 schema.
+fn w2_bundle(k: usize) -> (EventSchema, CompiledBundle) {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../testdata/w2");
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("{root}/{name}"))
+            .unwrap_or_else(|e| panic!("{root}/{name}: {e}"))
+    };
+    let config =
+        Config::from_toml_over_defaults(&read("w2.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let schema = config.event_schema().unwrap_or_else(|e| panic!("{e}"));
+    let windowed: Vec<String> = read("w2.yaml")
+        .lines()
+        .filter(|l| l.trim_start().starts_with("- {name:") && l.contains("window:"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(windowed.len(), 200, "W2 has 200 windowed features");
+    let step = windowed.len() as f64 / k as f64;
+    let mut text = String::from("features:\n");
+    for i in 0..k {
+        text.push_str(&windowed[(i as f64 * step) as usize]);
+        text.push('\n');
+    }
+    text.push_str("rules:\n  - {id: noop, when: \"amount < 0\", score: 1}\ndecision: {review_at: 1, block_at: 2}\n");
+    let bundle = RuleCompiler::new(&schema)
+        .compile_text(&text, 1)
+        .unwrap_or_else(|e| panic!("{e}"));
+    (schema, bundle)
+}
+
+/// A batch of W2-like events: event `first` onwards, a day of event time per `per_day`.
+fn w2_batch(
+    schema: &EventSchema,
+    rng: &mut Rng,
+    first: u64,
+    per_day: f64,
+) -> (RecordBatch, Vec<i64>) {
+    let times: Vec<i64> = (0..BATCH as u64)
+        .map(|i| START_MS + ((first + i) as f64 * DAY_MS as f64 / per_day) as i64)
+        .collect();
+    let mut keys = |prefix: &str, n: u64| -> ArrayRef {
+        Arc::new(StringArray::from(
+            (0..BATCH)
+                .map(|_| format!("{prefix}{}", rng.skewed(n)))
+                .collect::<Vec<_>>(),
+        ))
+    };
+    let customers = keys("c", 200_000);
+    let devices = keys("d", 200_000);
+    let ips = keys("10.0.", 100_000);
+    let terminals = keys("t", 50_000);
+    let amounts: Vec<f64> = (0..BATCH)
+        .map(|_| (3.5 + (rng.f64() - 0.5) * 3.0).exp())
+        .collect();
+    let kinds: Vec<&str> = (0..BATCH)
+        .map(|_| if rng.f64() < 0.3 { "CNP" } else { "CP" })
+        .collect();
+    let columns: Vec<ArrayRef> = schema
+        .arrow()
+        .fields()
+        .iter()
+        .map(|f| match f.name().as_str() {
+            "ts" => Arc::new(TimestampMillisecondArray::from(times.clone()).with_timezone("UTC"))
+                as ArrayRef,
+            "customer_id" => Arc::clone(&customers),
+            "device_id" => Arc::clone(&devices),
+            "ip" => Arc::clone(&ips),
+            "terminal_id" => Arc::clone(&terminals),
+            "amount" => Arc::new(Float64Array::from(amounts.clone())) as ArrayRef,
+            "tx_type" => Arc::new(StringArray::from(kinds.clone())) as ArrayRef,
+            "tx_id" => Arc::new(StringArray::from(vec!["x"; BATCH])) as ArrayRef,
+            _ => Arc::new(Float64Array::from(vec![0.0; BATCH])) as ArrayRef,
+        })
+        .collect();
+    let batch =
+        RecordBatch::try_new(Arc::clone(schema.arrow()), columns).unwrap_or_else(|e| panic!("{e}"));
+    (batch, times)
+}
+
+fn w2_breadth(c: &mut Criterion) {
+    const EVENTS: u64 = 100_000;
+    let mut group = c.benchmark_group("features_w2_breadth");
+    group.sample_size(10);
+    group.sampling_mode(SamplingMode::Flat);
+    group.measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements(EVENTS));
+    for k in [10, 50, 200] {
+        let (schema, bundle) = w2_bundle(k);
+        group.bench_function(format!("features_{k}"), |b| {
+            b.iter_custom(|iters| {
+                (0..iters)
+                    .map(|_| {
+                        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+                        let store = Arc::new(
+                            StateStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}")),
+                        );
+                        let mut operator = FeatureOperator::open(store, 512 << 20)
+                            .unwrap_or_else(|e| panic!("{e}"));
+                        let mut rng = Rng::new(k as u64);
+                        let mut took = Duration::ZERO;
+                        let mut next = 0;
+                        while next < EVENTS {
+                            let (batch, times) = w2_batch(&schema, &mut rng, next, 200_000.0);
+                            let horizon = times[0] - OUT_OF_ORDER_MS - LATENESS_MS;
+                            let started = Instant::now();
+                            operator
+                                .compute(&bundle, &batch, &times, Some(horizon))
+                                .unwrap_or_else(|e| panic!("{e}"));
+                            operator.end_batch().unwrap_or_else(|e| panic!("{e}"));
+                            took += started.elapsed();
+                            next += BATCH as u64;
+                        }
+                        let started = Instant::now();
+                        operator.flush(&[]).unwrap_or_else(|e| panic!("{e}"));
+                        operator.wait().unwrap_or_else(|e| panic!("{e}"));
+                        took + started.elapsed()
+                    })
+                    .sum()
+            })
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     windows,
     windows_same_state,
     keys,
     w1_windows,
-    w1_keys
+    w1_keys,
+    w2_breadth
 );
 criterion_main!(benches);
