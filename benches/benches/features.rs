@@ -35,6 +35,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::datatypes::DataType;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use riskstream_benches::Rng;
 use riskstream_common::{Config, EventSchema};
@@ -100,27 +101,44 @@ impl Stream {
         let amounts: Vec<f64> = (0..BATCH)
             .map(|_| (3.5 + (self.rng.f64() - 0.5) * 3.0).exp())
             .collect();
-        let columns: Vec<ArrayRef> =
-            self.schema
-                .arrow()
-                .fields()
-                .iter()
-                .map(|f| match f.name().as_str() {
-                    "ts" => Arc::new(
-                        TimestampMillisecondArray::from(times.clone()).with_timezone("UTC"),
-                    ) as ArrayRef,
-                    "customer_id" => Arc::new(StringArray::from(customers.clone())) as ArrayRef,
-                    "amount" => Arc::new(Float64Array::from(amounts.clone())) as ArrayRef,
-                    "tx_type" | "tx_id" | "terminal_id" => {
-                        Arc::new(StringArray::from(vec!["x"; BATCH])) as ArrayRef
-                    }
-                    _ => Arc::new(Float64Array::from(vec![0.0; BATCH])) as ArrayRef,
-                })
-                .collect();
-        let batch = RecordBatch::try_new(Arc::clone(self.schema.arrow()), columns)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let batch = event_batch(
+            &self.schema,
+            &times,
+            vec![
+                (
+                    "customer_id",
+                    Arc::new(StringArray::from(customers)) as ArrayRef,
+                ),
+                ("amount", Arc::new(Float64Array::from(amounts)) as ArrayRef),
+            ],
+        );
         (batch, times)
     }
+}
+
+/// A batch of `times.len()` events in `schema`: event time `times`, the `given` columns, and
+/// every other string field `"x"`, every other number 0.
+fn event_batch(schema: &EventSchema, times: &[i64], given: Vec<(&str, ArrayRef)>) -> RecordBatch {
+    let n = times.len();
+    let columns: Vec<ArrayRef> = schema
+        .arrow()
+        .fields()
+        .iter()
+        .map(|f| {
+            if let Some((_, column)) = given.iter().find(|(name, _)| name == f.name()) {
+                return Arc::clone(column);
+            }
+            match f.data_type() {
+                DataType::Timestamp(..) => {
+                    Arc::new(TimestampMillisecondArray::from(times.to_vec()).with_timezone("UTC"))
+                        as ArrayRef
+                }
+                DataType::Utf8 => Arc::new(StringArray::from(vec!["x"; n])) as ArrayRef,
+                _ => Arc::new(Float64Array::from(vec![0.0; n])) as ArrayRef,
+            }
+        })
+        .collect();
+    RecordBatch::try_new(Arc::clone(schema.arrow()), columns).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// An operator with its store, fed as the pipeline feeds it.
@@ -360,25 +378,18 @@ fn w2_batch(
     let kinds: Vec<&str> = (0..BATCH)
         .map(|_| if rng.f64() < 0.3 { "CNP" } else { "CP" })
         .collect();
-    let columns: Vec<ArrayRef> = schema
-        .arrow()
-        .fields()
-        .iter()
-        .map(|f| match f.name().as_str() {
-            "ts" => Arc::new(TimestampMillisecondArray::from(times.clone()).with_timezone("UTC"))
-                as ArrayRef,
-            "customer_id" => Arc::clone(&customers),
-            "device_id" => Arc::clone(&devices),
-            "ip" => Arc::clone(&ips),
-            "terminal_id" => Arc::clone(&terminals),
-            "amount" => Arc::new(Float64Array::from(amounts.clone())) as ArrayRef,
-            "tx_type" => Arc::new(StringArray::from(kinds.clone())) as ArrayRef,
-            "tx_id" => Arc::new(StringArray::from(vec!["x"; BATCH])) as ArrayRef,
-            _ => Arc::new(Float64Array::from(vec![0.0; BATCH])) as ArrayRef,
-        })
-        .collect();
-    let batch =
-        RecordBatch::try_new(Arc::clone(schema.arrow()), columns).unwrap_or_else(|e| panic!("{e}"));
+    let batch = event_batch(
+        schema,
+        &times,
+        vec![
+            ("customer_id", customers),
+            ("device_id", devices),
+            ("ip", ips),
+            ("terminal_id", terminals),
+            ("amount", Arc::new(Float64Array::from(amounts)) as ArrayRef),
+            ("tx_type", Arc::new(StringArray::from(kinds)) as ArrayRef),
+        ],
+    );
     (batch, times)
 }
 

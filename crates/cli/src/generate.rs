@@ -43,7 +43,7 @@ pub struct GenerateOptions {
 
 /// What a run produced, for the final line.
 #[derive(Debug, Default)]
-pub struct Generated {
+pub struct Produced {
     pub events: u64,
     pub frauds: u64,
     pub malformed: u64,
@@ -80,7 +80,7 @@ impl ProducerContext for DeliveryCounter {
 }
 
 /// Produces until `stop`, the duration or the count; returns what was produced.
-pub fn run(config: &Config, options: &GenerateOptions, stop: &AtomicBool) -> Result<Generated> {
+pub fn run(config: &Config, options: &GenerateOptions, stop: &AtomicBool) -> Result<Produced> {
     let deliveries = Arc::new(Deliveries::default());
     // riskstream's own producer settings (security properties included), tuned for a source:
     // batches of 10 ms, and a broker outage waited out rather than failed.
@@ -104,7 +104,7 @@ pub fn run(config: &Config, options: &GenerateOptions, stop: &AtomicBool) -> Res
         "generating"
     );
 
-    let mut out = Generated::default();
+    let mut out = Produced::default();
     let mut label = String::with_capacity(96);
     let started = Instant::now();
     let mut next_report = started + Duration::from_secs(10);

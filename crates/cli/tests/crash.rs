@@ -13,7 +13,6 @@ mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +22,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-use common::{assert_same_features, free_port, riskstream, Broker};
+use common::{assert_same_features, free_port, riskstream, signal, spawn_run, Broker};
 
 const KILLS: usize = 21;
 const CUSTOMERS: u64 = 300;
@@ -126,23 +125,6 @@ fn read_verdicts(address: &str) -> HashMap<String, Vec<serde_json::Value>> {
     verdicts
 }
 
-fn run_instance(config: &Path, bundle: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("log");
-    riskstream()
-        .arg("--config")
-        .arg(config)
-        .args(["run", "--bundle"])
-        .arg(bundle)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("riskstream run starts")
-}
-
 /// A temporary directory with the test bundle in it, and a broker process.
 fn set_up() -> (tempfile::TempDir, std::path::PathBuf, Broker) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -186,7 +168,7 @@ fn crash_and_recover(delivery: &str) {
 
     let mut rng = rand::rngs::SmallRng::seed_from_u64(0x5eed);
     for _ in 0..KILLS {
-        let mut child = run_instance(&config, &bundle, &log);
+        let mut child = spawn_run(&config, &bundle, &log);
         // A restarted instance waits about 3 s for the group to drop its killed predecessor
         // (`session.timeout.ms`); it is killed anywhere from before it gets partitions to a
         // few seconds of scoring and checkpoints later.
@@ -200,7 +182,7 @@ fn crash_and_recover(delivery: &str) {
     assert!(n > 5_000, "only {n} events produced");
 
     // The last instance runs until every event has its verdict, then stops cleanly.
-    let mut last = run_instance(&config, &bundle, &log);
+    let mut last = spawn_run(&config, &bundle, &log);
     let deadline = Instant::now() + Duration::from_secs(180);
     let verdicts = loop {
         let verdicts = read_verdicts(&broker.address);
@@ -209,9 +191,7 @@ fn crash_and_recover(delivery: &str) {
         }
         std::thread::sleep(Duration::from_secs(2));
     };
-    let _ = Command::new("kill")
-        .args(["-TERM", &last.id().to_string()])
-        .status();
+    signal(&last, "TERM");
     let status = last.wait().expect("stopped");
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "the last instance failed:\n{log_text}");
@@ -382,7 +362,7 @@ fn checkpoints_create_asks_a_running_instance_for_a_checkpoint() {
         );
         std::thread::spawn(move || produce(&address, &events, stop, produced))
     };
-    let mut instance = run_instance(&config, &bundle, &dir.path().join("run.log"));
+    let mut instance = spawn_run(&config, &bundle, &dir.path().join("run.log"));
     let deadline = Instant::now() + Duration::from_secs(60);
     let (ok, stdout, stderr) = loop {
         let attempt = create(&config);
@@ -402,8 +382,6 @@ fn checkpoints_create_asks_a_running_instance_for_a_checkpoint() {
     assert!(!ok, "accepted without the token: {stdout}");
     assert!(stdout.contains("unauthorized"), "{stdout}");
 
-    let _ = Command::new("kill")
-        .args(["-TERM", &instance.id().to_string()])
-        .status();
+    signal(&instance, "TERM");
     assert!(instance.wait().expect("stopped").success());
 }

@@ -27,7 +27,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
-use common::{assert_same_features, free_port, riskstream, signal, wait_exit, Broker};
+use common::{assert_same_features, free_port, riskstream, signal, spawn_run, wait_exit, Broker};
 
 /// The shared sample stream (`../shared/data/synccfd-small`).
 const SAMPLE: &str = concat!(
@@ -221,20 +221,7 @@ struct Instance {
 
 impl Instance {
     fn start(config: &Path, bundle: &Path, log: &Path, admin_port: u16) -> Instance {
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log");
-        let child = riskstream()
-            .arg("--config")
-            .arg(config)
-            .args(["run", "--bundle"])
-            .arg(bundle)
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("riskstream run starts");
+        let child = spawn_run(config, bundle, log);
         Instance {
             child,
             admin: format!("http://127.0.0.1:{admin_port}"),

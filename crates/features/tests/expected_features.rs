@@ -15,12 +15,14 @@
 //! those; where the windows leave no choice the file and this operator agree on every value.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray};
-use arrow::datatypes::{Float64Type, Int64Type, TimestampMillisecondType};
+use arrow::array::AsArray;
+use arrow::datatypes::{Float64Type, TimestampMillisecondType};
 use riskstream_common::{Config, Position, RawBatch};
 use riskstream_decode::EventDecoder;
 use riskstream_features::FeatureOperator;
@@ -188,14 +190,7 @@ fn replay_and_compare(
                     window,
                     feature.spec.filter.is_some(),
                 );
-                let column = out.column_by_name(&feature.name).unwrap();
-                let got = if column.is_null(row) {
-                    None
-                } else if let Some(c) = column.as_primitive_opt::<Int64Type>() {
-                    Some(c.value(row) as f64)
-                } else {
-                    Some(column.as_primitive::<Float64Type>().value(row))
-                };
+                let got = common::feature_value(&out, &feature.name, row);
                 assert!(
                     close(got, want),
                     "{id} {}: got {got:?}, the definition gives {want:?}",

@@ -5,8 +5,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{Float64Type, Int64Type};
+use arrow::array::RecordBatch;
 use riskstream_features::FeatureOperator;
 use riskstream_rules::{CompiledBundle, RuleCompiler};
 use riskstream_state::StateStore;
@@ -32,15 +31,7 @@ fn events(rows: &[(i64, f64)]) -> (RecordBatch, Vec<i64>) {
 
 /// The value of feature `name` in the last row of `out`.
 fn last(out: &RecordBatch, name: &str) -> Option<f64> {
-    let column = out.column_by_name(name).unwrap();
-    let row = out.num_rows() - 1;
-    if column.is_null(row) {
-        None
-    } else if let Some(ints) = column.as_primitive_opt::<Int64Type>() {
-        Some(ints.value(row) as f64)
-    } else {
-        Some(column.as_primitive::<Float64Type>().value(row))
-    }
+    common::feature_value(out, name, out.num_rows() - 1)
 }
 
 #[test]

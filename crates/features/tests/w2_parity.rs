@@ -10,6 +10,8 @@
 //! out of order. A small write-back cache sends most records through RocksDB and back.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::needless_range_loop)]
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -208,14 +210,7 @@ fn replay_and_compare(lines: &[String], batch: usize, cache_bytes: usize) -> usi
                     &earlier,
                     &me,
                 );
-                let column = out.column_by_name(&feature.name).unwrap();
-                let got = if column.is_null(row) {
-                    None
-                } else if let Some(c) = column.as_primitive_opt::<Int64Type>() {
-                    Some(c.value(row) as f64)
-                } else {
-                    Some(column.as_primitive::<Float64Type>().value(row))
-                };
+                let got = common::feature_value(&out, &feature.name, row);
                 assert!(
                     close(got, want),
                     "{} {}: got {got:?}, the definition gives {want:?}",

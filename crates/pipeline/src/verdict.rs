@@ -79,7 +79,8 @@ pub struct FeatureSelection {
     setting: VerdictFeatures,
     /// The bundle version `listed` was resolved for.
     resolved_for: Option<u64>,
-    /// `List`: the listed features' indexes among the feature columns, ascending.
+    /// `All`, `None`, `List`: the features every verdict lists, as indexes among the feature
+    /// columns, ascending.
     listed: Vec<usize>,
     /// `Fired`: per feature, the row that last selected it (so each is listed once per row
     /// without clearing anything between rows).
@@ -109,6 +110,9 @@ impl FeatureSelection {
         let names: Vec<&str> = names.collect();
         self.marks = vec![u32::MAX; names.len()];
         self.listed.clear();
+        if self.setting == VerdictFeatures::All {
+            self.listed.extend(0..names.len());
+        }
         if let VerdictFeatures::List(wanted) = &self.setting {
             for want in wanted {
                 match names.iter().position(|n| n == want) {
@@ -126,17 +130,14 @@ impl FeatureSelection {
     }
 
     /// The features to list for `row`, ascending.
-    fn for_row<'s>(
-        &'s mut self,
+    fn for_row(
+        &mut self,
         bundle: &CompiledBundle,
         scores: &riskstream_rules::Scores,
         row: usize,
-        all: &'s [usize],
-    ) -> &'s [usize] {
+    ) -> &[usize] {
         match self.setting {
-            VerdictFeatures::All => all,
-            VerdictFeatures::None => &[],
-            VerdictFeatures::List(_) => &self.listed,
+            VerdictFeatures::All | VerdictFeatures::None | VerdictFeatures::List(_) => &self.listed,
             VerdictFeatures::Fired => {
                 self.row.clear();
                 let mark = row as u32;
@@ -193,10 +194,6 @@ pub fn encode(
     let (first_feature, names) = bundle.feature_columns();
     let features: Vec<(&str, &ArrayRef)> = names.zip(&batch.columns()[first_feature..]).collect();
     selection.prepare(bundle);
-    let all: Vec<usize> = match selection.setting {
-        VerdictFeatures::All => (0..features.len()).collect(),
-        _ => Vec::new(),
-    };
     // A new batch: rows restart at 0, so the marks of the last one must not match.
     selection.marks.fill(u32::MAX);
     let mut buf = std::mem::take(&mut out.lines);
@@ -236,11 +233,7 @@ pub fn encode(
             buf.extend_from_slice(b"\"}");
         }
         buf.extend_from_slice(b"],\"features\":{");
-        for (i, &f) in selection
-            .for_row(bundle, scores, row, &all)
-            .iter()
-            .enumerate()
-        {
+        for (i, &f) in selection.for_row(bundle, scores, row).iter().enumerate() {
             let (name, column) = features[f];
             if i > 0 {
                 buf.push(b',');

@@ -17,6 +17,24 @@ pub fn riskstream() -> Command {
     cmd
 }
 
+/// `riskstream --config CONFIG run --bundle BUNDLE`, its stderr appended to `log`.
+pub fn spawn_run(config: &Path, bundle: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
+    riskstream()
+        .arg("--config")
+        .arg(config)
+        .args(["run", "--bundle"])
+        .arg(bundle)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("riskstream run starts")
+}
+
 /// `riskstream broker` in a process of its own, and its bootstrap address.
 pub struct Broker {
     pub child: Child,

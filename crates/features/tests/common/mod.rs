@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray};
+use arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+};
+use arrow::datatypes::{Float64Type, Int64Type};
 use riskstream_common::{Config, EventSchema};
 
 pub const MIN: i64 = 60_000;
@@ -42,4 +45,17 @@ pub fn events(rows: &[(i64, &str, f64)], tx_type: &str) -> (RecordBatch, Vec<i64
         RecordBatch::try_new(Arc::clone(schema.arrow()), columns).unwrap(),
         times,
     )
+}
+
+/// Feature `name`'s value in row `row` of the operator's output, as a number (counts are
+/// integers there); `None` for NULL.
+pub fn feature_value(out: &RecordBatch, name: &str, row: usize) -> Option<f64> {
+    let column = out.column_by_name(name).unwrap();
+    if column.is_null(row) {
+        None
+    } else if let Some(ints) = column.as_primitive_opt::<Int64Type>() {
+        Some(ints.value(row) as f64)
+    } else {
+        Some(column.as_primitive::<Float64Type>().value(row))
+    }
 }
