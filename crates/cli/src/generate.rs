@@ -52,7 +52,8 @@ pub struct Produced {
     pub failed: u64,
 }
 
-/// Counts acknowledgements; logs the first delivery failure of each kind once per interval.
+/// Counts acknowledgements; logs the first delivery failure (the rest are counted, and the
+/// summary at exit reports them).
 #[derive(Default)]
 struct Deliveries {
     delivered: AtomicU64,
