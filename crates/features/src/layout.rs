@@ -1,20 +1,27 @@
 //! How a bundle's windowed features map onto state.
 //!
 //! Features over the same key fields form an *entity*: one record per key. Within an entity,
-//! features that aggregate the same events share one *window*: `count`, `sum`, `avg`, `min`,
-//! `max` and `stddev` over the same window length, `where` filter and `of` field, so
-//! `cust_avg_amount_1d` and `cust_max_amount_1d` keep the customer's events once and read one
-//! summary. `count_distinct`, `last` and `seconds_since_last` keep windows of their own.
+//! features over the same `where` filter read one *log* ([`crate::log`]): the key's events that
+//! passed the filter, kept once, with every field those features aggregate. Windows of every
+//! length over a log share its events and one walk over them per query.
 //!
-//! A window's identity is a stable hash of what it holds (entity, length, filter, field, and the
-//! aggregation for windows of their own), never of which other features exist: a feature whose
-//! definition a reload leaves unchanged keeps its state, and a feature a reload adds over events
-//! a window already holds starts with them.
+//! Within a log, features that aggregate the same events share one *window*: `count`, `sum`,
+//! `avg`, `min`, `max` and `stddev` over the same length and `of` field read one summary, so
+//! `cust_avg_amount_1d` and `cust_max_amount_1d` are one window. `count_distinct`, `last` and
+//! `seconds_since_last` are windows of their own. A window is what a large log keeps a view
+//! for, and what a feature's warm-up is tracked by.
+//!
+//! Identities are stable hashes of what a thing holds, never of which other features exist: a
+//! log's of its entity and filter, a field's of its name, a window's of its entity, length,
+//! filter, field and (for windows of their own) aggregation. A feature whose definition a
+//! reload leaves unchanged keeps its state; a feature a reload adds over a log that exists
+//! starts with the events it holds (of a field new to the log: with none of their values).
 //!
 //! This module only plans; the operator reads batches and state.
 
 use riskstream_rules::{Agg, CompiledWindowFeature};
 
+use crate::log::ViewSpec;
 use crate::window::Shape;
 
 /// The entities of a bundle's windowed features.
@@ -30,20 +37,56 @@ pub(crate) struct Entity<'a> {
     pub id: [u8; 8],
     /// Column indexes of the key fields.
     pub columns: &'a [usize],
-    pub windows: Vec<Window<'a>>,
+    pub logs: Vec<Log<'a>>,
 }
 
-/// One window per key of an entity, read by one or more features.
+/// The events of an entity that pass one filter, and the windows over them.
 #[derive(Debug)]
-pub(crate) struct Window<'a> {
+pub(crate) struct Log<'a> {
+    pub id: [u8; 8],
+    /// The feature whose `where` decides which events the log holds.
+    pub source: &'a CompiledWindowFeature,
+    pub fields: Vec<Field<'a>>,
+    /// The fields' ids, in order (what a key's log must hold).
+    pub field_ids: Vec<[u8; 8]>,
+    pub windows: Vec<Window>,
+    /// The windows as views of a large log.
+    pub views: Vec<ViewSpec>,
+    /// The distinct lengths of the summarized windows, ascending.
+    pub lengths: Vec<i64>,
+    /// Fields some summarized window aggregates.
+    pub summed: Vec<usize>,
+    /// Some summarized window keeps the second moment (a `stddev`).
+    pub moments: bool,
+    /// The longest window: events older than that are out of every window's reach.
+    pub reach_ms: i64,
+}
+
+/// A field a log keeps a value of per event.
+#[derive(Debug)]
+pub(crate) struct Field<'a> {
+    pub id: [u8; 8],
+    /// The feature that first aggregates it (its column and name, for errors).
+    pub source: &'a CompiledWindowFeature,
+    /// Only `count_distinct` reads it (a field of any type is hashed then).
+    pub distinct_only: bool,
+}
+
+/// One window per key of a log, read by one or more features.
+#[derive(Debug)]
+pub(crate) struct Window {
     pub id: [u8; 8],
     pub shape: Shape,
-    /// The feature whose `where` and `of` decide which events (and values) the window holds.
-    pub source: &'a CompiledWindowFeature,
+    /// The field it aggregates (an index into the log's fields); `None`: the events.
+    pub field: Option<usize>,
     pub readers: Vec<Reader>,
     /// Some reader uses the window's summary (all but `count_distinct`, `last`,
     /// `seconds_since_last`).
     pub summarized: bool,
+    /// For a summarized window, its length's index in the log's `lengths`, and its field's
+    /// index in the log's `summed`.
+    pub length: usize,
+    pub slot: usize,
 }
 
 /// A feature read from a window.
@@ -87,6 +130,9 @@ impl<'a> Layout<'a> {
         for (index, feature) in features.iter().enumerate() {
             layout.place(index, feature);
         }
+        for log in layout.entities.iter_mut().flat_map(|e| e.logs.iter_mut()) {
+            log.finish();
+        }
         layout
     }
 
@@ -103,12 +149,56 @@ impl<'a> Layout<'a> {
                 self.entities.push(Entity {
                     id: stable_id(&format!("entity|{entity_name}")),
                     columns: &feature.entity_columns,
-                    windows: Vec::new(),
+                    logs: Vec::new(),
                 });
                 self.entities.len() - 1
             }
         };
         let entity = &mut self.entities[at];
+        let at = match entity
+            .logs
+            .iter()
+            .position(|l| l.source.spec.filter == spec.filter)
+        {
+            Some(at) => at,
+            None => {
+                entity.logs.push(Log {
+                    id: stable_id(&format!("log|{entity_name}|{:?}", spec.filter)),
+                    source: feature,
+                    fields: Vec::new(),
+                    field_ids: Vec::new(),
+                    windows: Vec::new(),
+                    views: Vec::new(),
+                    lengths: Vec::new(),
+                    summed: Vec::new(),
+                    moments: false,
+                    reach_ms: 0,
+                });
+                entity.logs.len() - 1
+            }
+        };
+        let log = &mut entity.logs[at];
+        let field = spec.of.as_ref().map(|name| {
+            let distinct = spec.agg == Agg::CountDistinct;
+            match log
+                .fields
+                .iter()
+                .position(|f| f.source.spec.of.as_ref() == Some(name))
+            {
+                Some(at) => {
+                    log.fields[at].distinct_only &= distinct;
+                    at
+                }
+                None => {
+                    log.fields.push(Field {
+                        id: stable_id(&format!("field|{name}")),
+                        source: feature,
+                        distinct_only: distinct,
+                    });
+                    log.fields.len() - 1
+                }
+            }
+        });
         let reader = Reader {
             feature: index,
             agg: spec.agg,
@@ -116,13 +206,9 @@ impl<'a> Layout<'a> {
         };
         let window_ms = feature.window_ms();
         let shared = if summarized(spec.agg) {
-            entity.windows.iter_mut().find(|w| {
-                let s = &w.source.spec;
-                w.summarized
-                    && w.shape.window_ms == window_ms
-                    && s.filter == spec.filter
-                    && s.of == spec.of
-            })
+            log.windows
+                .iter_mut()
+                .find(|w| w.summarized && w.shape.window_ms == window_ms && w.field == field)
         } else {
             None
         };
@@ -141,20 +227,77 @@ impl<'a> Layout<'a> {
                     "window|{entity_name}|{window_ms}|{:?}|{:?}|{kind}",
                     spec.filter, spec.of
                 ));
-                entity.windows.push(Window {
+                log.windows.push(Window {
                     id,
                     shape: Shape::new(window_ms, spec.agg == Agg::Stddev),
-                    source: feature,
+                    field,
                     readers: vec![reader],
                     summarized: summarized(spec.agg),
+                    length: 0,
+                    slot: 0,
                 });
             }
         }
     }
 
-    /// Every window, with the entity it belongs to.
-    pub fn windows(&self) -> impl Iterator<Item = &Window<'a>> {
-        self.entities.iter().flat_map(|e| e.windows.iter())
+    /// Every window, with the log it belongs to.
+    pub fn windows(&self) -> impl Iterator<Item = &Window> {
+        self.logs().flat_map(|l| l.windows.iter())
+    }
+
+    /// Every log.
+    pub fn logs(&self) -> impl Iterator<Item = &Log<'a>> {
+        self.entities.iter().flat_map(|e| e.logs.iter())
+    }
+}
+
+impl Log<'_> {
+    /// Derives what queries need from the windows placed.
+    fn finish(&mut self) {
+        self.field_ids = self.fields.iter().map(|f| f.id).collect();
+        let mut lengths: Vec<i64> = self
+            .windows
+            .iter()
+            .filter(|w| w.summarized)
+            .map(|w| w.shape.window_ms)
+            .collect();
+        lengths.sort_unstable();
+        lengths.dedup();
+        for w in self.windows.iter_mut().filter(|w| w.summarized) {
+            w.length = lengths.partition_point(|&l| l < w.shape.window_ms);
+        }
+        self.lengths = lengths;
+        let mut summed: Vec<usize> = self
+            .windows
+            .iter()
+            .filter(|w| w.summarized)
+            .filter_map(|w| w.field)
+            .collect();
+        summed.sort_unstable();
+        summed.dedup();
+        for w in self.windows.iter_mut() {
+            w.slot = w
+                .field
+                .and_then(|f| summed.iter().position(|&s| s == f))
+                .unwrap_or(0);
+        }
+        self.summed = summed;
+        self.moments = self.windows.iter().any(|w| w.summarized && w.shape.moments);
+        self.reach_ms = self
+            .windows
+            .iter()
+            .map(|w| w.shape.window_ms)
+            .max()
+            .unwrap_or(0);
+        self.views = self
+            .windows
+            .iter()
+            .map(|w| ViewSpec {
+                id: w.id,
+                shape: w.shape,
+                field: w.field,
+            })
+            .collect();
     }
 }
 
@@ -165,7 +308,8 @@ mod tests {
     use riskstream_rules::RuleCompiler;
 
     #[test]
-    fn features_over_the_same_events_share_a_window() -> Result<(), Box<dyn std::error::Error>> {
+    fn features_over_the_same_events_share_a_log_and_a_window(
+    ) -> Result<(), Box<dyn std::error::Error>> {
         let schema = Config::defaults()?.event_schema()?;
         let features = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -183,40 +327,56 @@ mod tests {
                 .map(|r| bundle.window_features()[r.feature].name.clone())
                 .collect()
         };
-        let plan: Vec<Vec<Vec<String>>> = layout
+        // Per entity, per log (filter), the windows' features.
+        let plan: Vec<Vec<Vec<Vec<String>>>> = layout
             .entities
             .iter()
-            .map(|e| e.windows.iter().map(names).collect())
+            .map(|e| {
+                e.logs
+                    .iter()
+                    .map(|l| l.windows.iter().map(names).collect())
+                    .collect()
+            })
             .collect();
         assert_eq!(
             plan,
             [
                 vec![
-                    vec!["cust_tx_count_1d"],
-                    vec!["cust_tx_count_7d"],
-                    vec!["cust_tx_count_30d"],
-                    vec!["cust_avg_amount_1d", "cust_max_amount_1d", "amount_sd_1d"],
-                    vec!["cust_avg_amount_7d"],
-                    vec!["cust_avg_amount_30d"],
-                    vec!["cust_cnp_count_1h"],
-                    vec!["terminals_1d"],
+                    vec![
+                        vec!["cust_tx_count_1d"],
+                        vec!["cust_tx_count_7d"],
+                        vec!["cust_tx_count_30d"],
+                        vec!["cust_avg_amount_1d", "cust_max_amount_1d", "amount_sd_1d"],
+                        vec!["cust_avg_amount_7d"],
+                        vec!["cust_avg_amount_30d"],
+                        vec!["terminals_1d"],
+                    ],
+                    vec![vec!["cust_cnp_count_1h"]],
                 ],
-                vec![vec!["term_tx_count_1d"], vec!["term_sum_amount_7d"]],
+                vec![vec![vec!["term_tx_count_1d"], vec!["term_sum_amount_7d"]]],
             ]
         );
+        // One log over the customer's events: two fields, three lengths, one walk.
+        let log = &layout.entities[0].logs[0];
+        assert_eq!(log.fields.len(), 2);
+        assert_eq!(log.lengths, [86_400_000, 7 * 86_400_000, 30 * 86_400_000]);
+        assert_eq!(log.summed, [0], "only the amount is summarized");
+        assert!(!log.fields[0].distinct_only && log.fields[1].distinct_only);
+        assert_eq!(log.reach_ms, 30 * 86_400_000);
         // The shared 1-day window keeps the second moment for the stddev.
-        let shared = &layout.entities[0].windows[3];
-        assert!(shared.shape.moments && shared.summarized);
-        assert!(!layout.entities[0].windows[0].shape.moments);
-        // Identities depend on what a window holds, not on its neighbours.
+        let shared = &log.windows[3];
+        assert!(shared.shape.moments && shared.summarized && log.moments);
+        assert_eq!((shared.length, shared.field, shared.slot), (0, Some(0), 0));
+        assert!(!log.windows[0].shape.moments);
+        // Identities depend on what a thing holds, not on its neighbours.
         let alone = RuleCompiler::new(&schema).compile_text(
             "features:\n  - {name: x, entity: customer_id, agg: max, of: amount, window: 1d}\nrules:\n  - {id: r, when: \"amount < 0\", score: 1}\ndecision: {review_at: 1, block_at: 2}\n",
             2,
         )?;
-        assert_eq!(
-            Layout::new(alone.window_features()).entities[0].windows[0].id,
-            shared.id
-        );
+        let alone = Layout::new(alone.window_features());
+        assert_eq!(alone.entities[0].logs[0].windows[0].id, shared.id);
+        assert_eq!(alone.entities[0].logs[0].id, log.id);
+        assert_eq!(alone.entities[0].logs[0].field_ids[0], log.field_ids[0]);
         Ok(())
     }
 }

@@ -6,9 +6,10 @@
 //! folds each event into its keys' state and reads the feature values, producing one column per
 //! windowed feature of the running bundle.
 //!
-//! Features over the same key fields form one record per key, and features that aggregate the
-//! same events share one window in it ([`layout`]). A window keeps its events once, with an
-//! index of pre-aggregated panes once it holds more than a few ([`window`]). Records live in
+//! Features over the same key fields form one record per key, and features over the same
+//! `where` filter read one event log in it, whatever their lengths and fields ([`layout`]). A
+//! log keeps its events once and answers every length in one walk over them ([`log`]); a large
+//! one also keeps indexed windows of pre-aggregated panes ([`window`]). Records live in
 //! RocksDB (through `riskstream-state`) behind a bounded write-back cache of hot records; they
 //! reach the store between batches only, in one write batch each time: when the cache trims
 //! itself to its memory cap ([`FeatureOperator::end_batch`]) and on [`FeatureOperator::flush`]
@@ -22,6 +23,7 @@
 
 mod cache;
 pub mod layout;
+pub mod log;
 pub mod operator;
 pub mod window;
 

@@ -25,8 +25,9 @@ use riskstream_rules::{Agg, CompiledBundle};
 use riskstream_state::{AfterWrite, Cf, PendingWrite, StateBatch, StateError, StateStore};
 
 use crate::cache::{prefetch, ShardedCache, StateKey};
-use crate::layout::{fnv1a, Layout, Reader, Window};
-use crate::window::{Entry, KeyWindow, Summary, NO_VALUE};
+use crate::layout::{fnv1a, Layout, Log, Reader, Window};
+use crate::log::EventLog;
+use crate::window::{Summary, NO_VALUE};
 
 /// The operator could not compute a batch: a bug or a schema the bundle was not compiled for.
 #[derive(Debug, thiserror::Error)]
@@ -58,108 +59,120 @@ pub struct StateStats {
     pub dirty: usize,
 }
 
-/// The state of one entity key: its windows (see [`crate::layout`]), each tagged with its id
-/// (a reload may add, drop or reorder them).
+/// The state of one entity key: its logs (see [`crate::layout`]), each tagged with its id (a
+/// reload may add, drop or reorder them).
 ///
-/// The windows are shared copy-on-write: a flush hands the writer thread a snapshot of every
+/// The logs are shared copy-on-write: a flush hands the writer thread a snapshot of every
 /// changed record (a reference count, not a copy), and a record that a later batch changes
 /// while the writer still reads it is copied then, the only copy made.
 #[derive(Debug, Clone, PartialEq)]
 struct Record {
-    windows: Arc<[([u8; 8], KeyWindow)]>,
+    logs: Arc<[([u8; 8], EventLog)]>,
 }
 
 impl Default for Record {
     fn default() -> Self {
         Self {
-            windows: Arc::from(Vec::new()),
+            logs: Arc::from(Vec::new()),
         }
     }
 }
 
 impl Record {
-    const FORMAT: u8 = 4;
+    /// 5: one log per entity and filter (4 was one window per length, filter and field).
+    const FORMAT: u8 = 5;
 
-    /// The windows, for changing (one copy-on-write check for all of them): the windows `ids`
-    /// first, in that order, then any others a reload left behind (until a sweep drops them).
-    /// Reordered only when the layout changed or a window is new.
-    fn windows_mut(&mut self, ids: &[[u8; 8]]) -> &mut [([u8; 8], KeyWindow)] {
-        let in_order = ids.len() <= self.windows.len()
-            && ids
+    /// The logs, for changing (one copy-on-write check for all of them): `logs` first, in that
+    /// order and with their fields, then any others a reload left behind (until a sweep drops
+    /// them). Reordered only when the layout changed or a log is new.
+    fn logs_mut(&mut self, logs: &[Log]) -> &mut [([u8; 8], EventLog)] {
+        let in_order = logs.len() <= self.logs.len()
+            && logs
                 .iter()
-                .zip(self.windows.iter())
-                .all(|(id, (have, _))| id == have);
+                .zip(self.logs.iter())
+                .all(|(want, (id, have))| *id == want.id && have.has_fields(&want.field_ids));
         if !in_order {
-            let mut rest = self.windows.to_vec();
-            let mut windows = Vec::with_capacity(ids.len() + rest.len());
-            for id in ids {
-                let window = match rest.iter().position(|(have, _)| have == id) {
-                    Some(at) => rest.remove(at).1,
-                    None => KeyWindow::default(),
+            let mut rest = self.logs.to_vec();
+            let mut out = Vec::with_capacity(logs.len() + rest.len());
+            for want in logs {
+                let log = match rest.iter().position(|(id, _)| *id == want.id) {
+                    Some(at) => {
+                        let log = rest.remove(at).1;
+                        if log.has_fields(&want.field_ids) {
+                            log
+                        } else {
+                            log.with_fields(&want.field_ids)
+                        }
+                    }
+                    None => EventLog::new(&want.field_ids),
                 };
-                windows.push((*id, window));
+                out.push((want.id, log));
             }
-            windows.extend(rest);
-            self.windows = windows.into();
+            out.extend(rest);
+            self.logs = out.into();
         }
-        Arc::make_mut(&mut self.windows)
+        Arc::make_mut(&mut self.logs)
     }
 
-    /// Drops the windows `keep` rejects; whether any went.
+    /// The logs as they are, for changing.
+    fn all_mut(&mut self) -> &mut [([u8; 8], EventLog)] {
+        Arc::make_mut(&mut self.logs)
+    }
+
+    /// Drops the logs `keep` rejects; whether any went.
     fn retain(&mut self, keep: impl Fn(&[u8; 8]) -> bool) -> bool {
-        if self.windows.iter().all(|(id, _)| keep(id)) {
+        if self.logs.iter().all(|(id, _)| keep(id)) {
             return false;
         }
-        let windows: Vec<_> = self
-            .windows
+        let logs: Vec<_> = self
+            .logs
             .iter()
             .filter(|(id, _)| keep(id))
             .cloned()
             .collect();
-        self.windows = windows.into();
+        self.logs = logs.into();
         true
     }
 
     fn is_empty(&self) -> bool {
-        self.windows.iter().all(|(_, w)| w.is_empty())
+        self.logs.iter().all(|(_, l)| l.is_empty())
     }
 
-    /// Starts loading the windows into the CPU's caches.
+    /// Starts loading the logs into the CPU's caches.
     fn prefetch(&self) {
-        prefetch(self.windows.as_ptr());
+        prefetch(self.logs.as_ptr());
     }
 
-    /// Starts loading what the windows' next inserts and queries read (the windows themselves
+    /// Starts loading what the logs' next inserts and queries read (the logs themselves
     /// should be in cache by now: [`Self::prefetch`]).
     fn prefetch_events(&self) {
-        for (_, window) in self.windows.iter() {
-            window.prefetch();
+        for (_, log) in self.logs.iter() {
+            log.prefetch();
         }
     }
 
     fn events(&self) -> usize {
-        self.windows.iter().map(|(_, w)| w.len()).sum()
+        self.logs.iter().map(|(_, l)| l.len()).sum()
     }
 
     fn approx_bytes(&self) -> usize {
-        self.windows.len() * std::mem::size_of::<([u8; 8], KeyWindow)>()
+        self.logs.len() * std::mem::size_of::<([u8; 8], EventLog)>()
             + self
-                .windows
+                .logs
                 .iter()
-                .map(|(_, w)| w.approx_bytes())
+                .map(|(_, l)| l.approx_bytes())
                 .sum::<usize>()
     }
 
-    /// Format byte, window count, then per window its feature id and encoding. Empty windows
-    /// are left out.
+    /// Format byte, log count, then per log its id and encoding. Empty logs are left out.
     fn encode(&self, out: &mut Vec<u8>) {
         out.clear();
         out.push(Self::FORMAT);
-        let live = self.windows.iter().filter(|(_, w)| !w.is_empty());
+        let live = self.logs.iter().filter(|(_, l)| !l.is_empty());
         out.extend_from_slice(&(live.clone().count() as u16).to_le_bytes());
-        for (id, window) in live {
+        for (id, log) in live {
             out.extend_from_slice(id);
-            window.encode(out);
+            log.encode(out);
         }
     }
 
@@ -171,15 +184,13 @@ impl Record {
         }
         bytes = rest;
         let count = u16::from_le_bytes(*count) as usize;
-        let mut windows = Vec::with_capacity(count.min(bytes.len() / 12));
+        let mut logs = Vec::with_capacity(count.min(bytes.len() / 10));
         for _ in 0..count {
             let (id, rest) = bytes.split_first_chunk::<8>()?;
             bytes = rest;
-            windows.push((*id, KeyWindow::decode_from(&mut bytes)?));
+            logs.push((*id, EventLog::decode_from(&mut bytes)?));
         }
-        bytes.is_empty().then_some(Record {
-            windows: windows.into(),
-        })
+        bytes.is_empty().then_some(Record { logs: logs.into() })
     }
 }
 
@@ -281,8 +292,8 @@ pub struct FeatureOperator {
     batch_no: u64,
     keys: BatchKeys,
     scratch: Vec<u8>,
-    /// Reused by `count_distinct` queries.
-    distinct: Vec<u64>,
+    /// Reused by queries.
+    query: QueryScratch,
     /// Where the next eviction sweep of the store starts.
     sweep_cursor: Vec<u8>,
     /// The store may hold records the cache does not (left by an earlier run, or written out
@@ -327,11 +338,26 @@ impl std::fmt::Debug for FeatureOperator {
     }
 }
 
-/// What a window takes from a batch, prepared once per batch.
-struct WindowInput<'a> {
-    window: &'a Window<'a>,
+/// What a log takes from a batch, prepared once per batch: which rows pass its filter, and its
+/// fields' values.
+struct LogInput<'a> {
+    log: &'a Log<'a>,
     filter: Option<BooleanBuffer>,
-    values: Option<Float64Array>,
+    values: Vec<Float64Array>,
+    /// Some window has a `seconds_since_last` reader (read before the event is added).
+    since_last: bool,
+}
+
+/// Buffers that queries reuse from event to event.
+#[derive(Default)]
+struct QueryScratch {
+    /// A row's field values.
+    values: Vec<f64>,
+    /// A log's summaries per length and field, and its events per length.
+    sums: Vec<Summary>,
+    counts: Vec<u64>,
+    /// Values for `count_distinct`.
+    distinct: Vec<u64>,
 }
 
 /// A feature's output column under construction.
@@ -352,6 +378,24 @@ impl Column {
         match self {
             Column::Ints(v) => v.push(None),
             Column::Floats(v) => v.push(None),
+        }
+    }
+
+    /// Appends `reader`'s value from a summary: `events` in the window, `summary` of its
+    /// field's values (`None`: it aggregates no field).
+    fn push_summarized(&mut self, reader: &Reader, events: u64, summary: Option<&Summary>) {
+        match (reader.agg, self) {
+            (Agg::Count, Column::Ints(c)) => c.push(Some(if reader.counts_events {
+                events as i64
+            } else {
+                summary.map_or(0, |s| s.count as i64)
+            })),
+            (Agg::Sum, Column::Floats(c)) => c.push(summary.and_then(Summary::sum)),
+            (Agg::Avg, Column::Floats(c)) => c.push(summary.and_then(Summary::avg)),
+            (Agg::Min, Column::Floats(c)) => c.push(summary.and_then(Summary::min)),
+            (Agg::Max, Column::Floats(c)) => c.push(summary.and_then(Summary::max)),
+            (Agg::Stddev, Column::Floats(c)) => c.push(summary.and_then(Summary::stddev)),
+            (_, column) => column.push_null(),
         }
     }
 
@@ -414,7 +458,7 @@ impl FeatureOperator {
             batch_no: 0,
             keys: BatchKeys::default(),
             scratch: Vec::new(),
-            distinct: Vec::new(),
+            query: QueryScratch::default(),
             sweep_cursor: Vec::new(),
             cache_cursor: 0,
             cache_misses: metrics::counter!("riskstream_state_cache_misses_total"),
@@ -508,32 +552,36 @@ impl FeatureOperator {
         let mut evicted = 0;
         for entity in &layout.entities {
             let inputs = entity
-                .windows
+                .logs
                 .iter()
-                .map(|w| WindowInput::new(w, events))
+                .map(|l| LogInput::new(l, events))
                 .collect::<Result<Vec<_>, _>>()?;
             let key_columns: Vec<&ArrayRef> =
                 entity.columns.iter().map(|&i| events.column(i)).collect();
             self.keys.fill(&entity.id, &key_columns, rows);
-            let ids: Vec<[u8; 8]> = entity.windows.iter().map(|w| w.id).collect();
             for (row, &t) in event_time.iter().enumerate() {
                 if row % PREFETCH_GROUP == 0 {
                     // The records of the events ahead are fetched from memory while these
-                    // are computed: two groups ahead the records' windows, one group ahead
-                    // (the windows in cache by then) the events and indexes they point to.
+                    // are computed: two groups ahead the records' logs, one group ahead
+                    // (the logs in cache by then) the events and views they point to.
                     // A group's lookups run back to back, so that their misses overlap.
                     let g = PREFETCH_GROUP;
-                    let (windows_from, events_from) = if row == 0 {
+                    let (logs_from, events_from) = if row == 0 {
                         (0, 0)
                     } else {
                         (row + 2 * g, row + g)
                     };
-                    prefetch_records(&self.cache, &self.keys, windows_from..row + 3 * g, false);
+                    prefetch_records(&self.cache, &self.keys, logs_from..row + 3 * g, false);
                     prefetch_records(&self.cache, &self.keys, events_from..row + 2 * g, true);
                 }
                 let Some(key) = self.keys.get(row) else {
                     // No key, no entity: the features are NULL and nothing is folded.
-                    for reader in entity.windows.iter().flat_map(|w| &w.readers) {
+                    for reader in entity
+                        .logs
+                        .iter()
+                        .flat_map(|l| &l.windows)
+                        .flat_map(|w| &w.readers)
+                    {
                         columns[reader.feature].push_null();
                     }
                     continue;
@@ -547,43 +595,28 @@ impl FeatureOperator {
                     &mut self.cache_bytes,
                     &mut self.collecting,
                 )?;
-                let windows = cached.record.windows_mut(&ids);
+                let logs = cached.record.logs_mut(&entity.logs);
                 for (slot, input) in inputs.iter().enumerate() {
-                    let window = &mut windows[slot].1;
-                    window.prepare(input.window.shape);
+                    let log = &mut logs[slot].1;
                     if let Some(horizon) = horizon {
-                        let dropped = window.evict(horizon - input.window.shape.window_ms);
-                        if dropped > 0 {
-                            evicted += dropped as u64;
-                            cached.dirty = true;
+                        let reach = horizon - input.log.reach_ms;
+                        if log.can_evict(reach) {
+                            let dropped = log.evict(reach, |id| input.view_horizon(horizon, id));
+                            if dropped > 0 {
+                                evicted += dropped as u64;
+                                cached.dirty = true;
+                            }
                         }
                     }
                     // `seconds_since_last` looks at the events before this one; every other
                     // aggregate includes it.
-                    for reader in &input.window.readers {
-                        if reader.agg == Agg::SecondsSinceLast {
-                            input.read(window, reader, t, None, &mut self.distinct, &mut columns);
-                        }
+                    if input.since_last {
+                        input.read_since_last(log, t, &mut columns);
                     }
-                    if input.fold(window, row, t) {
+                    if input.fold(log, row, t, &mut self.query.values) {
                         cached.dirty = true;
                     }
-                    let summary = input
-                        .window
-                        .summarized
-                        .then(|| window.summary(input.window.shape, t));
-                    for reader in &input.window.readers {
-                        if reader.agg != Agg::SecondsSinceLast {
-                            input.read(
-                                window,
-                                reader,
-                                t,
-                                summary.as_ref(),
-                                &mut self.distinct,
-                                &mut columns,
-                            );
-                        }
-                    }
+                    input.read(log, t, &mut self.query, &mut columns);
                 }
                 let bytes = entry_bytes(key, &cached.record);
                 self.cache_bytes = self.cache_bytes + bytes - cached.bytes;
@@ -781,24 +814,30 @@ impl FeatureOperator {
         allowed_lateness_ms: i64,
         store_keys: usize,
     ) -> Result<usize, FeatureError> {
-        // Per live window, the time at or before which no event can be reached again.
-        let live: HashMap<[u8; 8], i64> = Layout::new(bundle.window_features())
+        // Per live log and window, the time at or before which no event can be reached again.
+        let layout = Layout::new(bundle.window_features());
+        let floor = watermark - allowed_lateness_ms;
+        let live: HashMap<[u8; 8], i64> =
+            layout.logs().map(|l| (l.id, floor - l.reach_ms)).collect();
+        let views: HashMap<[u8; 8], i64> = layout
             .windows()
-            .map(|w| (w.id, watermark - allowed_lateness_ms - w.shape.window_ms))
+            .map(|w| (w.id, floor - w.shape.window_ms))
             .collect();
         let evict_record = |record: &mut Record| -> (usize, bool) {
             let mut changed = record.retain(|id| live.contains_key(id));
             let mut dropped = 0;
-            for slot in 0..record.windows.len() {
-                let (id, window) = &record.windows[slot];
+            for slot in 0..record.logs.len() {
+                let (id, log) = &record.logs[slot];
                 let Some(&horizon) = live.get(id) else {
                     continue;
                 };
                 // A snapshot the writer holds is copied only when something may go.
-                if !window.can_evict(horizon) {
+                if !log.can_evict(horizon) {
                     continue;
                 }
-                let n = record.windows_mut(&[])[slot].1.evict(horizon);
+                let n = record.all_mut()[slot]
+                    .1
+                    .evict(horizon, |view| views.get(view).copied());
                 dropped += n;
                 changed |= n > 0;
             }
@@ -992,74 +1031,174 @@ fn put_record(
     }
 }
 
-impl<'a> WindowInput<'a> {
-    fn new(window: &'a Window<'a>, events: &RecordBatch) -> Result<Self, FeatureError> {
-        let source = window.source;
-        let values =
-            match source.of_column {
-                Some(i) => Some(values_of(events.column(i), source.spec.agg).map_err(
-                    |source| FeatureError::Arrow {
-                        feature: window.source.name.clone(),
-                        source,
-                    },
-                )?),
-                None => None,
-            };
+impl<'a> LogInput<'a> {
+    fn new(log: &'a Log<'a>, events: &RecordBatch) -> Result<Self, FeatureError> {
+        let values = log
+            .fields
+            .iter()
+            .map(|field| {
+                let source = field.source;
+                // Values of other types can only be told apart, not added up.
+                let agg = if field.distinct_only {
+                    Agg::CountDistinct
+                } else {
+                    Agg::Sum
+                };
+                let column = source.of_column.ok_or_else(|| {
+                    ArrowError::InvalidArgumentError("no field to aggregate".into())
+                });
+                column
+                    .and_then(|i| values_of(events.column(i), agg))
+                    .map_err(|e| FeatureError::Arrow {
+                        feature: source.name.clone(),
+                        source: e,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
-            window,
-            filter: source.filter_mask(events),
+            log,
+            filter: log.source.filter_mask(events),
             values,
+            since_last: log
+                .windows
+                .iter()
+                .flat_map(|w| &w.readers)
+                .any(|r| r.agg == Agg::SecondsSinceLast),
         })
     }
 
-    /// Folds row `row` into `window` when it passes the filter and, for a window over a field,
-    /// has a value; true if it did.
-    fn fold(&self, window: &mut KeyWindow, row: usize, ts: i64) -> bool {
+    /// The horizon of the log's view `id` when the log's events are evicted at `horizon`.
+    fn view_horizon(&self, horizon: i64, id: &[u8; 8]) -> Option<i64> {
+        self.log
+            .windows
+            .iter()
+            .find(|w| w.id == *id)
+            .map(|w| horizon - w.shape.window_ms)
+    }
+
+    /// Adds row `row` to `log` when it passes the filter; true if it did. `values` is a
+    /// reusable buffer.
+    fn fold(&self, log: &mut EventLog, row: usize, ts: i64, values: &mut Vec<f64>) -> bool {
         if self.filter.as_ref().is_some_and(|m| !m.value(row)) {
             return false;
         }
-        let value = match &self.values {
-            Some(v) if v.is_null(row) => return false,
-            Some(v) => v.value(row),
-            None => NO_VALUE,
-        };
-        window.insert(self.window.shape, Entry { ts, value });
+        values.clear();
+        values.extend(self.values.iter().map(|v| {
+            if v.is_null(row) {
+                NO_VALUE
+            } else {
+                v.value(row)
+            }
+        }));
+        log.insert(ts, values, &self.log.views);
         true
     }
 
-    /// Appends `reader`'s value at time `t` to its column. `summary` is the window's summary at
-    /// `t` for the aggregates that use one.
-    fn read(
-        &self,
-        window: &mut KeyWindow,
-        reader: &Reader,
-        t: i64,
-        summary: Option<&Summary>,
-        distinct: &mut Vec<u64>,
-        columns: &mut [Column],
-    ) {
-        let len = self.window.shape.window_ms;
-        let column = &mut columns[reader.feature];
-        match (reader.agg, column, summary) {
-            (Agg::Count, Column::Ints(c), Some(s)) => c.push(Some(if reader.counts_events {
-                s.events as i64
-            } else {
-                s.count as i64
-            })),
-            (Agg::Sum, Column::Floats(c), Some(s)) => c.push(s.sum()),
-            (Agg::Avg, Column::Floats(c), Some(s)) => c.push(s.avg()),
-            (Agg::Min, Column::Floats(c), Some(s)) => c.push(s.min()),
-            (Agg::Max, Column::Floats(c), Some(s)) => c.push(s.max()),
-            (Agg::Stddev, Column::Floats(c), Some(s)) => c.push(s.stddev()),
-            (Agg::CountDistinct, Column::Ints(c), _) => {
-                c.push(Some(window.count_distinct(len, t, distinct) as i64))
+    /// Appends the values of the `seconds_since_last` readers at time `t` (before the event is
+    /// added).
+    fn read_since_last(&self, log: &mut EventLog, t: i64, columns: &mut [Column]) {
+        let since = |last: Option<i64>| last.map(|ts| (t - ts) as f64 / 1000.0);
+        let readers = |w: &'a Window| w.readers.iter().filter(|r| r.agg == Agg::SecondsSinceLast);
+        match log.views(&self.log.views) {
+            Some(views) => {
+                for (window, view) in self.log.windows.iter().zip(views) {
+                    for reader in readers(window) {
+                        let last = view.last(window.shape.window_ms, t).map(|e| e.ts);
+                        push_float(&mut columns[reader.feature], since(last));
+                    }
+                }
             }
-            (Agg::Last, Column::Floats(c), _) => c.push(window.last(len, t).map(|e| e.value)),
-            (Agg::SecondsSinceLast, Column::Floats(c), _) => {
-                c.push(window.last(len, t).map(|e| (t - e.ts) as f64 / 1000.0))
+            None => {
+                for window in &self.log.windows {
+                    for reader in readers(window) {
+                        let last = log.last(window.field, window.shape.window_ms, t);
+                        push_float(&mut columns[reader.feature], since(last.map(|(ts, _)| ts)));
+                    }
+                }
             }
-            (_, column, _) => column.push_null(),
         }
+    }
+
+    /// Appends the values at time `t` of every reader of the log but `seconds_since_last`.
+    fn read(&self, log: &mut EventLog, t: i64, q: &mut QueryScratch, columns: &mut [Column]) {
+        let l = self.log;
+        match log.views(&l.views) {
+            Some(views) => {
+                for (window, view) in l.windows.iter().zip(views) {
+                    let summary = window.summarized.then(|| view.summary(window.shape, t));
+                    for reader in &window.readers {
+                        let column = &mut columns[reader.feature];
+                        let len = window.shape.window_ms;
+                        match reader.agg {
+                            Agg::SecondsSinceLast => {}
+                            Agg::CountDistinct => push_int(
+                                column,
+                                Some(view.count_distinct(len, t, &mut q.distinct) as i64),
+                            ),
+                            Agg::Last => push_float(column, view.last(len, t).map(|e| e.value)),
+                            _ => {
+                                let events = summary.map_or(0, |s| s.events);
+                                column.push_summarized(reader, events, summary.as_ref())
+                            }
+                        }
+                    }
+                }
+            }
+            None => {
+                if !l.lengths.is_empty() {
+                    log.summaries(
+                        t,
+                        &l.lengths,
+                        &l.summed,
+                        l.moments,
+                        &mut q.sums,
+                        &mut q.counts,
+                    );
+                }
+                for window in &l.windows {
+                    for reader in &window.readers {
+                        let column = &mut columns[reader.feature];
+                        let len = window.shape.window_ms;
+                        match reader.agg {
+                            Agg::SecondsSinceLast => {}
+                            Agg::CountDistinct => push_int(
+                                column,
+                                window
+                                    .field
+                                    .map(|f| log.count_distinct(f, len, t, &mut q.distinct) as i64),
+                            ),
+                            Agg::Last => push_float(
+                                column,
+                                window
+                                    .field
+                                    .and_then(|f| log.last(Some(f), len, t))
+                                    .map(|(_, v)| v),
+                            ),
+                            _ => {
+                                let summary = window
+                                    .field
+                                    .map(|_| &q.sums[window.length * l.summed.len() + window.slot]);
+                                column.push_summarized(reader, q.counts[window.length], summary)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn push_int(column: &mut Column, value: Option<i64>) {
+    match column {
+        Column::Ints(c) => c.push(value),
+        Column::Floats(c) => c.push(None),
+    }
+}
+
+fn push_float(column: &mut Column, value: Option<f64>) {
+    match column {
+        Column::Floats(c) => c.push(value),
+        Column::Ints(c) => c.push(None),
     }
 }
 

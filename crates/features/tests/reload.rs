@@ -1,6 +1,7 @@
 //! Bundle reloads and feature state: a feature whose definition is unchanged keeps its state, a
-//! feature added over events a window already holds starts with them, a changed definition
-//! starts empty, and the state of windows no bundle uses any more is swept away.
+//! feature added over events a log already holds starts with them (a longer window with what
+//! the log kept), a feature over a filter of its own starts empty, and the state of logs no
+//! bundle uses any more is swept away.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -51,10 +52,11 @@ fn reloads_keep_share_and_reset_state_by_definition() {
     operator.flush(&[]).unwrap();
 
     // v2 keeps both features, adds a max over the same events (it shares their window and sees
-    // them at once), a stddev over them too (the window's summaries gain the second moment), and
-    // a changed definition of the average (2 hours: a window of its own, empty so far).
+    // them at once), a stddev over them too (the window's summaries gain the second moment), a
+    // 2-hour average (a new length over the same log: it sees the events the log kept), and a
+    // count over a filter of its own (a new log, empty so far).
     let v2 = bundle(
-        "  - {name: n_1h, entity: customer_id, agg: count, window: 1h}\n  - {name: avg_1h, entity: customer_id, agg: avg, of: amount, window: 1h}\n  - {name: max_1h, entity: customer_id, agg: max, of: amount, window: 1h}\n  - {name: sd_1h, entity: customer_id, agg: stddev, of: amount, window: 1h}\n  - {name: avg_2h, entity: customer_id, agg: avg, of: amount, window: 2h}\n",
+        "  - {name: n_1h, entity: customer_id, agg: count, window: 1h}\n  - {name: avg_1h, entity: customer_id, agg: avg, of: amount, window: 1h}\n  - {name: max_1h, entity: customer_id, agg: max, of: amount, window: 1h}\n  - {name: sd_1h, entity: customer_id, agg: stddev, of: amount, window: 1h}\n  - {name: avg_2h, entity: customer_id, agg: avg, of: amount, window: 2h}\n  - {name: big_1h, entity: customer_id, agg: count, where: \"amount > 25\", window: 1h}\n",
         2,
     );
     let (batch, times) = events(&[(30, 30.0)]);
@@ -73,15 +75,16 @@ fn reloads_keep_share_and_reset_state_by_definition() {
     assert_eq!(
         last(&out, "avg_2h"),
         Some(30.0),
-        "a new window starts empty"
+        "a new length over held events"
     );
+    assert_eq!(last(&out, "big_1h"), Some(1.0), "a new log starts empty");
 
-    // Back to v1: the windows v2 added are no longer live and the sweep removes them; v1's
-    // features still have all their events.
+    // Back to v1: the log v2 added is no longer live and the sweep removes it; v1's features
+    // still have all their events.
     let stats = operator.stats().unwrap();
-    assert_eq!(stats.events, 4 + 4 + 1);
+    assert_eq!(stats.events, 4 + 1);
     operator.evict(&v1, times[0], 0, 100).unwrap();
-    assert_eq!(operator.stats().unwrap().events, 4 + 4);
+    assert_eq!(operator.stats().unwrap().events, 4);
     let (batch, times) = events(&[(40, 40.0)]);
     let out = operator.compute(&v1, &batch, &times, None).unwrap();
     assert_eq!(last(&out, "n_1h"), Some(5.0));
