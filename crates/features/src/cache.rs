@@ -36,18 +36,25 @@ impl<V> Default for ShardedCache<V> {
 }
 
 impl<V> ShardedCache<V> {
-    fn locate(&self, key: &[u8]) -> (u64, usize) {
-        let hash = self.hasher.hash_one(key);
-        (hash, (hash >> SHARD_SHIFT) as usize % SHARDS)
+    /// The hash of `key` that the `_hashed` lookups take (a batch's keys are hashed once,
+    /// however many times they are looked up).
+    pub fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
     }
 
-    /// The value under `key`, or the one `make` makes (inserted); whether it was inserted.
-    pub fn get_or_try_insert<E>(
+    fn shard_of(hash: u64) -> usize {
+        (hash >> SHARD_SHIFT) as usize % SHARDS
+    }
+
+    /// The value under `key`, whose [`Self::hash`] is `hash`, or the one `make` makes
+    /// (inserted); whether it was inserted.
+    pub fn get_or_try_insert_hashed<E>(
         &mut self,
+        hash: u64,
         key: &[u8],
         make: impl FnOnce() -> Result<V, E>,
     ) -> Result<(&mut V, bool), E> {
-        let (hash, shard) = self.locate(key);
+        let shard = Self::shard_of(hash);
         let hasher = &self.hasher;
         match self.shards[shard].entry(
             hash,
@@ -64,8 +71,12 @@ impl<V> ShardedCache<V> {
     }
 
     pub fn get(&self, key: &[u8]) -> Option<&V> {
-        let (hash, shard) = self.locate(key);
-        self.shards[shard]
+        self.get_hashed(self.hash(key), key)
+    }
+
+    /// [`Self::get`] for a key whose [`Self::hash`] is `hash`.
+    pub fn get_hashed(&self, hash: u64, key: &[u8]) -> Option<&V> {
+        self.shards[Self::shard_of(hash)]
             .find(hash, |(k, _)| k.as_bytes() == key)
             .map(|(_, v)| v)
     }
@@ -195,7 +206,9 @@ mod tests {
         let keys: Vec<String> = (0..10_000).map(|i| format!("customer-{i}")).collect();
         for (i, k) in keys.iter().enumerate() {
             let (_, inserted) = cache
-                .get_or_try_insert(k.as_bytes(), || Ok::<_, ()>(i as u32))
+                .get_or_try_insert_hashed(cache.hash(k.as_bytes()), k.as_bytes(), || {
+                    Ok::<_, ()>(i as u32)
+                })
                 .unwrap();
             assert!(inserted);
         }
@@ -203,7 +216,9 @@ mod tests {
         assert!(keys.iter().all(|k| cache.contains_key(k.as_bytes())));
         assert!(!cache.contains_key(b"customer-10000"));
         let (found, inserted) = cache
-            .get_or_try_insert(b"customer-7", || Err::<u32, _>("not called"))
+            .get_or_try_insert_hashed(cache.hash(b"customer-7"), b"customer-7", || {
+                Err::<u32, _>("not called")
+            })
             .unwrap();
         assert_eq!((*found, inserted), (7, false));
         // No shard is empty or holds more than twice its share.

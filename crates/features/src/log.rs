@@ -63,6 +63,9 @@ impl EventLog {
     /// An empty log of `fields`.
     pub fn new(fields: &[[u8; 8]]) -> Self {
         let mut log = Self::default();
+        // Room for a few events: most keys hold a few, and growing from the fields' size up
+        // reallocated three times before the fourth.
+        log.words.reserve(fields.len() + 4 * (1 + fields.len()));
         log.words
             .extend(fields.iter().map(|f| u64::from_le_bytes(*f)));
         log.fields = fields.len() as u32;
