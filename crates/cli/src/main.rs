@@ -639,8 +639,9 @@ fn validate(config: &Config, bundle: &Path) -> Result<ExitCode> {
     match compiler.compile_text(&text, 1) {
         Ok(compiled) => {
             let doc = compiled.doc();
+            let (distinct, written) = compiled.condition_counts();
             println!(
-                "{}: ok ({} rules, {} features; compiled in {:.1} ms)",
+                "{}: ok ({} rules, {} features; {distinct} distinct of {written} rule conditions; compiled in {:.1} ms)",
                 bundle.display(),
                 doc.rules.len(),
                 doc.features.len(),

@@ -16,7 +16,7 @@ use datafusion::execution::context::SessionState;
 use datafusion::logical_expr::simplify::SimplifyContext;
 use datafusion::logical_expr::{Cast, Expr, ExprSchemable};
 use datafusion::optimizer::simplify_expressions::ExprSimplifier;
-use datafusion::physical_expr::utils::collect_columns;
+use datafusion::physical_expr::utils::{collect_columns, split_conjunction};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
 use metrics::Counter;
@@ -49,6 +49,9 @@ pub struct CompiledBundle {
     pub(crate) window_features: Vec<CompiledWindowFeature>,
     pub(crate) row_features: Vec<CompiledRowFeature>,
     pub(crate) rules: Vec<CompiledRule>,
+    /// The distinct conditions of the rules' `when`s (their top-level `AND` terms): a term
+    /// several rules share, such as `amount > 100`, is evaluated once per batch.
+    pub(crate) conditions: Vec<Arc<dyn PhysicalExpr>>,
     pub(crate) decision: DecisionSpec,
     /// Index of the first feature column in the scoring schema.
     pub(crate) first_feature_column: usize,
@@ -98,7 +101,9 @@ pub(crate) struct CompiledRule {
     pub(crate) features: Vec<usize>,
     pub(crate) mode: Mode,
     pub(crate) action: Option<Decision>,
-    pub(crate) when: Arc<dyn PhysicalExpr>,
+    /// Its `when`, as the conditions that must all hold: indexes into the bundle's
+    /// `conditions`, in the order written.
+    pub(crate) when: Vec<usize>,
     pub(crate) score: CompiledScore,
     pub(crate) hits: Counter,
     pub(crate) errors: Counter,
@@ -152,6 +157,15 @@ impl CompiledBundle {
     /// Number of rules.
     pub fn rule_count(&self) -> usize {
         self.rules.len()
+    }
+
+    /// Number of distinct conditions across the rules' `when`s (each evaluated once per batch
+    /// however many rules share it), and the number of conditions as written.
+    pub fn condition_counts(&self) -> (usize, usize) {
+        (
+            self.conditions.len(),
+            self.rules.iter().map(|r| r.when.len()).sum(),
+        )
     }
 
     /// Rule ids and modes, in bundle order (the order of [`crate::Scores::hits`] rule indexes).
@@ -324,6 +338,7 @@ impl RuleCompiler {
         let scoring_df = df_schema(&scoring_schema);
 
         let mut rules = Vec::new();
+        let mut conditions: Vec<Arc<dyn PhysicalExpr>> = Vec::new();
         for spec in &doc.rules {
             let subject = Subject::Rule(spec.id.clone());
             let when = match self.plan_boolean(&spec.when, &scoring_df, "when") {
@@ -355,6 +370,18 @@ impl RuleCompiler {
                     .collect();
                 features.sort_unstable();
                 features.dedup();
+                let when = split_conjunction(&when)
+                    .into_iter()
+                    .map(
+                        |term| match conditions.iter().position(|c| c.as_ref() == term.as_ref()) {
+                            Some(at) => at,
+                            None => {
+                                conditions.push(Arc::clone(term));
+                                conditions.len() - 1
+                            }
+                        },
+                    )
+                    .collect();
                 rules.push(CompiledRule {
                     id: spec.id.clone(),
                     features,
@@ -387,6 +414,7 @@ impl RuleCompiler {
             window_features,
             row_features,
             rules,
+            conditions,
             first_feature_column,
         })
     }

@@ -1,5 +1,10 @@
 //! Scoring: evaluating a compiled bundle over one micro-batch, vectorised rule by rule.
 //!
+//! A rule's `when` is the conjunction of its conditions (its top-level `AND` terms), and the
+//! bundle evaluates each distinct condition at most once per batch, when the first rule that
+//! needs it asks: rules that share `amount > 100` share its evaluation. A rule stops at its
+//! first condition that holds for no row.
+//!
 //! A runtime problem in an expression (division by zero, overflow, a NULL or non-finite score)
 //! never fails the batch: the batch is re-evaluated row by row for that expression only, the
 //! rows that fail count in `riskstream_rule_eval_errors_total` (or
@@ -124,12 +129,42 @@ impl CompiledBundle {
         let mut total = vec![0.0; n];
         let mut forced = vec![Decision::Allow; n];
         let mut hits = Vec::new();
+        // Per condition, once evaluated: the rows where it holds, and those where it failed.
+        let mut conditions: Vec<Option<(BooleanBuffer, Option<BooleanBuffer>)>> =
+            vec![None; self.conditions.len()];
         for (index, rule) in self.rules.iter().enumerate() {
-            let when = evaluate(&rule.when, batch, &DataType::Boolean, &rule.errors);
-            let when = when.as_boolean();
-            let mut fired = match when.nulls() {
-                Some(valid) => when.values() & valid.inner(),
-                None => when.values().clone(),
+            let mut fired: Option<BooleanBuffer> = None;
+            let mut failed: Option<BooleanBuffer> = None;
+            for &c in &rule.when {
+                let (holds, broke) = conditions[c].get_or_insert_with(|| {
+                    let (when, broke) =
+                        evaluate_rows(&self.conditions[c], batch, &DataType::Boolean);
+                    let when = when.as_boolean();
+                    let holds = match when.nulls() {
+                        Some(valid) => when.values() & valid.inner(),
+                        None => when.values().clone(),
+                    };
+                    (holds, broke)
+                });
+                fired = Some(match fired {
+                    Some(f) => &f & holds,
+                    None => holds.clone(),
+                });
+                if let Some(broke) = broke {
+                    failed = Some(match failed {
+                        Some(f) => &f | broke,
+                        None => broke.clone(),
+                    });
+                }
+                if fired.as_ref().is_some_and(|f| f.count_set_bits() == 0) {
+                    break;
+                }
+            }
+            if let Some(failed) = failed {
+                rule.errors.increment(failed.count_set_bits() as u64);
+            }
+            let Some(mut fired) = fired else {
+                continue;
             };
             if fired.count_set_bits() == 0 {
                 continue;
@@ -193,26 +228,39 @@ pub(crate) fn evaluate(
     data_type: &DataType,
     errors: &Counter,
 ) -> ArrayRef {
+    let (array, failed) = evaluate_rows(expr, batch, data_type);
+    if let Some(failed) = failed {
+        errors.increment(failed.count_set_bits() as u64);
+    }
+    array
+}
+
+/// [`evaluate`], returning the rows that failed (NULL in the result) instead of counting them.
+fn evaluate_rows(
+    expr: &Arc<dyn PhysicalExpr>,
+    batch: &RecordBatch,
+    data_type: &DataType,
+) -> (ArrayRef, Option<BooleanBuffer>) {
     let n = batch.num_rows();
     if let Ok(array) = expr.evaluate(batch).and_then(|v| v.into_array(n)) {
-        return array;
+        return (array, None);
     }
-    let mut failed = 0u64;
+    let mut failed = vec![false; n];
     let rows: Vec<ArrayRef> = (0..n)
         .map(|i| {
             let row = batch.slice(i, 1);
             expr.evaluate(&row)
                 .and_then(|v| v.into_array(1))
                 .unwrap_or_else(|_| {
-                    failed += 1;
+                    failed[i] = true;
                     new_null_array(data_type, 1)
                 })
         })
         .collect();
-    errors.increment(failed);
     let parts: Vec<&dyn Array> = rows.iter().map(|a| a.as_ref()).collect();
     // All parts share `data_type`, so concatenation cannot fail; be defensive all the same.
-    concat(&parts).unwrap_or_else(|_| new_null_array(data_type, n))
+    let array = concat(&parts).unwrap_or_else(|_| new_null_array(data_type, n));
+    (array, Some(BooleanBuffer::from(failed)))
 }
 
 fn describe(schema: &SchemaRef) -> String {

@@ -266,3 +266,64 @@ fn a_batch_of_the_wrong_schema_is_refused() {
     let err = bundle.evaluate(&other).unwrap_err().to_string();
     assert!(err.contains("does not match bundle v3"), "{err}");
 }
+
+#[test]
+fn rules_share_the_evaluation_of_conditions_and_their_errors() {
+    let recorder = DebuggingRecorder::new();
+    let bundle = metrics::with_local_recorder(&recorder, || {
+        compile(
+            r#"
+rules:
+  - {id: big_cnp, when: "amount > 100 AND kind = 'CNP'", score: 10}
+  - {id: big_ratio, when: "amount > 100 AND 1000 / qty > 5", score: 20}
+  - {id: ratio_only, when: "1000 / qty > 5", score: 1}
+  - {id: never, when: "amount > 1000000 AND 1000 / qty > 5", score: 1}
+decision: {review_at: 40, block_at: 80}
+"#,
+        )
+    });
+    // Seven conditions as written; `amount > 100` twice and `1000 / qty > 5` three times:
+    // four distinct ones.
+    assert_eq!(bundle.condition_counts(), (4, 7));
+    let rows = [
+        Row {
+            qty: Some(1),
+            amount: Some(500.0),
+            kind: Some("CNP"),
+        },
+        Row {
+            qty: Some(0),
+            amount: Some(500.0),
+            kind: Some("CP"),
+        },
+        Row {
+            qty: Some(1000),
+            amount: Some(5.0),
+            kind: Some("CNP"),
+        },
+    ];
+    let e = bundle.evaluate(&batch(&bundle, &rows)).unwrap();
+    // Each rule fires where all of its conditions hold, as the whole `when` would.
+    assert_eq!(
+        fired(&e, &bundle, 0),
+        ["big_cnp", "big_ratio", "ratio_only"]
+    );
+    assert_eq!(fired(&e, &bundle, 1), Vec::<String>::new());
+    assert_eq!(fired(&e, &bundle, 2), Vec::<String>::new());
+    assert_eq!(e.scores.total, [31.0, 0.0, 0.0]);
+    // The shared failing condition (division by zero on row 1) counts for every rule that
+    // evaluated it; `never` stops at its first condition, which holds for no row.
+    let snap = snapshot(&recorder);
+    for (rule, errors) in [
+        ("big_cnp", 0),
+        ("big_ratio", 1),
+        ("ratio_only", 1),
+        ("never", 0),
+    ] {
+        assert_eq!(
+            counter(&snap, "riskstream_rule_eval_errors_total", rule),
+            errors,
+            "{rule}"
+        );
+    }
+}
