@@ -58,6 +58,8 @@ pub(crate) struct Log<'a> {
     pub summed: Vec<usize>,
     /// Some summarized window keeps the second moment (a `stddev`).
     pub moments: bool,
+    /// Per field that `count_distinct` windows read: the field and their lengths, ascending.
+    pub distinct: Vec<(usize, Vec<i64>)>,
     /// The longest window: events older than that are out of every window's reach.
     pub reach_ms: i64,
 }
@@ -84,7 +86,8 @@ pub(crate) struct Window {
     /// `seconds_since_last`).
     pub summarized: bool,
     /// For a summarized window, its length's index in the log's `lengths`, and its field's
-    /// index in the log's `summed`.
+    /// index in the log's `summed`; for a `count_distinct` window, its index among the
+    /// distinct counts of a walk over all of the log's `distinct` groups.
     pub length: usize,
     pub slot: usize,
 }
@@ -172,6 +175,7 @@ impl<'a> Layout<'a> {
                     lengths: Vec::new(),
                     summed: Vec::new(),
                     moments: false,
+                    distinct: Vec::new(),
                     reach_ms: 0,
                 });
                 entity.logs.len() - 1
@@ -251,6 +255,12 @@ impl<'a> Layout<'a> {
     }
 }
 
+impl Window {
+    fn is_distinct(&self) -> bool {
+        self.readers.iter().any(|r| r.agg == Agg::CountDistinct)
+    }
+}
+
 impl Log<'_> {
     /// Derives what queries need from the windows placed.
     fn finish(&mut self) {
@@ -283,6 +293,28 @@ impl Log<'_> {
         }
         self.summed = summed;
         self.moments = self.windows.iter().any(|w| w.summarized && w.shape.moments);
+        let mut distinct: Vec<(usize, Vec<i64>)> = Vec::new();
+        for w in self.windows.iter().filter(|w| w.is_distinct()) {
+            let Some(field) = w.field else { continue };
+            match distinct.iter_mut().find(|(f, _)| *f == field) {
+                Some((_, lengths)) => lengths.push(w.shape.window_ms),
+                None => distinct.push((field, vec![w.shape.window_ms])),
+            }
+        }
+        for (_, lengths) in distinct.iter_mut() {
+            lengths.sort_unstable();
+            lengths.dedup();
+        }
+        for w in self.windows.iter_mut().filter(|w| w.is_distinct()) {
+            let mut offset = 0;
+            for (field, lengths) in &distinct {
+                if w.field == Some(*field) {
+                    w.slot = offset + lengths.partition_point(|&l| l < w.shape.window_ms);
+                }
+                offset += lengths.len();
+            }
+        }
+        self.distinct = distinct;
         self.reach_ms = self
             .windows
             .iter()

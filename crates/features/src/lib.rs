@@ -27,4 +27,6 @@ pub mod log;
 pub mod operator;
 pub mod window;
 
-pub use operator::{FeatureError, FeatureOperator, StateStats, Warmth};
+pub use operator::{
+    state_report, FeatureError, FeatureOperator, LogState, StateReport, StateStats, Warmth,
+};

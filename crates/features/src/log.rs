@@ -22,8 +22,11 @@ use crate::window::{
     NO_VALUE,
 };
 
-/// A log of more than this many events keeps views.
-pub const VIEWS_ABOVE: usize = 96;
+/// A log of more than this many events keeps views. Views cost memory (a copy of the events per
+/// window: W2's 18 windows of a terminal made its record 18 times larger, and at 10M events
+/// terminals no longer fit the cache and were reloaded, views rebuilt, over and over), so only
+/// logs too long to walk per event keep them.
+pub const VIEWS_ABOVE: usize = 512;
 /// A log with views that holds at most this many events drops them.
 const VIEWS_BELOW: usize = VIEWS_ABOVE / 2;
 
@@ -313,32 +316,40 @@ impl EventLog {
         out.truncate(acc_at);
     }
 
-    /// Number of distinct values of `field` among the events with `t − window < ts <= t`
-    /// (`scratch` is a reusable buffer).
-    pub fn count_distinct(
+    /// Numbers of distinct values of `field` among the events with `t − lengths[i] < ts <= t`,
+    /// for every `i` (`lengths` ascending), appended to `out`; one walk. `seen` is a reusable
+    /// set.
+    pub fn distinct_counts(
         &self,
         field: usize,
-        window_ms: i64,
         t: i64,
-        scratch: &mut Vec<u64>,
-    ) -> u64 {
-        scratch.clear();
+        lengths: &[i64],
+        seen: &mut hashbrown::HashSet<u64>,
+        out: &mut Vec<u64>,
+    ) {
+        seen.clear();
+        let mut open = 0;
         for row in self.rows().rev() {
             let ts = Self::ts(row);
             if ts > t {
                 continue;
             }
-            if ts <= t - window_ms {
-                break;
+            while open < lengths.len() && ts <= t - lengths[open] {
+                out.push(seen.len() as u64);
+                open += 1;
+            }
+            if open == lengths.len() {
+                return;
             }
             let v = row[1 + field];
             if v != NO_VALUE.to_bits() {
-                scratch.push(v);
+                seen.insert(v);
             }
         }
-        scratch.sort_unstable();
-        scratch.dedup();
-        scratch.len() as u64
+        while open < lengths.len() {
+            out.push(seen.len() as u64);
+            open += 1;
+        }
     }
 
     /// The latest event with `t − window < ts <= t` (ties: the one processed last) that has a
@@ -485,7 +496,8 @@ mod tests {
         let mut log = EventLog::new(&[[1; 8], [2; 8]]);
         let mut seen: Vec<(i64, f64, f64)> = Vec::new();
         let mut t = 1_000_000i64;
-        let (mut sums, mut counts, mut scratch) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut sums, mut counts) = (Vec::new(), Vec::new());
+        let mut set = hashbrown::HashSet::new();
         let mut used_views = false;
         for _ in 0..n {
             t += rng.next(gap) as i64;
@@ -531,6 +543,8 @@ mod tests {
                 }
                 None => {
                     log.summaries(ts, &LENGTHS, &[0], true, &mut sums, &mut counts);
+                    let mut distinct = Vec::new();
+                    log.distinct_counts(1, ts, &LENGTHS, &mut set, &mut distinct);
                     for (i, &len) in LENGTHS.iter().enumerate() {
                         let events = inside(len).count();
                         let values: Vec<f64> = inside(len)
@@ -555,10 +569,7 @@ mod tests {
                         let mut tags: Vec<u64> = inside(len).map(|e| e.2.to_bits()).collect();
                         tags.sort_unstable();
                         tags.dedup();
-                        assert_eq!(
-                            log.count_distinct(1, len, ts, &mut scratch) as usize,
-                            tags.len()
-                        );
+                        assert_eq!(distinct[i] as usize, tags.len());
                         // The latest event with an amount (ties: the one added last).
                         let last = inside(len).filter(|e| !is_no_value(e.1)).fold(
                             None::<(i64, f64, f64)>,

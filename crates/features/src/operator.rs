@@ -358,8 +358,10 @@ struct QueryScratch {
     /// A log's summaries per length and field, and its events per length.
     sums: Vec<Summary>,
     counts: Vec<u64>,
-    /// Values for `count_distinct`.
+    /// Values for `count_distinct`, and a log's distinct counts per field and length.
     distinct: Vec<u64>,
+    seen: hashbrown::HashSet<u64>,
+    distinct_counts: Vec<u64>,
 }
 
 /// A feature's output column under construction.
@@ -594,8 +596,7 @@ impl FeatureOperator {
                 let cached = load(
                     &mut self.cache,
                     self.store_only.then_some(&*self.store),
-                    hash,
-                    key,
+                    (hash, key),
                     self.batch_no,
                     &self.cache_misses,
                     &mut self.cache_bytes,
@@ -944,13 +945,97 @@ impl FeatureOperator {
     }
 }
 
+/// What the stored state of one log holds (see [`state_report`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LogState {
+    /// The log's entity and filter, e.g. `customer_id where tx_type = 'CNP'`; logs of no
+    /// feature of the bundle are reported together as `(not in this bundle)`.
+    pub name: String,
+    /// Values kept per event (the fields its features aggregate), and its windows.
+    pub fields: usize,
+    pub windows: usize,
+    /// Keys with events in the log, the events held, and the bytes of their encoding.
+    pub keys: usize,
+    pub events: usize,
+    pub bytes: usize,
+}
+
+/// What a state directory holds, per log of `bundle`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StateReport {
+    pub logs: Vec<LogState>,
+    /// Records (one per entity key) and the bytes of their keys.
+    pub records: usize,
+    pub key_bytes: usize,
+    /// Bytes of every stored record's value.
+    pub value_bytes: usize,
+}
+
+/// Walks every feature record in `store` (written by a [`FeatureOperator`] and flushed) and
+/// sums up, per log of `bundle`, the keys, events and bytes it holds.
+pub fn state_report(
+    store: &StateStore,
+    bundle: &CompiledBundle,
+) -> Result<StateReport, FeatureError> {
+    let layout = Layout::new(bundle.window_features());
+    let mut report = StateReport::default();
+    let mut ids = Vec::new();
+    for entity in &layout.entities {
+        let key: Vec<&str> = entity
+            .columns
+            .iter()
+            .map(|&i| bundle.input_schema().field(i).name().as_str())
+            .collect();
+        for log in &entity.logs {
+            let name = match &log.source.spec.filter {
+                Some(filter) => format!("{} where {filter}", key.join(", ")),
+                None => key.join(", "),
+            };
+            ids.push(log.id);
+            report.logs.push(LogState {
+                name,
+                fields: log.fields.len(),
+                windows: log.windows.len(),
+                ..LogState::default()
+            });
+        }
+    }
+    let other = report.logs.len();
+    report.logs.push(LogState {
+        name: "(not in this bundle)".into(),
+        ..LogState::default()
+    });
+    let mut scratch = Vec::new();
+    store.visit_from(Cf::Features, &[], usize::MAX, |key, bytes| {
+        let record = Record::decode(bytes).ok_or_else(|| FeatureError::Corrupt {
+            key: String::from_utf8_lossy(key.get(8..).unwrap_or_default()).into_owned(),
+        })?;
+        report.records += 1;
+        report.key_bytes += key.len();
+        report.value_bytes += bytes.len();
+        for (id, log) in record.logs.iter() {
+            let at = ids.iter().position(|i| i == id).unwrap_or(other);
+            let entry = &mut report.logs[at];
+            scratch.clear();
+            log.encode(&mut scratch);
+            entry.keys += 1;
+            entry.events += log.len();
+            entry.bytes += scratch.len();
+        }
+        Ok::<_, FeatureError>(())
+    })?;
+    if report.logs[other].keys == 0 {
+        report.logs.pop();
+    }
+    Ok(report)
+}
+
 /// The cached record for `key`, loaded from `store` on a miss; without a store (it holds no
 /// record the cache does not), a miss is a new key.
 fn load<'c>(
     cache: &'c mut ShardedCache<Cached>,
     store: Option<&StateStore>,
-    hash: u64,
-    key: &[u8],
+    (hash, key): (u64, &[u8]),
     batch_no: u64,
     misses: &Counter,
     cache_bytes: &mut usize,
@@ -1162,6 +1247,10 @@ impl<'a> LogInput<'a> {
                         &mut q.counts,
                     );
                 }
+                q.distinct_counts.clear();
+                for (field, lengths) in &l.distinct {
+                    log.distinct_counts(*field, t, lengths, &mut q.seen, &mut q.distinct_counts);
+                }
                 for window in &l.windows {
                     for reader in &window.readers {
                         let column = &mut columns[reader.feature];
@@ -1170,9 +1259,7 @@ impl<'a> LogInput<'a> {
                             Agg::SecondsSinceLast => {}
                             Agg::CountDistinct => push_int(
                                 column,
-                                window
-                                    .field
-                                    .map(|f| log.count_distinct(f, len, t, &mut q.distinct) as i64),
+                                window.field.map(|_| q.distinct_counts[window.slot] as i64),
                             ),
                             Agg::Last => push_float(
                                 column,

@@ -278,7 +278,7 @@ fn dense_stream(n: usize, seed: u64) -> Vec<String> {
 
 #[test]
 fn a_dense_generated_stream_matches_the_definition() {
-    let lines = dense_stream(2500, 7);
+    let lines = dense_stream(3000, 7);
     // A small cache: records go to RocksDB and come back decoded all the time.
-    assert_eq!(replay_and_compare(&lines, 100, 64 * 1024), 2500 * 200);
+    assert_eq!(replay_and_compare(&lines, 100, 64 * 1024), 3000 * 200);
 }
