@@ -76,6 +76,16 @@ enum Command {
         #[arg(long)]
         late: Option<PathBuf>,
     },
+    /// What a state directory holds, per event log of a bundle: keys, events, and bytes per
+    /// event. Run it on the state of a stopped instance or of `score --state DIR`.
+    StateReport {
+        /// RocksDB state directory.
+        #[arg(long)]
+        state: PathBuf,
+        /// Rule bundle whose logs to report. Default: the built-in default bundle.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+    },
     /// Check a rule bundle against the configured event schema and print its problems.
     Validate {
         /// Rule bundle (YAML or JSON).
@@ -251,6 +261,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             late.as_deref(),
         ),
         Command::Validate { bundle } => validate(&config, &bundle),
+        Command::StateReport { state, bundle } => state_report(&config, &state, bundle.as_deref()),
         Command::Run { bundle, state } => {
             let mut config = config;
             config.state.dir = state.or(config.state.dir);
@@ -630,6 +641,52 @@ fn broker(config: &Config, topics: &[String], configured: bool) -> Result<ExitCo
 fn read_bundle(path: &Path) -> Result<String> {
     std::fs::read_to_string(path)
         .with_context(|| format!("cannot read rule bundle {}", path.display()))
+}
+
+fn state_report(config: &Config, state: &Path, bundle: Option<&Path>) -> Result<ExitCode> {
+    if !state.join("CURRENT").is_file() {
+        anyhow::bail!(
+            "{} is not a state directory (no RocksDB database there)",
+            state.display()
+        );
+    }
+    let text = match bundle {
+        Some(path) => read_bundle(path)?,
+        None => DEFAULT_BUNDLE.to_string(),
+    };
+    let bundle = RuleCompiler::new(&config.event_schema()?)
+        .compile_text(&text, 1)
+        .context("the bundle does not compile")?;
+    let store = riskstream_state::StateStore::open(state)
+        .with_context(|| format!("cannot open the state in {}", state.display()))?;
+    let report = riskstream_features::state_report(&store, &bundle)?;
+    let mb = |b: usize| b as f64 / 1e6;
+    let events: usize = report.logs.iter().map(|l| l.events).sum();
+    println!(
+        "{}: {} records, {} events held, {:.1} MB of values and {:.1} MB of keys",
+        state.display(),
+        report.records,
+        events,
+        mb(report.value_bytes),
+        mb(report.key_bytes),
+    );
+    println!(
+        "{:<48} {:>6} {:>7} {:>10} {:>11} {:>9} {:>11}",
+        "log (entity, filter)", "fields", "windows", "keys", "events", "MB", "bytes/event"
+    );
+    for log in &report.logs {
+        println!(
+            "{:<48} {:>6} {:>7} {:>10} {:>11} {:>9.1} {:>11.1}",
+            log.name,
+            log.fields,
+            log.windows,
+            log.keys,
+            log.events,
+            mb(log.bytes),
+            log.bytes as f64 / log.events.max(1) as f64
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn validate(config: &Config, bundle: &Path) -> Result<ExitCode> {

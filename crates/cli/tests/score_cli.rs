@@ -379,3 +379,77 @@ fn a_restart_with_the_same_state_directory_continues_where_it_stopped() {
 fn first_len(lines: &[&str]) -> usize {
     lines.len() / 2
 }
+
+#[test]
+fn state_report_counts_every_log_of_a_scored_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let config = repo("testdata/w2/w2.toml");
+    let bundle = repo("testdata/w2/w2.yaml");
+    let input = repo("testdata/w2/w2-slice.jsonl");
+    let with_config = |command: &str| {
+        let mut cmd = riskstream();
+        cmd.arg("--config")
+            .arg(&config)
+            .args([command, "--bundle"])
+            .arg(&bundle)
+            .arg("--state")
+            .arg(&state);
+        cmd
+    };
+    let run = with_config("score")
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(dir.path().join("v.jsonl"))
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let report = with_config("state-report").output().unwrap();
+    let out = String::from_utf8_lossy(&report.stdout);
+    assert!(
+        report.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    // The slice spans minutes: every log still holds every event that passed its filter.
+    let events = json_lines(&input);
+    let cnp = events.iter().filter(|e| e["tx_type"] == "CNP").count();
+    let customers: HashSet<&str> = events
+        .iter()
+        .filter_map(|e| e["customer_id"].as_str())
+        .collect();
+    let row = |name: &str| -> Vec<String> {
+        out.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with("  "))
+            .unwrap_or_else(|| panic!("no row for {name} in:\n{out}"))[name.len()..]
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    // fields, windows, keys, events, MB, bytes/event
+    let customer = row("customer_id");
+    assert_eq!(customer[2], customers.len().to_string(), "{out}");
+    assert_eq!(customer[3], events.len().to_string(), "{out}");
+    assert_eq!(
+        row("terminal_id where tx_type = 'CNP'")[3],
+        cnp.to_string(),
+        "{out}"
+    );
+    assert!(!out.contains("(not in this bundle)"), "{out}");
+
+    // Not a state directory: a message, not a new empty database.
+    let missing = riskstream()
+        .args(["state-report", "--state"])
+        .arg(dir.path().join("nothing"))
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("is not a state directory"));
+    assert!(!dir.path().join("nothing").exists());
+}
