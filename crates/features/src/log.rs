@@ -382,12 +382,12 @@ impl EventLog {
             })
     }
 
-    /// Appends the encoding of this log to `out`: the number of fields and their ids, the
+    /// Appends the encoding of this log to `out`: the number of fields (varint) and their ids, the
     /// number of events, then each event as its time's difference from the previous one
     /// (zigzag varint) and its values (8 bytes LE each).
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.reserve(2 + self.fields as usize * 8 + self.len() * (3 + 8 * self.fields as usize));
-        out.push(self.fields as u8);
+        put_varint(out, self.fields as u64);
         for f in self.fields() {
             out.extend_from_slice(&f);
         }
@@ -406,9 +406,11 @@ impl EventLog {
     /// Decodes a log written by [`Self::encode`] from the front of `bytes`, advancing it;
     /// `None` if the bytes are not one (truncated, or events out of time order).
     pub fn decode_from(bytes: &mut &[u8]) -> Option<EventLog> {
-        let (&fields, rest) = bytes.split_first()?;
-        *bytes = rest;
-        let mut ids = Vec::with_capacity(fields as usize);
+        let fields = usize::try_from(get_varint(bytes)?).ok()?;
+        if fields > bytes.len() / 8 {
+            return None;
+        }
+        let mut ids = Vec::with_capacity(fields);
         for _ in 0..fields {
             let (id, rest) = bytes.split_first_chunk::<8>()?;
             ids.push(*id);
@@ -417,7 +419,7 @@ impl EventLog {
         let mut log = EventLog::new(&ids);
         let n = usize::try_from(get_varint(bytes)?).ok()?;
         // Each event takes at least 1 + 8 × fields bytes: refuse counts the input cannot hold.
-        if n > bytes.len() / (1 + 8 * fields as usize) {
+        if n > bytes.len() / (1 + 8 * fields) {
             return None;
         }
         log.words.reserve(n * log.stride());
@@ -616,6 +618,15 @@ mod tests {
         assert!(at.is_empty());
         assert_eq!(back, log);
         assert!(EventLog::decode_from(&mut &bytes[..bytes.len() - 1]).is_none());
+        // More fields than a byte counts.
+        let ids: Vec<[u8; 8]> = (0..300u16)
+            .map(|i| [(i >> 8) as u8, i as u8, 0, 0, 0, 0, 0, 7])
+            .collect();
+        let mut wide = EventLog::new(&ids);
+        wide.insert(1, &vec![2.5; 300], &[]);
+        bytes.clear();
+        wide.encode(&mut bytes);
+        assert_eq!(EventLog::decode_from(&mut &bytes[..]), Some(wide));
 
         // Field 2 dropped, field 3 new: the events stay, with no values of the new field.
         let changed = log.with_fields(&[[3; 8], [1; 8]]);
