@@ -256,8 +256,18 @@ impl<'a> Layout<'a> {
 }
 
 impl Window {
+    /// What the window answers: `Agg::Count` for a summarized window (every reader reads its
+    /// summary), else the aggregation of its readers (`count_distinct`, `last`,
+    /// `seconds_since_last`: windows of their own).
+    pub fn kind(&self) -> Agg {
+        if self.summarized {
+            return Agg::Count;
+        }
+        self.readers.first().map_or(Agg::Count, |r| r.agg)
+    }
+
     fn is_distinct(&self) -> bool {
-        self.readers.iter().any(|r| r.agg == Agg::CountDistinct)
+        self.kind() == Agg::CountDistinct
     }
 }
 

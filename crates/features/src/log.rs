@@ -238,9 +238,13 @@ impl EventLog {
     }
 
     /// Drops the events at or before `horizon` (no query can reach them any more), and from
-    /// the views those at or before what `view_horizon` says for each (by view id). Returns the
-    /// events dropped from the log.
-    pub fn evict(&mut self, horizon: i64, view_horizon: impl Fn(&[u8; 8]) -> Option<i64>) -> usize {
+    /// the views those at or before what `view_horizon` says for each (by position and id).
+    /// Returns the events dropped from the log.
+    pub fn evict(
+        &mut self,
+        horizon: i64,
+        view_horizon: impl Fn(usize, &[u8; 8]) -> Option<i64>,
+    ) -> usize {
         let stride = self.stride();
         let mut dropped = 0;
         while self.words.len() > self.head && (self.words[self.head] as i64) <= horizon {
@@ -259,8 +263,8 @@ impl EventLog {
         if self.len() <= VIEWS_BELOW {
             self.views = None;
         } else if let Some(views) = &mut self.views {
-            for (id, window) in views.ids.iter().zip(&mut views.windows) {
-                if let Some(h) = view_horizon(id) {
+            for (at, (id, window)) in views.ids.iter().zip(&mut views.windows).enumerate() {
+                if let Some(h) = view_horizon(at, id) {
                     window.evict(h);
                 }
             }
@@ -512,11 +516,9 @@ mod tests {
             let tag = rng.next(7) as f64;
             let horizon = t - disorder as i64 - 10;
             let reach = horizon - LENGTHS[3];
-            log.evict(reach, |id| {
-                specs
-                    .iter()
-                    .find(|s| s.id == *id)
-                    .map(|s| horizon - s.shape.window_ms)
+            log.evict(reach, |at, id| {
+                let spec = specs.get(at).filter(|s| s.id == *id)?;
+                Some(horizon - spec.shape.window_ms)
             });
             log.insert(ts, &[amount, tag], &specs);
             seen.push((ts, amount, tag));

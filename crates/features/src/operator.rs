@@ -608,7 +608,8 @@ impl FeatureOperator {
                     if let Some(horizon) = horizon {
                         let reach = horizon - input.log.reach_ms;
                         if log.can_evict(reach) {
-                            let dropped = log.evict(reach, |id| input.view_horizon(horizon, id));
+                            let dropped =
+                                log.evict(reach, |at, id| input.view_horizon(horizon, at, id));
                             if dropped > 0 {
                                 evicted += dropped as u64;
                                 cached.dirty = true;
@@ -844,7 +845,7 @@ impl FeatureOperator {
                 }
                 let n = record.all_mut()[slot]
                     .1
-                    .evict(horizon, |view| views.get(view).copied());
+                    .evict(horizon, |_, view| views.get(view).copied());
                 dropped += n;
                 changed |= n > 0;
             }
@@ -1159,13 +1160,11 @@ impl<'a> LogInput<'a> {
         })
     }
 
-    /// The horizon of the log's view `id` when the log's events are evicted at `horizon`.
-    fn view_horizon(&self, horizon: i64, id: &[u8; 8]) -> Option<i64> {
-        self.log
-            .windows
-            .iter()
-            .find(|w| w.id == *id)
-            .map(|w| horizon - w.shape.window_ms)
+    /// The horizon of the log's view `at` (`id`) when the log's events are evicted at
+    /// `horizon`; `None` for a view of windows the layout no longer has.
+    fn view_horizon(&self, horizon: i64, at: usize, id: &[u8; 8]) -> Option<i64> {
+        let view = self.log.views.get(at).filter(|v| v.id == *id)?;
+        Some(horizon - view.shape.window_ms)
     }
 
     /// Adds row `row` to `log` when it passes the filter; true if it did. `values` is a
@@ -1217,23 +1216,20 @@ impl<'a> LogInput<'a> {
         match log.views(&l.views) {
             Some(views) => {
                 for (window, view) in l.windows.iter().zip(views) {
-                    let summary = window.summarized.then(|| view.summary(window.shape, t));
-                    for reader in &window.readers {
-                        let column = &mut columns[reader.feature];
-                        let len = window.shape.window_ms;
-                        match reader.agg {
-                            Agg::SecondsSinceLast => {}
-                            Agg::CountDistinct => push_int(
-                                column,
-                                Some(view.count_distinct(len, t, &mut q.distinct) as i64),
-                            ),
-                            Agg::Last => push_float(column, view.last(len, t).map(|e| e.value)),
-                            _ => {
-                                let events = summary.map_or(0, |s| s.events);
-                                column.push_summarized(reader, events, summary.as_ref())
-                            }
+                    let len = window.shape.window_ms;
+                    let answer = match window.kind() {
+                        // Read before the event was added.
+                        Agg::SecondsSinceLast => continue,
+                        Agg::CountDistinct => {
+                            Answer::Int(Some(view.count_distinct(len, t, &mut q.distinct) as i64))
                         }
-                    }
+                        Agg::Last => Answer::Float(view.last(len, t).map(|e| e.value)),
+                        _ => {
+                            let s = view.summary(window.shape, t);
+                            Answer::Summary(s.events, Some(s))
+                        }
+                    };
+                    answer.push(window, columns);
                 }
             }
             None => {
@@ -1252,31 +1248,52 @@ impl<'a> LogInput<'a> {
                     log.distinct_counts(*field, t, lengths, &mut q.seen, &mut q.distinct_counts);
                 }
                 for window in &l.windows {
-                    for reader in &window.readers {
-                        let column = &mut columns[reader.feature];
-                        let len = window.shape.window_ms;
-                        match reader.agg {
-                            Agg::SecondsSinceLast => {}
-                            Agg::CountDistinct => push_int(
-                                column,
-                                window.field.map(|_| q.distinct_counts[window.slot] as i64),
-                            ),
-                            Agg::Last => push_float(
-                                column,
-                                window
-                                    .field
-                                    .and_then(|f| log.last(Some(f), len, t))
-                                    .map(|(_, v)| v),
-                            ),
-                            _ => {
-                                let summary = window
-                                    .field
-                                    .map(|_| &q.sums[window.length * l.summed.len() + window.slot]);
-                                column.push_summarized(reader, q.counts[window.length], summary)
-                            }
+                    let len = window.shape.window_ms;
+                    let answer = match window.kind() {
+                        // Read before the event was added.
+                        Agg::SecondsSinceLast => continue,
+                        Agg::CountDistinct => {
+                            Answer::Int(window.field.map(|_| q.distinct_counts[window.slot] as i64))
                         }
-                    }
+                        Agg::Last => Answer::Float(
+                            window
+                                .field
+                                .and_then(|f| log.last(Some(f), len, t))
+                                .map(|(_, v)| v),
+                        ),
+                        _ => Answer::Summary(
+                            q.counts[window.length],
+                            window
+                                .field
+                                .map(|_| q.sums[window.length * l.summed.len() + window.slot]),
+                        ),
+                    };
+                    answer.push(window, columns);
                 }
+            }
+        }
+    }
+}
+
+/// What a window answers at one time, from the walk or from a view: a summary (the events in
+/// the window, and its field's values), or the value of a window of its own.
+enum Answer {
+    Summary(u64, Option<Summary>),
+    Int(Option<i64>),
+    Float(Option<f64>),
+}
+
+impl Answer {
+    /// Appends the value of every reader of `window`.
+    fn push(&self, window: &Window, columns: &mut [Column]) {
+        for reader in &window.readers {
+            let column = &mut columns[reader.feature];
+            match self {
+                Answer::Summary(events, summary) => {
+                    column.push_summarized(reader, *events, summary.as_ref())
+                }
+                Answer::Int(v) => push_int(column, *v),
+                Answer::Float(v) => push_float(column, *v),
             }
         }
     }
