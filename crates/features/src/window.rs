@@ -166,6 +166,12 @@ impl Summary {
     }
 
     /// Sample standard deviation (n − 1), or `None` below two values. Needs `moments`.
+    ///
+    /// Not inlined: inlined, the compiler computed the division and square root for every
+    /// summary a query appended, ahead of the test of whether any reader wanted a standard
+    /// deviation (both are safe to run speculatively), and the square roots' latency was
+    /// 7 % of the scorer's time on W2, where 12 of 200 features are one.
+    #[inline(never)]
     pub fn stddev(&self) -> Option<f64> {
         (self.count > 1).then(|| (self.m2.max(0.0) / (self.count - 1) as f64).sqrt())
     }
