@@ -28,5 +28,6 @@ pub mod operator;
 pub mod window;
 
 pub use operator::{
-    state_report, FeatureError, FeatureOperator, LogState, StateReport, StateStats, Warmth,
+    state_report, CacheStats, FeatureError, FeatureOperator, LogState, StateReport, StateStats,
+    Warmth,
 };

@@ -16,7 +16,7 @@
 //! This module holds events and answers queries; which logs and views exist is the layout's,
 //! and when to evict is the operator's.
 
-use crate::cache::prefetch;
+use crate::cache::{allocated, prefetch};
 use crate::window::{
     get_varint, is_no_value, put_varint, unzigzag, zigzag, Entry, KeyWindow, Shape, Summary,
     NO_VALUE,
@@ -377,20 +377,26 @@ impl EventLog {
 
     /// Approximate heap bytes held (for the cache's memory cap).
     pub fn approx_bytes(&self) -> usize {
-        self.words.capacity() * 8
+        allocated(self.words.capacity() * 8)
             + self.views.as_ref().map_or(0, |v| {
-                v.windows
-                    .iter()
-                    .map(|w| w.approx_bytes() + std::mem::size_of::<KeyWindow>())
-                    .sum()
+                allocated(std::mem::size_of::<Views>())
+                    + allocated(v.ids.capacity() * 8)
+                    + allocated(v.windows.capacity() * std::mem::size_of::<KeyWindow>())
+                    + v.windows.iter().map(KeyWindow::approx_bytes).sum::<usize>()
             })
+    }
+
+    /// About the length of [`Self::encode`]'s output (times taken as three bytes each, what
+    /// most gaps between a key's events take).
+    pub fn encoded_len_hint(&self) -> usize {
+        2 + self.fields as usize * 8 + 3 + self.len() * (3 + 8 * self.fields as usize)
     }
 
     /// Appends the encoding of this log to `out`: the number of fields (varint) and their ids, the
     /// number of events, then each event as its time's difference from the previous one
     /// (zigzag varint) and its values (8 bytes LE each).
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.reserve(2 + self.fields as usize * 8 + self.len() * (3 + 8 * self.fields as usize));
+        out.reserve(self.encoded_len_hint());
         put_varint(out, self.fields as u64);
         for f in self.fields() {
             out.extend_from_slice(&f);

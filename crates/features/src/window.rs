@@ -38,7 +38,7 @@ use std::collections::VecDeque;
 
 use hashbrown::HashMap;
 
-use crate::cache::{prefetch, prefetch_all};
+use crate::cache::{allocated, prefetch, prefetch_all};
 
 /// Panes per window length.
 pub const PANES_PER_WINDOW: i64 = 16;
@@ -614,9 +614,9 @@ impl PaneIndex {
     }
 
     fn approx_bytes(&self) -> usize {
-        std::mem::size_of::<Self>()
-            + self.buckets * std::mem::size_of::<Bucket>()
-            + self.suffix.capacity() * std::mem::size_of::<Summary>()
+        allocated(std::mem::size_of::<Self>())
+            + allocated(self.buckets * std::mem::size_of::<Bucket>())
+            + allocated(self.suffix.capacity() * std::mem::size_of::<Summary>())
     }
 }
 
@@ -979,7 +979,7 @@ impl KeyWindow {
 
     /// Approximate heap bytes held (for the cache's memory cap).
     pub fn approx_bytes(&self) -> usize {
-        self.entries.capacity() * std::mem::size_of::<Entry>()
+        allocated(self.entries.capacity() * std::mem::size_of::<Entry>())
             + self.index.as_ref().map_or(0, |i| i.approx_bytes())
             + match self.memo.as_deref() {
                 Some(Memo::Distinct(d)) => std::mem::size_of::<Memo>() + d.counts.capacity() * 16,

@@ -135,8 +135,13 @@ fn of_value(
 }
 
 /// Streams `lines` through the operator in batches of `batch` and compares every windowed
-/// feature of every event with the definition; returns how many values were compared.
-fn replay_and_compare(lines: &[String], batch: usize, cache_bytes: usize) -> usize {
+/// feature of every event with the definition; returns how many values were compared, and the
+/// cache at the end.
+fn replay_and_compare(
+    lines: &[String],
+    batch: usize,
+    cache_bytes: usize,
+) -> (usize, riskstream_features::CacheStats) {
     let config = w2_config();
     let schema = config.event_schema().unwrap();
     let bundle = w2_bundle(&config);
@@ -170,6 +175,12 @@ fn replay_and_compare(lines: &[String], batch: usize, cache_bytes: usize) -> usi
         let masks: Vec<_> = features.iter().map(|f| f.filter_mask(&events)).collect();
         let out = operator.compute(&bundle, &events, &times, None).unwrap();
         operator.end_batch().unwrap();
+        // The cap holds between batches, by the cache's own count, whenever it can: a
+        // cap below the tables' smallest size drops everything each batch.
+        let cache = operator.cache_stats();
+        if cache_bytes >= 1 << 20 {
+            assert!(cache.bytes <= cache_bytes, "{cache:?} after batch {n}");
+        }
         if n % 3 == 0 {
             operator.flush(&[]).unwrap();
         }
@@ -229,7 +240,7 @@ fn replay_and_compare(lines: &[String], batch: usize, cache_bytes: usize) -> usi
             seen.push(me);
         }
     }
-    compared
+    (compared, operator.cache_stats())
 }
 
 #[test]
@@ -238,7 +249,10 @@ fn the_committed_w2_slice_matches_the_definition() {
         .expect("testdata/w2/w2-slice.jsonl");
     let lines: Vec<String> = text.lines().map(str::to_string).collect();
     assert_eq!(lines.len(), 1000);
-    assert_eq!(replay_and_compare(&lines, 128, 1 << 20), 1000 * 200);
+    let (compared, cache) = replay_and_compare(&lines, 128, 1 << 20);
+    assert_eq!(compared, 1000 * 200);
+    // The slice's state is larger than the cap: records went out and came back.
+    assert!(cache.dropped > 0, "{cache:?}");
 }
 
 /// A stream over few keys (20 customers, 15 devices, 10 addresses, 5 terminals), a minute apart
@@ -280,5 +294,5 @@ fn dense_stream(n: usize, seed: u64) -> Vec<String> {
 fn a_dense_generated_stream_matches_the_definition() {
     let lines = dense_stream(3000, 7);
     // A small cache: records go to RocksDB and come back decoded all the time.
-    assert_eq!(replay_and_compare(&lines, 100, 64 * 1024), 3000 * 200);
+    assert_eq!(replay_and_compare(&lines, 100, 64 * 1024).0, 3000 * 200);
 }

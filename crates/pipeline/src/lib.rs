@@ -897,6 +897,8 @@ pub struct Summary {
     /// Rules versions that scored at least one batch.
     pub rules_versions: Vec<u64>,
     pub elapsed: Duration,
+    /// The feature state cache at the end of the run.
+    pub state_cache: riskstream_features::CacheStats,
 }
 
 impl Summary {
@@ -935,6 +937,17 @@ impl std::fmt::Display for Summary {
             .map(|v| format!("v{v}"))
             .collect();
         writeln!(f, "rules: {}", versions.join(", "))?;
+        let cache = &self.state_cache;
+        let mb = |b: usize| b as f64 / 1e6;
+        writeln!(
+            f,
+            "state cache: {:.1} MB (peak {:.1} MB of {:.1} MB cap), {} records, {} dropped to stay under it",
+            mb(cache.bytes),
+            mb(cache.peak_bytes),
+            mb(cache.max_bytes),
+            cache.records,
+            cache.dropped
+        )?;
         write!(
             f,
             "elapsed: {:.3} s  throughput: {:.0} events/s",
@@ -1152,6 +1165,7 @@ pub fn run(
             }
             drop(to_write);
             pipeline.flush_state()?;
+            summary.state_cache = pipeline.features.cache_stats();
             Ok(last)
         })();
         scorer_gone.store(true, std::sync::atomic::Ordering::Release);

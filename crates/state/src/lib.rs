@@ -142,6 +142,14 @@ impl StateBatch<'_> {
         self.batch.is_empty()
     }
 
+    /// Room for about `bytes` of changes, so that the batch does not grow by copying itself.
+    /// Only an empty batch takes the hint.
+    pub fn reserve(&mut self, bytes: usize) {
+        if self.batch.is_empty() {
+            self.batch = WriteBatch::with_capacity_bytes(bytes);
+        }
+    }
+
     /// Number of changes.
     pub fn len(&self) -> usize {
         self.batch.len()
