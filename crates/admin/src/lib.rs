@@ -1,16 +1,19 @@
 //! The admin HTTP API (axum): health, readiness, Prometheus metrics, status, rule bundles
 //! (read, validate, update with `If-Match`, versions, rollback) and backtests.
 //!
-//! Rule updates go through the control topic ([`RulesControl`]): a `PUT` validates, publishes
-//! and answers once this instance runs the new version (or with 409 when another update got
-//! there first). Mutating endpoints take a bearer token when one is configured; bodies are
+//! Rule updates go through a rules control plane ([`RulesPlane`]: the control topic, or one
+//! process's versions in memory): a `PUT` validates, publishes and answers once this instance
+//! runs the new version (or with 409 when another update got there first). Mutating endpoints take a bearer token when one is configured; bodies are
 //! size-limited; every error is JSON with a message a person can act on.
 //!
 //! What it must not do: score events, touch feature state, or block its runtime (publishing,
 //! compiling and backtests run on blocking threads).
 
 pub mod backtest;
+pub mod plane;
 pub mod telemetry;
+
+pub use plane::{LocalRules, RulesPlane};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -39,7 +42,7 @@ pub const OPENAPI: &str = include_str!("../openapi.yaml");
 /// Everything the handlers read.
 #[derive(Clone)]
 pub struct AdminState {
-    /// The control topic, once it has been read (the API answers before that).
+    /// The rules control plane, once it is loaded (the API answers before that).
     pub rules: Arc<RulesSlot>,
     pub status: Arc<StatusBoard>,
     pub recent: Arc<RecentEvents>,
@@ -60,21 +63,54 @@ pub struct AdminState {
 /// Where the control topic's follower goes once the instance has read the topic: the admin
 /// API serves health and readiness before that, and answers rule requests with 503.
 #[derive(Debug, Default)]
-pub struct RulesSlot(std::sync::OnceLock<Arc<RulesControl>>);
+pub struct RulesSlot(std::sync::OnceLock<Arc<dyn RulesPlane>>);
 
 impl RulesSlot {
-    pub fn set(&self, control: Arc<RulesControl>) {
-        let _ = self.0.set(control);
+    /// A slot already holding `plane`.
+    pub fn holding(plane: Arc<dyn RulesPlane>) -> Self {
+        let slot = Self::default();
+        slot.set(plane);
+        slot
     }
 
-    pub fn get(&self) -> Option<&Arc<RulesControl>> {
+    pub fn set(&self, plane: Arc<dyn RulesPlane>) {
+        let _ = self.0.set(plane);
+    }
+
+    pub fn get(&self) -> Option<&Arc<dyn RulesPlane>> {
         self.0.get()
     }
 }
 
 impl AdminState {
-    /// The control topic, or 503 while it is still being read.
-    fn control(&self) -> Result<Arc<RulesControl>, ApiError> {
+    /// The state of an instance configured by `config` whose rules are (or will be) in
+    /// `rules`; fails on an admin address other hosts reach without a token (unless
+    /// `admin.allow_unauthenticated`) and on an unreadable token file.
+    pub fn new(
+        config: &riskstream_common::Config,
+        rules: Arc<RulesSlot>,
+        labels: Option<Arc<LabelStore>>,
+        metrics: Option<PrometheusHandle>,
+    ) -> Result<Self, riskstream_common::ConfigError> {
+        Ok(AdminState {
+            rules,
+            status: Arc::new(StatusBoard::new(&config.kafka.topics.transactions)),
+            recent: Arc::new(RecentEvents::new(config.admin.backtest_events)),
+            labels,
+            metrics,
+            token: config.admin.checked_token()?,
+            instance: instance_id(&config.admin),
+            event_id: config.schema.event_id.clone(),
+            publish_timeout: config.admin.publish_timeout,
+            checkpoints: Arc::new(CheckpointHandle::default()),
+            checkpoint_store: config
+                .checkpoint_url()
+                .map(|url| (url, config.checkpoint_name())),
+        })
+    }
+
+    /// The rules plane, or 503 while the control topic is still being read.
+    fn control(&self) -> Result<Arc<dyn RulesPlane>, ApiError> {
         self.rules.get().cloned().ok_or_else(|| {
             let why = self
                 .status
@@ -799,23 +835,8 @@ impl AdminPlane {
         labels: Option<Arc<LabelStore>>,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Self, ControlPlaneError> {
-        let token = config.admin.checked_token()?;
         let compiler = riskstream_rules::RuleCompiler::new(&config.event_schema()?);
-        let state = AdminState {
-            rules: Arc::new(RulesSlot::default()),
-            status: Arc::new(StatusBoard::new(&config.kafka.topics.transactions)),
-            recent: Arc::new(RecentEvents::new(config.admin.backtest_events)),
-            labels,
-            metrics,
-            token,
-            instance: instance_id(&config.admin),
-            event_id: config.schema.event_id.clone(),
-            publish_timeout: config.admin.publish_timeout,
-            checkpoints: Arc::new(CheckpointHandle::default()),
-            checkpoint_store: config
-                .checkpoint_url()
-                .map(|url| (url, config.checkpoint_name())),
-        };
+        let state = AdminState::new(config, Arc::new(RulesSlot::default()), labels, metrics)?;
         if state.token.is_none() {
             if config.admin.listens_on_loopback_only() {
                 tracing::warn!(listen = %config.admin.listen, "no admin token configured: rule updates are open to every process on this host");
@@ -845,6 +866,11 @@ impl AdminPlane {
         &self.state.status
     }
 
+    /// The events kept for backtests (the pipeline reports to it).
+    pub fn recent(&self) -> Arc<RecentEvents> {
+        Arc::clone(&self.state.recent)
+    }
+
     /// Reads the control topic (seeding it with `seed` when empty), waiting for the cluster
     /// as long as it takes and reporting why on `/readyz`. `None` when `stop` was set first.
     pub fn load_rules(
@@ -865,7 +891,9 @@ impl AdminPlane {
         else {
             return Ok(None);
         };
-        self.state.rules.set(Arc::clone(&control));
+        self.state
+            .rules
+            .set(Arc::clone(&control) as Arc<dyn RulesPlane>);
         Ok(Some(ControlPlane {
             control,
             status: self.state.status,

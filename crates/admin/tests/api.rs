@@ -21,6 +21,11 @@ fn token_config(
     )
 }
 
+/// The `[admin]` lines of [`token_config`], for [`LocalApi`].
+fn local_admin() -> String {
+    format!("token = \"{TOKEN}\"\nmax_body_bytes = 4096")
+}
+
 /// Asserts a 4xx error body whose problems name `subject` (kind, name) and mention `words`.
 fn assert_problem(status: u16, body: &serde_json::Value, kind: &str, name: &str, words: &[&str]) {
     assert_eq!(status, 422, "{body}");
@@ -42,10 +47,10 @@ fn assert_problem(status: u16, body: &serde_json::Value, kind: &str, name: &str,
 #[test]
 fn invalid_bundles_are_refused_naming_rule_and_problem_and_the_running_version_stays() -> TestResult
 {
-    let broker = broker()?;
-    let instance = Instance::start(&token_config(&broker)?, &bundle(101), false)?;
+    // The router over one process's rules: what is checked here needs no broker.
+    let api = LocalApi::start(&local_admin(), &bundle(101))?;
     let client = http()?;
-    let base = &instance.base;
+    let base = &api.base;
     let put = |text: &str| put_rules(&client, base, text, Some(1), Some(TOKEN));
     let decision = "decision: {review_at: 40, block_at: 80}\n";
 
@@ -114,17 +119,15 @@ fn invalid_bundles_are_refused_naming_rule_and_problem_and_the_running_version_s
     assert_eq!(rules["bundle"], bundle(101));
     let (_, versions) = get_json(&client, base, "/api/v1/rules/versions")?;
     assert_eq!(versions["versions"].as_array().map(Vec::len), Some(1));
-    assert_eq!(instance.plane.control.version(), 1);
-    instance.stop()?;
+    assert_eq!(api.plane.version(), 1);
     Ok(())
 }
 
 #[test]
 fn mutations_need_the_token_and_if_match() -> TestResult {
-    let broker = broker()?;
-    let instance = Instance::start(&token_config(&broker)?, &bundle(101), false)?;
+    let api = LocalApi::start(&local_admin(), &bundle(101))?;
     let client = http()?;
-    let base = &instance.base;
+    let base = &api.base;
 
     let (status, body) = put_rules(&client, base, &bundle(5), Some(1), None)?;
     assert_eq!(status, 401, "{body}");
@@ -157,11 +160,30 @@ fn mutations_need_the_token_and_if_match() -> TestResult {
         .body(bundle(5))
         .send()?;
     assert_eq!(response.status().as_u16(), 400);
-    assert_eq!(instance.plane.control.version(), 1);
+    assert_eq!(api.plane.version(), 1);
     // The token does not leak into anything the API shows.
     let (_, status) = get_json(&client, base, "/api/v1/status")?;
     assert!(!status.to_string().contains(TOKEN));
-    instance.stop()?;
+    // With the token and the running version, the update applies; the same If-Match again
+    // is stale (409), and a rollback needs the current version too.
+    let (status, body) = put_rules(&client, base, &bundle(5), Some(1), Some(TOKEN))?;
+    assert_eq!(
+        (status, &body["version"]),
+        (200, &serde_json::json!(2)),
+        "{body}"
+    );
+    let (status, body) = put_rules(&client, base, &bundle(6), Some(1), Some(TOKEN))?;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(api.plane.version(), 2);
+    let response = client
+        .post(format!("{base}/api/v1/rules/rollback/1"))
+        .header("if-match", "\"2\"")
+        .bearer_auth(TOKEN)
+        .send()?;
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(api.plane.version(), 3);
+    let (_, rules) = get_json(&client, base, "/api/v1/rules")?;
+    assert_eq!(rules["bundle"], bundle(101));
     Ok(())
 }
 
@@ -188,14 +210,14 @@ fn concurrent_updates_naming_one_version_have_exactly_one_winner_then_stale_gets
         N as usize - 1,
         "{results:?}"
     );
-    assert_eq!(instance.plane.control.version(), 2);
+    assert_eq!(instance.rules().version(), 2);
 
     // A stale update later: 409 naming both versions, nothing changes.
     let (status, body) = put_rules(&client, &base, &bundle(300), Some(1), Some(TOKEN))?;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["expected"], 1);
     assert_eq!(body["current"], 2);
-    assert_eq!(instance.plane.control.version(), 2);
+    assert_eq!(instance.rules().version(), 2);
 
     // Rollback publishes version 1's bundle as version 3; every version stays retrievable.
     let response = client
@@ -279,11 +301,11 @@ fn a_backtest_reports_hits_changed_decisions_and_label_quality_without_changing_
     flush(&producer)?;
     read_verdicts(&broker, 200)?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while instance.plane.recent.len() < 200 {
+    while instance.recent().len() < 200 {
         assert!(Instant::now() < deadline, "events not buffered");
         std::thread::sleep(Duration::from_millis(20));
     }
-    while instance.labels.len() < 140 {
+    while instance.labels().len() < 140 {
         assert!(Instant::now() < deadline, "labels not consumed");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -368,7 +390,7 @@ fn a_backtest_reports_hits_changed_decisions_and_label_quality_without_changing_
         "{body}"
     );
     // Backtests change nothing.
-    assert_eq!(instance.plane.control.version(), 1);
+    assert_eq!(instance.rules().version(), 1);
     instance.stop()?;
     Ok(())
 }
@@ -393,7 +415,7 @@ fn an_update_during_a_broker_outage_answers_503_and_applies_once_the_broker_is_b
             .contains("may still apply"),
         "{body}"
     );
-    assert_eq!(instance.plane.control.version(), 1);
+    assert_eq!(instance.rules().version(), 1);
     // Reads keep working from what this instance knows.
     let (status, rules) = get_json(&client, base, "/api/v1/rules")?;
     assert_eq!((status, rules["version"].as_u64()), (200, Some(1)));
@@ -402,7 +424,7 @@ fn an_update_during_a_broker_outage_answers_503_and_applies_once_the_broker_is_b
     // naming the old version is now stale.
     broker.up(1)?;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while instance.plane.control.version() != 2 {
+    while instance.rules().version() != 2 {
         assert!(Instant::now() < deadline, "the queued update never applied");
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -250,8 +250,8 @@ fn an_update_through_one_instance_reaches_both_and_concurrent_updates_have_one_w
         assert!(Instant::now() < deadline, "b still runs {rules}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(a.plane.control.version(), 2);
-    assert_eq!(b.plane.control.version(), 2);
+    assert_eq!(a.rules().version(), 2);
+    assert_eq!(b.rules().version(), 2);
 
     // Both instances receive an update replacing version 2 at once: exactly one wins, the
     // other gets 409, and both end on the winner's bundle.
@@ -267,7 +267,7 @@ fn an_update_through_one_instance_reaches_both_and_concurrent_updates_have_one_w
         "{results:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while a.plane.control.version() != 3 || b.plane.control.version() != 3 {
+    while a.rules().version() != 3 || b.rules().version() != 3 {
         assert!(Instant::now() < deadline, "instances did not converge");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -16,12 +16,15 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use riskstream_admin::ControlPlane;
 use riskstream_common::Config;
-use riskstream_kafka::{Assignment, EmbeddedBroker, LabelStore};
+use riskstream_kafka::EmbeddedBroker;
+use riskstream_runtime::{Instance, Options};
 
 use crate::generate::send;
 use crate::generator::{Generator, Scenario};
+
+/// How long the demo waits for its instance to read the embedded broker's control topic.
+const RULES_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Settings of one demo run.
 #[derive(Debug, Clone)]
@@ -88,9 +91,6 @@ pub fn run(
         labels_topic
     );
 
-    // The pipeline and its control plane, exactly as `riskstream run` runs them.
-    let pipeline_stop = Arc::new(AtomicBool::new(false));
-    let labels = Arc::new(LabelStore::new(1_000_000));
     // The demo should run anywhere: when `admin.listen` is taken, any free loopback port will do.
     if std::net::TcpListener::bind(&config.admin.listen).is_err() {
         eprintln!(
@@ -99,35 +99,22 @@ pub fn run(
         );
         config.admin.listen = "127.0.0.1:0".into();
     }
-    let plane = ControlPlane::start(
+    // The instance, exactly as `riskstream run` runs it.
+    let instance = Instance::start(
         &config,
-        Some(bundle),
-        Some(labels.clone()),
-        riskstream_admin::telemetry::prometheus().ok(),
+        Options {
+            seed: Some(bundle.to_string()),
+            metrics: riskstream_admin::telemetry::prometheus().ok(),
+            ..Options::default()
+        },
     )?;
+    instance
+        .wait_rules(RULES_TIMEOUT)
+        .context("the demo's instance did not load its rules")?;
     eprintln!(
         "admin API at http://{} (rules: GET/PUT /api/v1/rules, metrics: /metrics)",
-        plane.address()
+        instance.address()
     );
-    let pipeline = {
-        let config = config.clone();
-        let stop = pipeline_stop.clone();
-        let labels = labels.clone();
-        let rules = plane.control.table();
-        let observers = plane.observers();
-        std::thread::Builder::new()
-            .name("pipeline".into())
-            .spawn(move || {
-                riskstream_kafka::run_observed(
-                    &config,
-                    rules,
-                    Assignment::Group,
-                    stop,
-                    Some(labels),
-                    observers,
-                )
-            })?
-    };
 
     // The generator, paced to the rate and held back while the pipeline lags.
     let truth = Arc::new(Mutex::new(Truth::default()));
@@ -177,7 +164,7 @@ pub fn run(
         if deadline.is_some_and(|d| now >= d) || shutdown.load(Ordering::Acquire) {
             break;
         }
-        if generator.is_finished() || pipeline.is_finished() {
+        if generator.is_finished() || instance.is_finished() {
             break;
         }
     }
@@ -192,15 +179,15 @@ pub fn run(
     let drain_until = Instant::now() + Duration::from_secs(20);
     while outputs.load(Ordering::Relaxed) < produced.load(Ordering::Relaxed)
         && Instant::now() < drain_until
-        && !pipeline.is_finished()
+        && !instance.is_finished()
     {
         report.poll(&reader, &truth, &outputs, Duration::from_millis(20));
     }
-    pipeline_stop.store(true, Ordering::Release);
-    let summary = pipeline
-        .join()
-        .map_err(|_| anyhow::anyhow!("the pipeline panicked"))?
-        .context("the pipeline stopped")?;
+    let labels = Arc::clone(instance.labels());
+    let summary = instance
+        .stop()
+        .context("the pipeline stopped")?
+        .context("the pipeline stopped before its rules were loaded")?;
     report.poll(&reader, &truth, &outputs, Duration::from_millis(200));
     let (valid_labels, invalid_labels, fraud_labels) = labels.counts();
     eprintln!();
@@ -211,8 +198,7 @@ pub fn run(
         produced.load(Ordering::Relaxed),
         &fraud_total,
     );
-    // The control plane's clients go before the broker they talk to.
-    drop(plane);
+    // The instance (stopped above, its clients gone) before the broker it talked to.
     drop(broker);
     Ok(())
 }

@@ -15,10 +15,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use riskstream_admin::{telemetry, AdminPlane};
+use riskstream_admin::telemetry;
 use riskstream_common::Config;
 use riskstream_pipeline::{JsonLinesSink, JsonLinesSource, Pipeline};
 use riskstream_rules::{RuleCompiler, RuleTable};
+use riskstream_runtime::Instance;
 
 /// Feature state is hundreds of thousands of small long-lived allocations; mimalloc allocates
 /// and frees them several times faster than glibc's malloc, with less fragmentation.
@@ -271,8 +272,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let shutdown = shutdown_on_signal()?;
             bound_shutdown(Arc::clone(&shutdown), config.shutdown.timeout);
-            tracing::info!(brokers = %config.kafka.brokers, topic = %config.kafka.topics.transactions, rules_topic = %config.kafka.topics.rules, "starting");
-            let labels = Arc::new(riskstream_kafka::LabelStore::new(1_000_000));
             let metrics = match telemetry::prometheus() {
                 Ok(handle) => Some(handle),
                 Err(e) => {
@@ -283,23 +282,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // The admin API answers first (health, and readiness saying what is awaited), then
             // the rules come from the control topic, however long the cluster takes to be
             // there; the bundle given (or the default) seeds the topic when it is empty.
-            let admin = AdminPlane::open(&config, Some(labels.clone()), metrics)
-                .context("cannot start the admin API")?;
-            let Some(plane) = admin
-                .load_rules(Some(&seed), &shutdown)
-                .context("cannot load the rules from the control topic")?
-            else {
+            let instance = Instance::start(
+                &config,
+                riskstream_runtime::Options {
+                    seed: Some(seed),
+                    metrics,
+                    stop: Some(shutdown),
+                    ..Default::default()
+                },
+            )
+            .context("cannot start the instance")?;
+            let Some(summary) = instance.wait().context("the instance failed")? else {
                 tracing::info!("stopped while waiting for the Kafka cluster");
                 return Ok(ExitCode::SUCCESS);
             };
-            let summary = riskstream_kafka::run_observed(
-                &config,
-                plane.control.table(),
-                riskstream_kafka::Assignment::Group,
-                shutdown,
-                Some(labels),
-                plane.observers(),
-            )?;
             eprintln!("{summary}");
             Ok(ExitCode::SUCCESS)
         }

@@ -21,6 +21,7 @@ use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use riskstream_testkit::send_record;
 
 use common::{assert_same_features, free_port, riskstream, signal, spawn_run, Broker};
 
@@ -72,16 +73,10 @@ fn produce(address: &str, file: &Path, stop: Arc<AtomicBool>, count: Arc<AtomicU
         let due = (started.elapsed().as_secs_f64() * RATE as f64) as u64;
         while i < due {
             let (key, json) = event(i);
-            let mut record = BaseRecord::to("transactions").key(&key).payload(&json);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((_, back)) => {
-                        record = back;
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                }
-            }
+            send_record(
+                &producer,
+                BaseRecord::to("transactions").key(&key).payload(&json),
+            );
             writeln!(out, "{json}").expect("write");
             i += 1;
         }

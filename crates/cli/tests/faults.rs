@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use riskstream_testkit::send_record;
 
 use common::{assert_same_features, free_port, riskstream, signal, spawn_run, wait_exit, Broker};
 
@@ -99,18 +100,12 @@ fn produce(producer: &ThreadedProducer<DefaultProducerContext>, events: &[Event]
                 std::thread::sleep(wait);
             }
         }
-        let mut record = BaseRecord::to("transactions")
-            .key(&e.customer)
-            .payload(&e.json);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-        }
+        send_record(
+            producer,
+            BaseRecord::to("transactions")
+                .key(&e.customer)
+                .payload(&e.json),
+        );
     }
     producer.flush(Duration::from_secs(300)).expect("flush");
 }

@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use riskstream_common::Config;
 use riskstream_kafka::{Assignment, EmbeddedBroker};
 use riskstream_rules::{RuleCompiler, RuleTable};
+use riskstream_testkit::send;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -72,18 +73,12 @@ fn feed(address: String, seconds: u64) -> std::thread::JoinHandle<usize> {
                 now_ms(),
                 i % 500
             );
-            let mut record = BaseRecord::<(), str>::to("transactions")
-                .partition((i % PARTITIONS as usize) as i32)
-                .payload(&json);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((_, back)) => {
-                        record = back;
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                }
-            }
+            send(
+                &producer,
+                "transactions",
+                (i % PARTITIONS as usize) as i32,
+                &json,
+            );
         }
         producer.flush(Duration::from_secs(120)).expect("flush");
         n

@@ -9,31 +9,28 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::Offset;
 use riskstream_common::Config;
-use riskstream_kafka::{Assignment, EmbeddedBroker, LabelStore};
-use riskstream_pipeline::{PipelineError, Summary};
+use riskstream_kafka::{Assignment, EmbeddedBroker, LabelStore, Observers};
+use riskstream_pipeline::{PipelineError, StatusBoard, Summary};
 use riskstream_rules::{RuleCompiler, RuleTable};
+use riskstream_testkit as testkit;
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
+type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 const BUNDLE: &str = include_str!("../../../config/rules/default.yaml");
 
 /// A broker with the pipeline's topics (`partitions` transactions partitions).
-fn broker(partitions: i32) -> Result<EmbeddedBroker, Box<dyn std::error::Error>> {
-    let broker = EmbeddedBroker::start(1)?;
-    broker.create_topic("transactions", partitions)?;
-    broker.create_topic("verdicts", 4)?;
-    broker.create_topic("dlq", 1)?;
-    broker.create_topic("late", 1)?;
-    broker.create_topic("labels", 1)?;
-    Ok(broker)
+fn broker(partitions: i32) -> Result<EmbeddedBroker, Box<dyn std::error::Error + Send + Sync>> {
+    let mut topics = testkit::PIPELINE_TOPICS.to_vec();
+    topics[0].1 = partitions;
+    testkit::broker(&topics)
 }
 
-fn config(broker: &EmbeddedBroker, extra: &str) -> Result<Config, Box<dyn std::error::Error>> {
+fn config(
+    broker: &EmbeddedBroker,
+    extra: &str,
+) -> Result<Config, Box<dyn std::error::Error + Send + Sync>> {
     let toml = format!(
         r#"
 [kafka]
@@ -49,7 +46,7 @@ commit_interval = "200ms"
     Ok(Config::from_toml_over_defaults(&toml)?)
 }
 
-fn rules(config: &Config) -> Result<Arc<RuleTable>, Box<dyn std::error::Error>> {
+fn rules(config: &Config) -> Result<Arc<RuleTable>, Box<dyn std::error::Error + Send + Sync>> {
     let compiled = RuleCompiler::new(&config.event_schema()?).compile_text(BUNDLE, 1)?;
     Ok(Arc::new(RuleTable::new(compiled)))
 }
@@ -57,31 +54,66 @@ fn rules(config: &Config) -> Result<Arc<RuleTable>, Box<dyn std::error::Error>> 
 /// A running pipeline and the switch that stops it.
 struct Running {
     stop: Arc<AtomicBool>,
+    status: Arc<StatusBoard>,
     thread: JoinHandle<Result<Summary, PipelineError>>,
     metrics: Snapshotter,
     totals: BTreeMap<String, u64>,
 }
 
 impl Running {
-    fn start(config: &Config, assignment: Assignment) -> Result<Self, Box<dyn std::error::Error>> {
+    fn start(
+        config: &Config,
+        assignment: Assignment,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
         let rules = rules(config)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let status = Arc::new(StatusBoard::new(&config.kafka.topics.transactions));
         let recorder = DebuggingRecorder::new();
         let metrics = recorder.snapshotter();
         let thread = {
             let (config, stop) = (config.clone(), stop.clone());
+            let observers = Observers {
+                status: Some(Arc::clone(&status)),
+                ..Observers::default()
+            };
             std::thread::spawn(move || {
                 metrics::with_local_recorder(&recorder, || {
                     let labels = Arc::new(LabelStore::new(1000));
-                    riskstream_kafka::run(&config, rules, assignment, stop, Some(labels))
+                    riskstream_kafka::run_observed(
+                        &config,
+                        rules,
+                        assignment,
+                        stop,
+                        Some(labels),
+                        observers,
+                    )
                 })
             })
         };
         Ok(Self {
             stop,
+            status,
             thread,
             metrics,
             totals: BTreeMap::new(),
+        })
+    }
+
+    /// Waits until the pipeline has emitted at least `n` verdicts.
+    fn wait_verdicts(&self, n: u64) -> TestResult {
+        testkit::wait_until(&format!("{n} verdicts"), Duration::from_secs(60), || {
+            self.status.snapshot().verdicts >= n
+        })
+    }
+
+    /// Waits until the pipeline owns at least one partition.
+    fn wait_assigned(&self) -> TestResult {
+        testkit::wait_until("partitions assigned", Duration::from_secs(60), || {
+            self.status
+                .snapshot()
+                .partitions
+                .values()
+                .any(|p| p.assigned)
         })
     }
 
@@ -96,7 +128,7 @@ impl Running {
         self.totals.get(name).copied().unwrap_or(0)
     }
 
-    fn stop(self) -> Result<Summary, Box<dyn std::error::Error>> {
+    fn stop(self) -> Result<Summary, Box<dyn std::error::Error + Send + Sync>> {
         self.stop.store(true, Ordering::Release);
         let summary = self
             .thread
@@ -108,43 +140,17 @@ impl Running {
 
 fn producer(
     broker: &EmbeddedBroker,
-) -> Result<ThreadedProducer<rdkafka::producer::DefaultProducerContext>, Box<dyn std::error::Error>>
-{
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap_servers())
-        .set("message.timeout.ms", "0")
-        .set("reconnect.backoff.max.ms", "500")
-        .create()?)
+) -> Result<testkit::EventProducer, Box<dyn std::error::Error + Send + Sync>> {
+    testkit::producer(&broker.bootstrap_servers())
 }
 
 /// Produces `events` as (partition, payload) and waits for their acknowledgement.
-fn produce(
-    producer: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
-    events: &[(i32, String)],
-) -> TestResult {
-    for (partition, payload) in events {
-        let mut record = BaseRecord::<(), str>::to("transactions")
-            .partition(*partition)
-            .payload(payload.as_str());
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-        }
-    }
-    producer.flush(Duration::from_secs(60))?;
-    Ok(())
+fn produce(producer: &testkit::EventProducer, events: &[(i32, String)]) -> TestResult {
+    testkit::produce(producer, "transactions", events)
 }
 
 fn event(id: &str, ts_ms: i64, amount: f64) -> String {
-    format!(
-        r#"{{"tx_id":"{id}","ts":{ts_ms},"customer_id":"c{}","terminal_id":"t1","amount":{amount},"tx_type":"CP"}}"#,
-        id.len() % 7
-    )
+    testkit::event(id, ts_ms, amount)
 }
 
 /// Everything the pipeline wrote: verdicts by tx id (with their count), and dead letters and
@@ -156,60 +162,31 @@ struct Outputs {
     late: Vec<(String, String)>,
 }
 
-impl Outputs {
-    fn total(&self) -> usize {
-        self.verdicts.values().sum::<usize>() + self.dead.len() + self.late.len()
-    }
-}
-
-/// Reads the output topics from the beginning until `expected` messages arrived (or a
-/// timeout), then a little longer to catch duplicates.
+/// Reads the output topics from the beginning until `expected` messages arrived (or 90 s),
+/// then to their ends as they are then (duplicates written by then included).
 fn read_outputs(
     broker: &EmbeddedBroker,
     expected: usize,
-) -> Result<Outputs, Box<dyn std::error::Error>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap_servers())
-        .set("group.id", "reader")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut list = TopicPartitionList::new();
-    for p in 0..4 {
-        list.add_partition_offset("verdicts", p, Offset::Beginning)?;
-    }
-    list.add_partition_offset("dlq", 0, Offset::Beginning)?;
-    list.add_partition_offset("late", 0, Offset::Beginning)?;
-    consumer.assign(&list)?;
+) -> Result<Outputs, Box<dyn std::error::Error + Send + Sync>> {
+    let records = testkit::read_until(
+        &broker.bootstrap_servers(),
+        &["verdicts", "dlq", "late"],
+        false,
+        Duration::from_secs(90),
+        |records| records.len() >= expected,
+    )?;
     let mut out = Outputs::default();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut settle: Option<Instant> = None;
-    while Instant::now() < deadline && settle.is_none_or(|s| Instant::now() < s) {
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        let message = message?;
-        let header = |name: &str| {
-            message
-                .headers()
-                .and_then(|h| h.iter().find(|h| h.key == name))
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default()
-        };
-        match message.topic() {
-            "verdicts" => {
-                let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
-                *out.verdicts.entry(key).or_default() += 1;
-            }
+    for record in records {
+        match record.topic.as_str() {
+            "verdicts" => *out.verdicts.entry(record.key_str()).or_default() += 1,
             "dlq" => out.dead.push((
-                header("reason"),
-                header("source_offset"),
-                message.payload().unwrap_or_default().to_vec(),
+                record.header("reason"),
+                record.header("source_offset"),
+                record.payload.clone(),
             )),
-            _ => out.late.push((header("reason"), header("source_offset"))),
-        }
-        if out.total() >= expected && settle.is_none() {
-            settle = Some(Instant::now() + Duration::from_millis(500));
+            _ => out
+                .late
+                .push((record.header("reason"), record.header("source_offset"))),
         }
     }
     Ok(out)
@@ -219,28 +196,17 @@ fn read_outputs(
 fn committed(
     broker: &EmbeddedBroker,
     partitions: i32,
-) -> Result<Vec<i64>, Box<dyn std::error::Error>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap_servers())
-        .set("group.id", "test")
-        .create()?;
-    let mut list = TopicPartitionList::new();
-    for p in 0..partitions {
-        list.add_partition("transactions", p);
-    }
-    let committed = consumer.committed_offsets(list, Duration::from_secs(10))?;
-    Ok(committed
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => o,
-            _ => -1,
-        })
-        .collect())
+) -> Result<Vec<i64>, Box<dyn std::error::Error + Send + Sync>> {
+    testkit::committed(
+        &broker.bootstrap_servers(),
+        "test",
+        "transactions",
+        partitions,
+    )
 }
 
 fn now_ms() -> i64 {
-    riskstream_pipeline::source::now_ms()
+    testkit::now_ms()
 }
 
 #[test]
@@ -307,7 +273,7 @@ fn an_idle_partition_does_not_hold_the_watermark_back() -> TestResult {
     // moves 100 s ahead; then partition 0 sends an event 90 s old. With a 1 s idle timeout the
     // silent partition stops holding the watermark and the old event is too late; with an hour
     // it holds it back and the event is scored.
-    let outcome = |idle: &str| -> Result<Outputs, Box<dyn std::error::Error>> {
+    let outcome = |idle: &str| -> Result<Outputs, Box<dyn std::error::Error + Send + Sync>> {
         let broker = broker(2)?;
         let config = config(
             &broker,
@@ -323,13 +289,16 @@ fn an_idle_partition_does_not_hold_the_watermark_back() -> TestResult {
             &producer,
             &[(1, event("p1-a", t0, 5.0)), (0, event("p0-a", t0, 5.0))],
         )?;
-        // Let both first events be scored before partition 0 runs ahead.
-        std::thread::sleep(Duration::from_millis(500));
+        // Both first events are scored before partition 0 runs ahead.
+        running.wait_verdicts(2)?;
         let ahead: Vec<_> = (1..=10)
             .map(|i| (0, event(&format!("p0-{i}"), t0 + i * 10_000, 5.0)))
             .collect();
         produce(&producer, &ahead)?;
-        std::thread::sleep(Duration::from_millis(2500));
+        running.wait_verdicts(12)?;
+        // The scenario itself: partition 1 stays silent for longer than the 1 s idle
+        // timeout (processing time) before the old event comes.
+        std::thread::sleep(Duration::from_millis(1500));
         produce(&producer, &[(0, event("p0-old", t0 + 10_000, 5.0))])?;
         let out = read_outputs(&broker, 13)?;
         running.stop()?;
@@ -428,7 +397,8 @@ fn a_broker_outage_is_waited_out_without_losing_an_event() -> TestResult {
             Ok(())
         })
     };
-    std::thread::sleep(Duration::from_millis(800));
+    // Scoring is under way when the broker goes, for the 3 s the scenario is about.
+    running.wait_verdicts(100)?;
     broker.down(-1)?;
     std::thread::sleep(Duration::from_secs(3));
     broker.up(-1)?;
@@ -463,10 +433,10 @@ fn a_second_instance_takes_over_partitions_and_no_event_goes_without_a_verdict()
     };
     produce(&producer, &batch(0, 2000))?;
     let first = Running::start(&config, Assignment::Group)?;
-    // The first instance joins (a few seconds against the embedded broker) and scores.
-    std::thread::sleep(Duration::from_secs(5));
+    // The first instance joins and scores the first half alone.
+    first.wait_verdicts(2000)?;
     let second = Running::start(&config, Assignment::Group)?;
-    std::thread::sleep(Duration::from_secs(5));
+    second.wait_assigned()?;
     produce(&producer, &batch(2000, 4000))?;
     let out = read_outputs(&broker, 4000)?;
     let a = first.stop()?;

@@ -4,21 +4,19 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use riskstream_admin::ControlPlane;
+use rdkafka::producer::{DefaultProducerContext, Producer, ThreadedProducer};
+pub use riskstream_admin::RulesPlane;
+use riskstream_admin::{AdminServer, AdminState, LocalRules, RulesSlot};
 use riskstream_common::Config;
-use riskstream_kafka::{Assignment, EmbeddedBroker, LabelStore};
-use riskstream_pipeline::{PipelineError, Summary};
+use riskstream_kafka::{EmbeddedBroker, LabelStore, RulesControl};
+use riskstream_pipeline::{RecentEvents, Summary};
+use riskstream_rules::RuleCompiler;
 
-pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+use riskstream_testkit as testkit;
+pub use riskstream_testkit::TestResult;
 
 pub const TRANSACTIONS_PARTITIONS: i32 = 4;
 pub const VERDICTS_PARTITIONS: i32 = 4;
@@ -32,14 +30,14 @@ pub fn bundle(threshold: u32) -> String {
 
 /// A broker with the pipeline's topics and the control topic.
 pub fn broker() -> TestResult<EmbeddedBroker> {
-    let broker = EmbeddedBroker::start(1)?;
-    broker.create_topic("transactions", TRANSACTIONS_PARTITIONS)?;
-    broker.create_topic("verdicts", VERDICTS_PARTITIONS)?;
-    broker.create_topic("dlq", 1)?;
-    broker.create_topic("late", 1)?;
-    broker.create_topic("labels", 1)?;
-    broker.create_topic("riskstream.rules", 1)?;
-    Ok(broker)
+    testkit::broker(&[
+        ("transactions", TRANSACTIONS_PARTITIONS),
+        ("verdicts", VERDICTS_PARTITIONS),
+        ("dlq", 1),
+        ("late", 1),
+        ("labels", 1),
+        ("riskstream.rules", 1),
+    ])
 }
 
 /// Configuration over `broker`, the admin API on a free loopback port, plus `extra` TOML.
@@ -64,77 +62,98 @@ backtest_events = 50000
     Ok(Config::from_toml_over_defaults(&toml)?)
 }
 
-/// One instance: its control plane (admin API) and its Kafka pipeline.
-pub struct Instance {
-    pub plane: ControlPlane,
+/// The admin API over one process's rules ([`LocalRules`], no broker), on a free loopback
+/// port, configured by the `[admin]` lines `admin` over the defaults.
+pub struct LocalApi {
+    pub plane: Arc<LocalRules>,
     pub base: String,
-    pub labels: Arc<LabelStore>,
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<Result<Summary, PipelineError>>,
+    _server: AdminServer,
+}
+
+impl LocalApi {
+    pub fn start(admin: &str, seed: &str) -> TestResult<Self> {
+        let config = Config::from_toml_over_defaults(&format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n{admin}\n"
+        ))?;
+        let compiler = RuleCompiler::new(&config.event_schema()?);
+        let plane = Arc::new(LocalRules::new(compiler, seed, "test")?);
+        let rules = Arc::new(RulesSlot::holding(plane.clone()));
+        let state = AdminState::new(&config, rules, None, None)?;
+        let server = AdminServer::start(
+            &config.admin.listen,
+            riskstream_admin::router(state, config.admin.max_body_bytes),
+        )?;
+        Ok(Self {
+            plane,
+            base: format!("http://{}", server.address()),
+            _server: server,
+        })
+    }
+}
+
+/// One instance ([`riskstream_runtime::Instance`]: admin API, control plane, Kafka pipeline),
+/// its rules loaded.
+pub struct Instance {
+    pub base: String,
+    instance: riskstream_runtime::Instance,
+    rules: Arc<RulesControl>,
 }
 
 impl Instance {
-    /// Starts the control plane (seeding the control topic with `seed` when it is empty) and
-    /// the pipeline in consumer group `kafka.group_id`.
+    /// Starts an instance (seeding the control topic with `seed` when it is empty) in consumer
+    /// group `kafka.group_id`, and waits for its rules.
     pub fn start(config: &Config, seed: &str, metrics: bool) -> TestResult<Self> {
-        let labels = Arc::new(LabelStore::new(100_000));
-        let handle = if metrics {
+        let metrics = if metrics {
             Some(riskstream_admin::telemetry::prometheus()?)
         } else {
             None
         };
-        let plane = ControlPlane::start(config, Some(seed), Some(labels.clone()), handle)?;
-        let base = format!("http://{}", plane.address());
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let config = config.clone();
-            let stop = stop.clone();
-            let rules = plane.control.table();
-            let observers = plane.observers();
-            let labels = labels.clone();
-            std::thread::spawn(move || {
-                riskstream_kafka::run_observed(
-                    &config,
-                    rules,
-                    Assignment::Group,
-                    stop,
-                    Some(labels),
-                    observers,
-                )
-            })
-        };
+        let instance = riskstream_runtime::Instance::start(
+            config,
+            riskstream_runtime::Options {
+                seed: Some(seed.to_string()),
+                metrics,
+                labels: 100_000,
+                stop: None,
+            },
+        )?;
+        let rules = instance.wait_rules(Duration::from_secs(60))?;
         Ok(Self {
-            plane,
-            base,
-            labels,
-            stop,
-            thread,
+            base: format!("http://{}", instance.address()),
+            instance,
+            rules,
         })
+    }
+
+    /// The control plane.
+    pub fn rules(&self) -> &RulesControl {
+        &self.rules
+    }
+
+    pub fn recent(&self) -> &Arc<RecentEvents> {
+        self.instance.recent()
+    }
+
+    pub fn labels(&self) -> &Arc<LabelStore> {
+        self.instance.labels()
     }
 
     /// Waits until the pipeline owns partitions (`/readyz` answers 200).
     pub fn wait_ready(&self, client: &Http) -> TestResult {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let response = client.get(format!("{}/readyz", self.base)).send()?;
-            if response.status() == 200 {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let body = response.text().unwrap_or_default();
-                return Err(format!("{} not ready after 30 s: {body}", self.base).into());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let url = format!("{}/readyz", self.base);
+        testkit::wait_until(
+            &format!("{url} answers 200"),
+            Duration::from_secs(30),
+            || client.get(&url).send().is_ok_and(|r| r.status() == 200),
+        )
     }
 
     pub fn stop(self) -> TestResult<Summary> {
-        self.stop.store(true, Ordering::Release);
-        let summary = self
-            .thread
-            .join()
-            .map_err(|_| "the pipeline thread panicked")??;
-        Ok(summary)
+        drop(self.rules);
+        Ok(self
+            .instance
+            .stop()?
+            .ok_or("the instance stopped before its rules were loaded")?)
     }
 }
 
@@ -202,28 +221,13 @@ pub fn get_json(client: &Http, base: &str, path: &str) -> TestResult<(u16, serde
     Ok((status, response.json()?))
 }
 
-pub fn producer(broker: &EmbeddedBroker) -> TestResult<ThreadedProducer<DefaultProducerContext>> {
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap_servers())
-        .set("message.timeout.ms", "0")
-        .set("linger.ms", "2")
-        .create()?)
+pub fn producer(broker: &EmbeddedBroker) -> TestResult<testkit::EventProducer> {
+    testkit::producer(&broker.bootstrap_servers())
 }
 
 /// Sends one event to `partition`, retrying while the producer queue is full.
-pub fn send(producer: &ThreadedProducer<DefaultProducerContext>, partition: i32, payload: &str) {
-    let mut record = BaseRecord::<(), str>::to("transactions")
-        .partition(partition)
-        .payload(payload);
-    loop {
-        match producer.send(record) {
-            Ok(()) => return,
-            Err((_, back)) => {
-                record = back;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-    }
+pub fn send(producer: &testkit::EventProducer, partition: i32, payload: &str) {
+    testkit::send(producer, "transactions", partition, payload)
 }
 
 pub fn flush(producer: &ThreadedProducer<DefaultProducerContext>) -> TestResult {
@@ -233,14 +237,11 @@ pub fn flush(producer: &ThreadedProducer<DefaultProducerContext>) -> TestResult 
 
 /// A payment event.
 pub fn event(id: &str, ts_ms: i64, amount: f64) -> String {
-    format!(
-        r#"{{"tx_id":"{id}","ts":{ts_ms},"customer_id":"c{}","terminal_id":"t1","amount":{amount},"tx_type":"CP"}}"#,
-        id.len() % 7
-    )
+    testkit::event(id, ts_ms, amount)
 }
 
 pub fn now_ms() -> i64 {
-    riskstream_pipeline::source::now_ms()
+    testkit::now_ms()
 }
 
 /// Verdicts read from the verdicts topic: tx id → every verdict for it (parsed JSON).
@@ -249,33 +250,19 @@ pub type Verdicts = BTreeMap<String, Vec<serde_json::Value>>;
 /// Reads the verdicts topic from its start until `expected` verdicts arrived (or 90 s), then
 /// half a second longer to catch duplicates.
 pub fn read_verdicts(broker: &EmbeddedBroker, expected: usize) -> TestResult<Verdicts> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap_servers())
-        .set("group.id", "reader")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut list = TopicPartitionList::new();
-    for p in 0..VERDICTS_PARTITIONS {
-        list.add_partition_offset("verdicts", p, Offset::Beginning)?;
-    }
-    consumer.assign(&list)?;
+    let records = testkit::read_until(
+        &broker.bootstrap_servers(),
+        &["verdicts"],
+        false,
+        Duration::from_secs(90),
+        |records| records.len() >= expected,
+    )?;
     let mut verdicts = Verdicts::new();
-    let mut count = 0;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut settle: Option<Instant> = None;
-    while Instant::now() < deadline && settle.is_none_or(|s| Instant::now() < s) {
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        let message = message?;
-        let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
-        let value: serde_json::Value =
-            serde_json::from_slice(message.payload().unwrap_or_default())?;
-        verdicts.entry(key).or_default().push(value);
-        count += 1;
-        if count >= expected && settle.is_none() {
-            settle = Some(Instant::now() + Duration::from_millis(500));
-        }
+    for record in records {
+        verdicts
+            .entry(record.key_str())
+            .or_default()
+            .push(record.json()?);
     }
     Ok(verdicts)
 }
