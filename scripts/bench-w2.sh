@@ -44,7 +44,7 @@ start=$(date +%s.%N)
   --output "$work/verdicts-$n.jsonl" --state "$state" 2> "$work/time-$n.txt" \
   || { cat "$work/time-$n.txt" >&2; exit 1; }
 end=$(date +%s.%N)
-grep -E "^(events|dead|too late|rules|elapsed)" "$work/time-$n.txt"
+grep -E "^(events|dead|too late|rules|state cache|elapsed)" "$work/time-$n.txt"
 awk -v s="$start" -v e="$end" 'BEGIN { printf "wall time: %.3f s\n", e - s }'
 grep -E "Maximum resident set size" "$work/time-$n.txt"
 bytes=$(stat -c %s "$work/verdicts-$n.jsonl")
