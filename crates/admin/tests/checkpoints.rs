@@ -122,6 +122,19 @@ fn checkpoints_on_demand_are_listed_and_a_restart_continues_from_the_last_one() 
         .as_u64()
         .ok_or("no checkpoint")?;
     assert!(restored > taken["id"].as_u64().ok_or("id")?, "{status}");
+    // The status says which checkpoint the state came from, and what it took.
+    let restore = &status["pipeline"]["restore"];
+    // The final checkpoint of the clean stop, after the one taken on demand.
+    let from = restore["checkpoint"]
+        .as_u64()
+        .ok_or("no restore in the status")?;
+    assert!(
+        from > taken["id"].as_u64().ok_or("id")? && from <= restored,
+        "{status}"
+    );
+    assert!(restore["bytes"].as_u64() > Some(0), "{status}");
+    assert!(restore["seconds"].as_f64() >= Some(0.0), "{status}");
+    assert_eq!(restore["skipped"], serde_json::json!([]), "{status}");
     produce(&producer, "b", 200..210, t0)?;
     let verdicts = read_verdicts(&broker, 110)?;
     assert_eq!(verdicts.len(), 110);
@@ -212,6 +225,17 @@ fn exactly_once_recovery_passes_over_a_checkpoint_whose_transaction_did_not_comm
     assert_eq!(
         status["last_checkpoint"]["id"].as_u64(),
         Some(first_id),
+        "{status}"
+    );
+    // The status says so, naming the checkpoint passed over and why.
+    let restore = &status["pipeline"]["restore"];
+    assert_eq!(restore["checkpoint"].as_u64(), Some(first_id), "{status}");
+    let skipped = restore["skipped"].as_array().ok_or("no skipped list")?;
+    assert!(
+        skipped
+            .iter()
+            .any(|s| s[0].as_u64() == Some(newest)
+                && s[1].as_str().is_some_and(|why| !why.is_empty())),
         "{status}"
     );
     // Restored at the first checkpoint, the instance scores the last 10 events again, in a

@@ -202,6 +202,14 @@ fn metrics_list_every_series_and_count_what_happened() -> TestResult {
     assert!(get("riskstream_state_flush_seconds_count", &[]) >= 1.0);
     // Rules version and reloads.
     assert_eq!(get("riskstream_rules_version", &[]), 2.0);
+    // The group gave this instance every transactions partition.
+    assert!(get("riskstream_rebalances_total", &["event=\"assigned\""]) >= 1.0);
+    assert!(
+        get(
+            "riskstream_rebalance_partitions_total",
+            &["event=\"assigned\""]
+        ) >= f64::from(TRANSACTIONS_PARTITIONS)
+    );
     assert_eq!(
         get("riskstream_rules_reloads_total", &["outcome=\"applied\""]),
         1.0

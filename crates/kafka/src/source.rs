@@ -206,6 +206,9 @@ impl ConsumerContext for SourceContext {
                 }
             }
             tracing::info!(topic = %self.topic, ?partitions, "partitions revoked");
+            metrics::counter!("riskstream_rebalances_total", "event" => "revoked").increment(1);
+            metrics::counter!("riskstream_rebalance_partitions_total", "event" => "revoked")
+                .increment(partitions.len() as u64);
             lock(&self.revoked).extend(partitions);
             self.rebalanced.store(true, Ordering::Release);
         }
@@ -220,6 +223,10 @@ impl ConsumerContext for SourceContext {
                     .map(|e| e.partition())
                     .collect();
                 tracing::info!(topic = %self.topic, ?partitions, "partitions assigned");
+                metrics::counter!("riskstream_rebalances_total", "event" => "assigned")
+                    .increment(1);
+                metrics::counter!("riskstream_rebalance_partitions_total", "event" => "assigned")
+                    .increment(partitions.len() as u64);
                 self.tracker.assign(&partitions);
                 lock(&self.assigned).extend(&partitions);
                 if self.paused.load(Ordering::Acquire) {
@@ -230,7 +237,10 @@ impl ConsumerContext for SourceContext {
                 self.rebalanced.store(true, Ordering::Release);
             }
             Rebalance::Revoke(_) => {}
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "rebalance error");
+                metrics::counter!("riskstream_rebalances_total", "event" => "error").increment(1);
+            }
         }
     }
 }

@@ -42,7 +42,7 @@ use riskstream_time::{Rejection, TimeStage};
 pub use checkpoint::{CheckpointHandle, CheckpointRequests, Halt, Marker};
 pub use sink::{JsonLinesSink, Sink, SinkError};
 pub use source::{JsonLinesSource, Source, SourceError, SourceState};
-pub use status::{PartitionStatus, PipelineStatus, RecentEvents, StatusBoard};
+pub use status::{PartitionStatus, PipelineStatus, RecentEvents, RestoreStatus, StatusBoard};
 pub use verdict::{FeatureSelection, TimeFlags, VerdictBatch};
 
 /// Why the pipeline stopped.
@@ -111,6 +111,8 @@ pub struct Pipeline {
     recent: Option<Arc<RecentEvents>>,
     /// Processing time of the last state flush.
     last_flush: Option<i64>,
+    /// The checkpoint the state was restored from, for the status board.
+    restore: Option<RestoreStatus>,
     flush_interval_ms: i64,
     /// Per source partition, the offset after the last record of the last batch.
     offsets: BTreeMap<i32, i64>,
@@ -267,25 +269,44 @@ impl Pipeline {
         let (dir, temp) = state_dir(config)?;
         let instance = config.checkpoint_name();
         let store = CheckpointStore::open(&url, &instance)?;
+        let restore_started = std::time::Instant::now();
         let restored = store.restore(&dir, accept, |restored| {
             StateStore::open(restored)
                 .map(drop)
                 .map_err(|e| format!("the restored state does not open: {e}"))
         })?;
+        let mut restore = None;
         let restored = match restored {
             Some(r) => {
+                let seconds = restore_started.elapsed().as_secs_f64();
+                metrics::counter!("riskstream_state_restores_total", "outcome" => "restored")
+                    .increment(1);
+                metrics::gauge!("riskstream_state_restore_seconds").set(seconds);
+                metrics::gauge!("riskstream_state_restored_bytes")
+                    .set(r.manifest.bytes_total as f64);
+                metrics::counter!("riskstream_checkpoints_skipped_total")
+                    .increment(r.skipped.len() as u64);
+                restore = Some(RestoreStatus {
+                    checkpoint: r.manifest.id,
+                    bytes: r.manifest.bytes_total,
+                    seconds,
+                    skipped: r.skipped.clone(),
+                });
                 tracing::info!(
                     checkpoint = r.manifest.id,
                     location = store.location(),
                     offsets = ?r.manifest.offsets,
                     rules_version = r.manifest.rules_version,
                     skipped = r.skipped.len(),
-                    "state restored from checkpoint {}",
-                    r.manifest.id
+                    "state restored from checkpoint {} ({} bytes in {seconds:.2} s)",
+                    r.manifest.id,
+                    r.manifest.bytes_total
                 );
                 Some(r.manifest)
             }
             None => {
+                metrics::counter!("riskstream_state_restores_total", "outcome" => "empty")
+                    .increment(1);
                 // Offsets are committed only with checkpoints: without one the source starts
                 // from the beginning (or `auto_offset_reset`), and state left by a run whose
                 // checkpoints never completed would count its events twice.
@@ -317,6 +338,7 @@ impl Pipeline {
         if let Some(m) = &restored {
             pipeline.offsets = m.offsets.clone();
         }
+        pipeline.restore = restore;
         pipeline.checkpoints = Some(checkpoint::Schedule {
             checkpointer,
             interval_ms: config.checkpoint.interval.as_millis() as i64,
@@ -371,6 +393,7 @@ impl Pipeline {
             status: None,
             recent: None,
             last_flush: None,
+            restore: None,
             flush_interval_ms: config.state.flush_interval.as_millis() as i64,
             offsets: BTreeMap::new(),
             checkpoints: None,
@@ -535,7 +558,10 @@ impl Pipeline {
 
     /// Reports progress to `status` after every batch; marks the state restored.
     pub fn report_to(&mut self, status: Arc<StatusBoard>) {
-        status.update(|s| s.state_restored = true);
+        status.update(|s| {
+            s.state_restored = true;
+            s.restore = self.restore.clone();
+        });
         self.status = Some(status);
     }
 

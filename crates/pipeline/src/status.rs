@@ -28,6 +28,9 @@ pub struct PipelineStatus {
     pub halted: Option<String>,
     /// Feature state is open and restored from the state directory.
     pub state_restored: bool,
+    /// The checkpoint the state came from, when it came from one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreStatus>,
     /// The rules version of the last scored batch (0 before the first).
     pub rules_version: u64,
     pub batches: u64,
@@ -48,6 +51,18 @@ pub struct PipelineStatus {
     /// with the bundle, so this is refreshed when the version does; `warming` is judged when
     /// read ([`StatusBoard::snapshot`]).
     pub features: Vec<Warmth>,
+}
+
+/// How the state was restored from a checkpoint at start-up.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct RestoreStatus {
+    pub checkpoint: u64,
+    /// Bytes of the checkpoint's files.
+    pub bytes: u64,
+    /// From listing the checkpoints to the restored state opening.
+    pub seconds: f64,
+    /// Newer checkpoints passed over (unreadable, or not accepted), with why.
+    pub skipped: Vec<(u64, String)>,
 }
 
 /// One source partition.
