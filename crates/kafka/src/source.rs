@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use metrics::Counter;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance,
-    RebalanceProtocol,
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -53,6 +52,11 @@ pub struct SourceContext {
     /// exists only once the outputs before them are acknowledged): the group's offsets and the
     /// restored state then always agree.
     checkpoints: OnceLock<riskstream_checkpoint::Checkpointer>,
+    /// The group's assignment strategy is cooperative (`cooperative-sticky`): rebalances
+    /// assign and revoke incrementally. Known from the configuration, because asking the
+    /// consumer (`rd_kafka_rebalance_protocol`) from the rebalance callback can block for
+    /// ever once the consumer is closing (librdkafka issue 4041; it hung a test's shutdown).
+    cooperative: bool,
 }
 
 impl SourceContext {
@@ -170,11 +174,7 @@ impl ConsumerContext for SourceContext {
             }
         };
         self.pre_rebalance(consumer, &rebalance);
-        let cooperative = matches!(
-            consumer.rebalance_protocol(),
-            RebalanceProtocol::Cooperative
-        );
-        let applied = match (&rebalance, cooperative) {
+        let applied = match (&rebalance, self.cooperative) {
             (Rebalance::Assign(list), true) => consumer.incremental_assign(list),
             (Rebalance::Assign(list), false) => consumer.assign(list),
             (Rebalance::Revoke(list), true) => consumer.incremental_unassign(list),
@@ -341,6 +341,13 @@ impl KafkaSource {
         shutdown: Arc<AtomicBool>,
     ) -> Result<Self, SourceError> {
         let topic = config.topics.transactions.clone();
+        let mut client = client_config(config, Role::Consumer);
+        if client.get("statistics.interval.ms").is_none() {
+            client.set("statistics.interval.ms", "1000");
+        }
+        let cooperative = client
+            .get("partition.assignment.strategy")
+            .is_some_and(|s| s.contains("cooperative-sticky"));
         let context = SourceContext {
             topic: topic.clone(),
             tracker: tracker.clone(),
@@ -353,15 +360,12 @@ impl KafkaSource {
             start_offsets: Mutex::new(BTreeMap::new()),
             commits: AtomicBool::new(true),
             checkpoints: OnceLock::new(),
+            cooperative,
         };
         let stream_error = |e: KafkaError| SourceError::Stream {
             name: topic.clone(),
             message: e.to_string(),
         };
-        let mut client = client_config(config, Role::Consumer);
-        if client.get("statistics.interval.ms").is_none() {
-            client.set("statistics.interval.ms", "1000");
-        }
         let consumer: BaseConsumer<SourceContext> =
             client.create_with_context(context).map_err(stream_error)?;
         match assignment {
