@@ -368,7 +368,16 @@ fn waiting_for(state: &AdminState) -> (Vec<String>, Option<u64>) {
     if let Some(halted) = &snapshot.halted {
         waiting.push(halted.clone());
     }
-    if !snapshot.state_restored {
+    if let Some(p) = &snapshot.restoring {
+        waiting.push(format!(
+            "restoring feature state from checkpoint {}: {} of {} files, {:.1} of {:.1} MB",
+            p.checkpoint,
+            p.files,
+            p.of_files,
+            p.bytes as f64 / 1e6,
+            p.of_bytes as f64 / 1e6
+        ));
+    } else if !snapshot.state_restored {
         waiting.push("feature state is not restored yet".into());
     }
     if !snapshot.partitions.values().any(|p| p.assigned) {

@@ -188,6 +188,53 @@ fn mutations_need_the_token_and_if_match() -> TestResult {
 }
 
 #[test]
+fn readiness_says_how_far_a_restore_is_and_turns_ready_after_it() -> TestResult {
+    let api = LocalApi::start("", &bundle(101))?;
+    let client = http()?;
+    api.status.update(|s| {
+        s.restoring = Some(riskstream_checkpoint::RestoreProgress {
+            checkpoint: 7,
+            files: 1,
+            of_files: 3,
+            bytes: 2_000_000,
+            of_bytes: 6_000_000,
+        })
+    });
+    let (status, body) = get_json(&client, &api.base, "/readyz")?;
+    assert_eq!(status, 503, "{body}");
+    let waiting: Vec<&str> = body["waiting_for"]
+        .as_array()
+        .ok_or("no waiting_for")?
+        .iter()
+        .filter_map(|w| w.as_str())
+        .collect();
+    assert!(
+        waiting.contains(&"restoring feature state from checkpoint 7: 1 of 3 files, 2.0 of 6.0 MB"),
+        "{body}"
+    );
+    let (_, status_body) = get_json(&client, &api.base, "/api/v1/status")?;
+    assert_eq!(
+        status_body["pipeline"]["restoring"]["of_files"], 3,
+        "{status_body}"
+    );
+    // Restored, and a partition owned: ready.
+    api.status.update(|s| {
+        s.restoring = None;
+        s.state_restored = true;
+        s.partitions.insert(
+            0,
+            riskstream_pipeline::PartitionStatus {
+                assigned: true,
+                ..Default::default()
+            },
+        );
+    });
+    let (status, body) = get_json(&client, &api.base, "/readyz")?;
+    assert_eq!(status, 200, "{body}");
+    Ok(())
+}
+
+#[test]
 fn concurrent_updates_naming_one_version_have_exactly_one_winner_then_stale_gets_409() -> TestResult
 {
     let broker = broker()?;

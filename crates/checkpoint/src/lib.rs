@@ -29,5 +29,7 @@
 mod store;
 mod uploader;
 
-pub use store::{sibling, CheckpointError, CheckpointStore, FileRef, Listed, Manifest, Restored};
+pub use store::{
+    sibling, CheckpointError, CheckpointStore, FileRef, Listed, Manifest, RestoreProgress, Restored,
+};
 pub use uploader::{Checkpointer, CheckpointerStats, Staged};

@@ -110,6 +110,16 @@ pub struct Listed {
     pub committed: bool,
 }
 
+/// How far the download of a checkpoint being restored is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RestoreProgress {
+    pub checkpoint: u64,
+    pub files: usize,
+    pub of_files: usize,
+    pub bytes: u64,
+    pub of_bytes: u64,
+}
+
 /// A checkpoint restored into a state directory, and the newer ones passed over.
 #[derive(Debug, Clone)]
 pub struct Restored {
@@ -346,6 +356,18 @@ impl CheckpointStore {
         accept: impl Fn(&Listed) -> Result<(), String>,
         check: impl Fn(&FsPath) -> Result<(), String>,
     ) -> Result<Option<Restored>, CheckpointError> {
+        self.restore_reporting(dir, accept, check, |_| {})
+    }
+
+    /// [`Self::restore`], telling `progress` after every file downloaded how far the
+    /// checkpoint being restored is (a checkpoint passed over starts the count again).
+    pub fn restore_reporting(
+        &self,
+        dir: &FsPath,
+        accept: impl Fn(&Listed) -> Result<(), String>,
+        check: impl Fn(&FsPath) -> Result<(), String>,
+        progress: impl Fn(RestoreProgress),
+    ) -> Result<Option<Restored>, CheckpointError> {
         let mut skipped = Vec::new();
         let staging = sibling(dir, "restoring");
         for listed in self.list()? {
@@ -354,7 +376,8 @@ impl CheckpointStore {
                 .clone()
                 .and_then(|m| accept(&listed).map(|()| m))
                 .and_then(|m| {
-                    self.download(&m, &staging).map_err(|e| e.to_string())?;
+                    self.download(&m, &staging, &progress)
+                        .map_err(|e| e.to_string())?;
                     check(&staging).map(|()| m)
                 });
             match attempt {
@@ -378,9 +401,22 @@ impl CheckpointStore {
     }
 
     /// Downloads the files of `manifest` into a fresh `dir`, checking their sizes.
-    fn download(&self, manifest: &Manifest, dir: &FsPath) -> Result<(), CheckpointError> {
+    fn download(
+        &self,
+        manifest: &Manifest,
+        dir: &FsPath,
+        progress: &dyn Fn(RestoreProgress),
+    ) -> Result<(), CheckpointError> {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut done = RestoreProgress {
+            checkpoint: manifest.id,
+            files: 0,
+            of_files: manifest.files.len(),
+            bytes: 0,
+            of_bytes: manifest.files.iter().map(|f| f.size).sum(),
+        };
+        progress(done);
         for file in &manifest.files {
             let bytes = self
                 .get(&file.key)?
@@ -401,6 +437,9 @@ impl CheckpointStore {
             }
             let path = dir.join(&file.name);
             std::fs::write(&path, &bytes).map_err(io(&path))?;
+            done.files += 1;
+            done.bytes += file.size;
+            progress(done);
         }
         Ok(())
     }

@@ -186,14 +186,39 @@ fn a_restore_falls_back_past_a_damaged_or_incomplete_newest_checkpoint() -> Resu
 
     let reader = CheckpointStore::open(&url, "b")?;
     let restored_dir = dir.path().join("restored");
+    let progress = std::cell::RefCell::new(Vec::new());
     let restored = reader
-        .restore(
+        .restore_reporting(
             &restored_dir,
             |_| Ok(()),
             |d| StateStore::open(d).map(drop).map_err(|e| e.to_string()),
+            |p| progress.borrow_mut().push(p),
         )?
         .ok_or("nothing restored")?;
     assert_eq!(restored.manifest.id, manifests[0].id);
+    // Progress: the damaged checkpoint's download started and stopped short at its bad
+    // file; the restored one's went from nothing to all of its files, growing.
+    let progress = progress.into_inner();
+    let of = |id: u64| -> Vec<_> { progress.iter().filter(|p| p.checkpoint == id).collect() };
+    let damaged = of(manifests[1].id);
+    let last = damaged
+        .last()
+        .ok_or("no progress for the damaged checkpoint")?;
+    assert!(last.files < last.of_files, "{damaged:?}");
+    let whole = of(manifests[0].id);
+    assert_eq!((whole[0].files, whole[0].bytes), (0, 0), "{whole:?}");
+    assert!(whole
+        .windows(2)
+        .all(|w| w[1].bytes >= w[0].bytes && w[1].files == w[0].files + 1));
+    let last = whole
+        .last()
+        .ok_or("no progress for the restored checkpoint")?;
+    let total: u64 = manifests[0].files.iter().map(|f| f.size).sum();
+    assert_eq!(
+        (last.files, last.bytes, last.of_bytes),
+        (manifests[0].files.len(), total, total)
+    );
+    assert_eq!(last.of_files, manifests[0].files.len());
     let skipped: Vec<u64> = restored.skipped.iter().map(|(id, _)| *id).collect();
     assert_eq!(skipped, vec![99, manifests[2].id, manifests[1].id]);
     assert!(

@@ -176,7 +176,8 @@ pub fn run_observed(
             }
         }
     };
-    let (mut pipeline, restored) = Pipeline::recover(config, rules, topic, accept)?;
+    let (mut pipeline, restored) =
+        Pipeline::recover_reporting(config, rules, topic, accept, observers.status.as_deref())?;
     if let Some(manifest) = &restored {
         source.start_at(&manifest.offsets)?;
     }

@@ -254,6 +254,18 @@ impl Pipeline {
         source_name: &str,
         accept: impl Fn(&Listed) -> Result<(), String>,
     ) -> Result<(Self, Option<Manifest>), PipelineError> {
+        Self::recover_reporting(config, rules, source_name, accept, None)
+    }
+
+    /// [`Self::recover`], showing on `status` how far the restore's download is while it
+    /// runs (`/readyz` says so).
+    pub fn recover_reporting(
+        config: &Config,
+        rules: Arc<RuleTable>,
+        source_name: &str,
+        accept: impl Fn(&Listed) -> Result<(), String>,
+        status: Option<&StatusBoard>,
+    ) -> Result<(Self, Option<Manifest>), PipelineError> {
         let Some(url) = config.checkpoint_url() else {
             if config.kafka.delivery == Delivery::ExactlyOnce {
                 return Err(CheckpointError::Config {
@@ -270,11 +282,23 @@ impl Pipeline {
         let instance = config.checkpoint_name();
         let store = CheckpointStore::open(&url, &instance)?;
         let restore_started = std::time::Instant::now();
-        let restored = store.restore(&dir, accept, |restored| {
-            StateStore::open(restored)
-                .map(drop)
-                .map_err(|e| format!("the restored state does not open: {e}"))
-        })?;
+        let restored = store.restore_reporting(
+            &dir,
+            accept,
+            |restored| {
+                StateStore::open(restored)
+                    .map(drop)
+                    .map_err(|e| format!("the restored state does not open: {e}"))
+            },
+            |progress| {
+                if let Some(status) = status {
+                    status.update(|s| s.restoring = Some(progress));
+                }
+            },
+        )?;
+        if let Some(status) = status {
+            status.update(|s| s.restoring = None);
+        }
         let mut restore = None;
         let restored = match restored {
             Some(r) => {

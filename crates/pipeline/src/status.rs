@@ -28,6 +28,9 @@ pub struct PipelineStatus {
     pub halted: Option<String>,
     /// Feature state is open and restored from the state directory.
     pub state_restored: bool,
+    /// While the state is being restored from a checkpoint: how far the download is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restoring: Option<riskstream_checkpoint::RestoreProgress>,
     /// The checkpoint the state came from, when it came from one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreStatus>,

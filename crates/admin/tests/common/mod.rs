@@ -67,6 +67,8 @@ backtest_events = 50000
 pub struct LocalApi {
     pub plane: Arc<LocalRules>,
     pub base: String,
+    /// What `/readyz` and `/api/v1/status` report (no pipeline updates it here).
+    pub status: Arc<riskstream_pipeline::StatusBoard>,
     _server: AdminServer,
 }
 
@@ -79,6 +81,7 @@ impl LocalApi {
         let plane = Arc::new(LocalRules::new(compiler, seed, "test")?);
         let rules = Arc::new(RulesSlot::holding(plane.clone()));
         let state = AdminState::new(&config, rules, None, None)?;
+        let status = Arc::clone(&state.status);
         let server = AdminServer::start(
             &config.admin.listen,
             riskstream_admin::router(state, config.admin.max_body_bytes),
@@ -86,6 +89,7 @@ impl LocalApi {
         Ok(Self {
             plane,
             base: format!("http://{}", server.address()),
+            status,
             _server: server,
         })
     }
