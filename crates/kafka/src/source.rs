@@ -302,6 +302,8 @@ pub struct KafkaSource {
     at_end: BTreeSet<i32>,
 }
 
+/// How long a closing source waits for the group to take its partitions back.
+const LEAVE_GROUP_WAIT: Duration = Duration::from_secs(10);
 /// How long the pipeline stays full before the partitions are paused.
 const PAUSE_AFTER: Duration = Duration::from_millis(250);
 
@@ -448,6 +450,27 @@ impl KafkaSource {
     /// The underlying consumer (lag and position queries).
     pub fn consumer(&self) -> &BaseConsumer<SourceContext> {
         &self.consumer
+    }
+
+    /// Leaves the consumer group while the consumer is still open: unsubscribes and polls
+    /// until the group has taken the partitions back (at most [`LEAVE_GROUP_WAIT`]). Left to
+    /// the consumer's close, the revocation's callback calls into a closing consumer, and
+    /// librdkafka can block there for ever (issues 4041 and 4884; a test's shutdown hung so).
+    fn leave_group(&mut self) {
+        if self.consumer.subscription().is_ok_and(|s| s.count() == 0) {
+            return;
+        }
+        self.consumer.unsubscribe();
+        let deadline = Instant::now() + LEAVE_GROUP_WAIT;
+        while Instant::now() < deadline {
+            if self.consumer.assignment().is_ok_and(|a| a.count() == 0) {
+                return;
+            }
+            // Serves the revocation; a record fetched before it is not scored (its offset
+            // is not committed: the next owner reads it).
+            let _ = self.consumer.poll(Duration::from_millis(50));
+        }
+        tracing::warn!(topic = %self.topic, "the consumer group did not take the partitions back within {LEAVE_GROUP_WAIT:?}; closing anyway");
     }
 
     fn context(&self) -> &SourceContext {
@@ -647,6 +670,7 @@ impl Source for KafkaSource {
         self.commit_acknowledged(CommitMode::Sync)
             .map_err(|e| self.error(e))?;
         tracing::info!(topic = %self.topic, offsets = ?self.committed, "offsets committed at shutdown");
+        self.leave_group();
         Ok(())
     }
 }
