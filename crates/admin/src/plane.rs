@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use riskstream_kafka::{ControlError, Outcome, RulesControl, RulesVersion};
+use riskstream_pipeline::source::now_ms;
 use riskstream_rules::{BundleError, CompiledBundle, RuleCompiler, RuleTable};
 
 /// A rules control plane as the admin API sees it. Blocking methods run on blocking threads.
@@ -69,10 +70,6 @@ impl RulesPlane for RulesControl {
 
     fn get(&self, version: u64) -> Option<Arc<RulesVersion>> {
         RulesControl::get(self, version)
-    }
-
-    fn validate(&self, bundle: &str) -> Result<CompiledBundle, BundleError> {
-        RulesControl::validate(self, bundle)
     }
 
     fn publish(
@@ -178,10 +175,4 @@ impl RulesPlane for LocalRules {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

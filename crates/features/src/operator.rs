@@ -683,7 +683,7 @@ impl FeatureOperator {
     pub fn end_batch(&mut self) -> Result<(), FeatureError> {
         self.collect(COLLECT_PER_BATCH)?;
         // The tables' free slots count too; a record dropped frees all it holds but its slot.
-        let held = self.cache_bytes + self.cache.free_slot_bytes();
+        let held = self.held_bytes();
         self.cache_peak_bytes = self.cache_peak_bytes.max(held);
         self.cache_gauge.set(held as f64);
         if held <= self.cache_max_bytes {
@@ -853,10 +853,15 @@ impl FeatureOperator {
         self.collecting.is_some() || self.pending.as_ref().is_some_and(PendingWrite::running)
     }
 
+    /// What the cache counts against its cap: its entries and the tables' free slots.
+    fn held_bytes(&self) -> usize {
+        self.cache_bytes + self.cache.free_slot_bytes()
+    }
+
     /// What the cache holds against its cap.
     pub fn cache_stats(&self) -> CacheStats {
         CacheStats {
-            bytes: self.cache_bytes + self.cache.free_slot_bytes(),
+            bytes: self.held_bytes(),
             peak_bytes: self.cache_peak_bytes,
             max_bytes: self.cache_max_bytes,
             records: self.cache.len(),
