@@ -406,6 +406,19 @@ pub struct PipelineConfig {
     /// Longest time the first event of a batch waits for the batch to fill (streaming sources).
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
+    pub topology: Topology,
+    /// Partitions of the partitioned topology's internal topics (fixed once created).
+    pub partitions: i32,
+}
+
+/// How the pipeline's work is laid out over instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Topology {
+    /// Every stage in one process, over the partitions it is assigned.
+    Single,
+    /// Ingest, entity and scoring stages over internal repartition and gather topics.
+    Partitioned,
 }
 
 /// Reads `key=value` lines (blank lines and `#` comments skipped) of a librdkafka properties
@@ -481,6 +494,12 @@ impl Config {
             return Err(ConfigError::Value(
                 "pipeline.batch_max_events must be at least 1".into(),
             ));
+        }
+        if !(1..=10_000).contains(&self.pipeline.partitions) {
+            return Err(ConfigError::Value(format!(
+                "pipeline.partitions must be between 1 and 10000, not {}",
+                self.pipeline.partitions
+            )));
         }
         EventSchema::new(&self.schema)?;
         if !matches!(self.kafka.auto_offset_reset.as_str(), "earliest" | "latest") {

@@ -11,7 +11,7 @@ pub use batch::{DeadLetter, DeadReason, RawBatch};
 pub use config::{
     AdminConfig, CheckpointConfig, Config, ConfigError, Delivery, KafkaConfig, PipelineConfig,
     Secret, ShutdownConfig, SkewPolicy, StateConfig, TelemetryConfig, TimeConfig, TopicsConfig,
-    VerdictConfig, VerdictFeatures,
+    Topology, VerdictConfig, VerdictFeatures,
 };
 pub use schema::{EventSchema, FieldType, SchemaConfig, SchemaError};
 

@@ -552,7 +552,9 @@ impl Pipeline {
     }
 
     /// Per partition, the highest event time seen (what a restart restores).
-    fn partition_progress(&self) -> Vec<(i32, i64)> {
+    /// Per source partition, the highest event time seen (its watermark plus the
+    /// out-of-orderness): what a restart restores the time stage from.
+    pub fn partition_progress(&self) -> Vec<(i32, i64)> {
         let skew = self.time.config().max_out_of_orderness.as_millis() as i64;
         self.time
             .partition_watermarks()
@@ -599,6 +601,16 @@ impl Pipeline {
         &self.time
     }
 
+    /// The time stage, to add and remove source partitions (the partitioned topology's ingest).
+    pub fn time_mut(&mut self) -> &mut TimeStage {
+        &mut self.time
+    }
+
+    /// The event schema.
+    pub fn schema(&self) -> &EventSchema {
+        &self.schema
+    }
+
     /// Sizes of the windowed feature state (walks the state store).
     pub fn feature_state(&self) -> Result<StateStats, PipelineError> {
         Ok(self.features.stats()?)
@@ -622,14 +634,17 @@ impl Pipeline {
         Ok(EventDecoder::new(&self.schema, self.decoder.capacity())?)
     }
 
-    /// [`Self::process_at`] for a batch already decoded (by a decoder from [`Self::decoder`]).
-    pub fn process_decoded(
+    /// The front half of [`Self::process_decoded`], which is the ingest stage of the partitioned
+    /// topology: records the batch's offsets, counts its dead letters, applies time (skew
+    /// correction, lateness, watermarks) and returns the events left to score, or `None` when
+    /// none is. Dead letters and late events are in `out` (cleared first).
+    pub fn ingest(
         &mut self,
         raw: &RawBatch,
         decoded: Decoded,
         out: &mut Processed,
         now_ms: i64,
-    ) -> Result<(), PipelineError> {
+    ) -> Result<Option<Ingested>, PipelineError> {
         out.clear();
         for p in raw.positions() {
             let next = self.offsets.entry(p.partition).or_insert(0);
@@ -639,7 +654,7 @@ impl Pipeline {
         if decoded.batch.num_rows() == 0 {
             self.count_dead(&out.dead);
             self.metrics.count_events(raw, &[], &[], &out.dead);
-            return Ok(());
+            return Ok(None);
         }
 
         // Time: skew correction, lateness, watermarks.
@@ -656,22 +671,48 @@ impl Pipeline {
             .map(|&r| raw.position(r as usize).partition)
             .collect();
         let assignment = self.time.assign(&times, &partitions, now_ms);
+        let watermark = assignment.watermark;
         // No event of this batch or a later one is older than this.
-        let horizon = assignment
-            .watermark
-            .map(|wm| wm - self.time.config().allowed_lateness.as_millis() as i64);
-        let Timed {
-            batch: events,
-            rows,
-            event_time,
-            late,
-            corrected,
-        } = self.apply_time(decoded.batch, decoded.rows, assignment, out)?;
+        let horizon =
+            watermark.map(|wm| wm - self.time.config().allowed_lateness.as_millis() as i64);
+        let timed = self.apply_time(decoded.batch, decoded.rows, assignment, out)?;
         self.count_dead(&out.dead);
-        self.metrics.count_events(raw, &rows, &out.late, &out.dead);
-        if events.num_rows() == 0 {
-            return Ok(());
+        self.metrics
+            .count_events(raw, &timed.rows, &out.late, &out.dead);
+        if timed.batch.num_rows() == 0 {
+            return Ok(None);
         }
+        Ok(Some(Ingested {
+            timed,
+            watermark,
+            horizon,
+        }))
+    }
+
+    /// [`Self::process_at`] for a batch already decoded (by a decoder from [`Self::decoder`]).
+    pub fn process_decoded(
+        &mut self,
+        raw: &RawBatch,
+        decoded: Decoded,
+        out: &mut Processed,
+        now_ms: i64,
+    ) -> Result<(), PipelineError> {
+        let Some(Ingested {
+            timed:
+                Timed {
+                    batch: events,
+                    rows,
+                    event_time,
+                    late,
+                    corrected,
+                },
+            horizon,
+            ..
+        }) = self.ingest(raw, decoded, out, now_ms)?
+        else {
+            return Ok(());
+        };
+        let time_column = self.schema.event_time();
 
         // One load per batch: every event of the batch is scored by this bundle.
         let bundle = self.rules.load();
@@ -911,13 +952,29 @@ fn set_halted(status: &mut PipelineStatus, reason: Option<String>) {
 }
 
 /// The events the time stage kept, with their per-event time decisions aligned to the rows.
-struct Timed {
-    batch: RecordBatch,
+#[derive(Debug)]
+pub struct Timed {
+    /// The events, their times corrected.
+    pub batch: RecordBatch,
     /// Raw record index of each row.
-    rows: Vec<u32>,
-    event_time: Vec<i64>,
-    late: Vec<bool>,
-    corrected: Vec<bool>,
+    pub rows: Vec<u32>,
+    /// Each row's event time (corrected).
+    pub event_time: Vec<i64>,
+    /// Rows below the watermark (scored within `allowed_lateness`).
+    pub late: Vec<bool>,
+    /// Rows whose future-skewed time was clamped.
+    pub corrected: Vec<bool>,
+}
+
+/// A batch through the time stage ([`Pipeline::ingest`]).
+#[derive(Debug)]
+pub struct Ingested {
+    pub timed: Timed,
+    /// The operator watermark when the batch began.
+    pub watermark: Option<i64>,
+    /// The lowest event time this batch or a later one may carry (the watermark before the
+    /// batch minus `allowed_lateness`).
+    pub horizon: Option<i64>,
 }
 
 /// Keeps the elements of `v` whose flag in `keep` is set.

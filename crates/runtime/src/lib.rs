@@ -1,7 +1,8 @@
 //! One running instance, assembled in one place: the admin API (answering at once, health and
 //! readiness first), the rules control plane (the control topic, read however long the
 //! cluster takes to be there) and the Kafka pipeline that scores with its rule table and
-//! reports to the admin API. `riskstream run`, the demo and the tests all start instances
+//! reports to the admin API: the single topology, or the stages of the partitioned one
+//! (`pipeline.topology`). `riskstream run`, the demo and the tests all start instances
 //! here, so that what they run is the same.
 //!
 //! What it must not do: score, decode or keep state itself (the pipeline's), or serve HTTP
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use riskstream_admin::{AdminPlane, ControlPlaneError};
-use riskstream_common::Config;
+use riskstream_common::{Config, Topology};
 use riskstream_kafka::{Assignment, LabelStore, RulesControl};
 use riskstream_pipeline::{PipelineError, RecentEvents, StatusBoard, Summary};
 
@@ -53,6 +54,8 @@ pub enum RuntimeError {
     ControlPlane(#[from] ControlPlaneError),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Topology(#[from] riskstream_topology::TopologyError),
     #[error("cannot start the instance thread: {0}")]
     Thread(#[source] std::io::Error),
     #[error("the instance thread panicked: {0}")]
@@ -247,6 +250,12 @@ fn run(
         return Ok(None);
     };
     loaded.set(Arc::clone(&plane.control));
+    if config.pipeline.topology == Topology::Partitioned {
+        let running = riskstream_topology::start(config, plane.control.table(), stop)?;
+        running.wait()?;
+        drop(plane);
+        return Ok(Some(Summary::default()));
+    }
     let summary = riskstream_kafka::run_observed(
         config,
         plane.control.table(),
