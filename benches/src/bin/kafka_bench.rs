@@ -6,7 +6,12 @@
 //! kafka_bench latency   W1.jsonl [RATE] [SECONDS] [PARTITIONS]  # steady rate; produce-to-verdict latency
 //! kafka_bench saturate-reloading W1.jsonl  # saturate while rules are updated 20 times a second
 //! kafka_bench reload    W1.jsonl [RATE] [SECONDS]  # steady rate; a PUT every 200 ms; PUT response to first verdict
+//! kafka_bench saturate-partitioned W1.jsonl [INSTANCES]  # the partitioned topology, preloaded
 //! ```
+//!
+//! `saturate-partitioned` runs `INSTANCES` (default 1) partitioned-topology instances in this
+//! process, each with its own state, over internal topics of `KAFKA_BENCH_INTERNAL_PARTITIONS`
+//! (default 16) partitions, until the verdicts topic holds a verdict per event.
 //!
 //! The reload modes run the control plane as `riskstream run` does: the control topic on the
 //! same broker, the admin API on a loopback port, updates as HTTP `PUT /api/v1/rules`.
@@ -80,12 +85,20 @@ fn main() -> Result<()> {
             bench.preload(&events)?;
             bench.saturate(events.len(), mode == "saturate-reloading")
         }
+        "saturate-partitioned" => {
+            let instances: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(1);
+            bench.preload(&events)?;
+            bench.saturate_partitioned(events.len(), instances)
+        }
         "latency" | "reload" => {
             let rate: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(50_000);
             let seconds: u64 = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(16);
             bench.latency(&events, rate, seconds, mode == "reload")
         }
-        _ => Err("mode: raw | saturate | saturate-reloading | latency | reload".into()),
+        _ => Err(
+            "mode: raw | saturate | saturate-reloading | saturate-partitioned | latency | reload"
+                .into(),
+        ),
     }
 }
 
@@ -329,6 +342,64 @@ impl Bench {
             n as f64 / secs
         );
         println!("{summary}");
+        Ok(())
+    }
+
+    /// The partitioned topology over the preloaded events: `instances` instances in this process,
+    /// until the verdicts topic holds one verdict per event.
+    fn saturate_partitioned(&self, n: usize, instances: usize) -> Result<()> {
+        let mut config = self.config()?;
+        config.pipeline.topology = riskstream_common::Topology::Partitioned;
+        config.pipeline.partitions = std::env::var("KAFKA_BENCH_INTERNAL_PARTITIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16);
+        let plane = ControlPlane::start(&config, Some(BUNDLE), None, None)?;
+        let plan = riskstream_topology::Plan::new(&config, &plane.control.table().load());
+        for topic in plan.topics() {
+            self.broker
+                .create_topic(topic, config.pipeline.partitions)?;
+        }
+        let watcher: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.broker.bootstrap_servers())
+            .create()?;
+        let verdicts = || -> i64 {
+            (0..self.partitions)
+                .filter_map(|p| {
+                    watcher
+                        .fetch_watermarks("verdicts", p, Duration::from_secs(5))
+                        .ok()
+                })
+                .map(|(low, high)| high - low)
+                .sum()
+        };
+        let started = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let dirs: Vec<tempfile::TempDir> = (0..instances)
+            .map(|_| tempfile::tempdir())
+            .collect::<std::result::Result<_, _>>()?;
+        let running = dirs
+            .iter()
+            .map(|dir| {
+                let mut config = config.clone();
+                config.state.dir = Some(dir.path().to_path_buf());
+                riskstream_topology::start(&config, plane.control.table(), Arc::clone(&stop))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        while verdicts() < n as i64 && !running.iter().any(|r| r.any_finished()) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let scored = verdicts();
+        stop.store(true, Ordering::Release);
+        for r in running {
+            r.wait()?;
+        }
+        println!(
+            "partitioned topology, {instances} instance(s), {} internal partitions: {scored} verdicts for {n} events in {secs:.2} s = {:.0} events/s",
+            config.pipeline.partitions,
+            n as f64 / secs
+        );
         Ok(())
     }
 
