@@ -549,3 +549,54 @@ fn score(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(first: i64) -> Waiting {
+        Waiting {
+            event: None,
+            partials: vec![None],
+            first,
+            last: first,
+            since: 0,
+        }
+    }
+
+    #[test]
+    fn the_commit_point_stops_at_the_oldest_waiting_event() {
+        let mut part = GatherPartition {
+            next_offset: Some(20),
+            ..GatherPartition::default()
+        };
+        assert_eq!(part.commit_point(), Some(20));
+        part.waiting.insert("a".into(), waiting(12));
+        part.waiting.insert("b".into(), waiting(15));
+        assert_eq!(part.commit_point(), Some(12));
+        // Nothing read yet: nothing to commit.
+        assert_eq!(GatherPartition::default().commit_point(), None);
+    }
+
+    #[test]
+    fn the_commit_point_never_splits_a_scored_event() {
+        // A scored event with messages at 5 and 14, one still waiting from 10: committing 10
+        // would replay the message at 14 without the one at 5, and that event would wait for
+        // ever. The point moves back to 5; and through a chain of overlapping events.
+        let mut part = GatherPartition {
+            next_offset: Some(20),
+            spans: vec![(5, 14), (2, 6), (16, 18)],
+            ..GatherPartition::default()
+        };
+        part.waiting.insert("w".into(), waiting(10));
+        assert_eq!(part.commit_point(), Some(2));
+        // Spans wholly before the point are forgotten; the others are kept.
+        assert_eq!(part.spans, vec![(5, 14), (2, 6), (16, 18)]);
+        // With nothing waiting, everything read may be committed: no scored event straddles
+        // the end, and spans behind the point are forgotten.
+        part.waiting.clear();
+        part.spans = vec![(1, 3), (16, 18)];
+        assert_eq!(part.commit_point(), Some(20));
+        assert!(part.spans.is_empty());
+    }
+}
