@@ -454,30 +454,19 @@ fn send_partials(
     kind: usize,
     buf: &mut Vec<u8>,
 ) -> Result<(), TopologyError> {
-    let ids = KeyWriter::new(std::slice::from_ref(partial.column(0)));
-    let mut key = Vec::new();
-    let destinations: Vec<Option<i32>> = (0..partial.num_rows())
-        .map(|row| {
-            Some(if ids.write(row, &mut key) {
-                wire::partition_of(&key, plan.partitions)
-            } else {
-                0
-            })
-        })
-        .collect();
+    let by_id: Vec<Option<i32>> = wire::partitions_by_key(
+        std::slice::from_ref(partial.column(0)),
+        partial.num_rows(),
+        plan.partitions,
+    )
+    .into_iter()
+    .map(|p| Some(p.unwrap_or(0)))
+    .collect();
     let header = Header {
         kind: Kind::Partial,
         producer: 0,
         watermark: None,
         entity: kind as u16,
     };
-    for (partition, rows) in wire::split_by_partition(&destinations) {
-        let part = wire::take_rows(partial, &rows)?;
-        wire::encode(buf, header, &part).map_err(|e| TopologyError::Kafka {
-            what: format!("encoding partials for {}", plan.gather),
-            message: e.to_string(),
-        })?;
-        producer.send(&plan.gather, partition, None, buf)?;
-    }
-    Ok(())
+    producer.send_rows(&plan.gather, partial, &by_id, header, buf)
 }

@@ -18,7 +18,7 @@ use riskstream_kafka::{DeliveryTracker, KafkaSink};
 use riskstream_pipeline::{Ingested, Pipeline, PipelineError, Processed, Sink};
 
 use crate::stage::{lock, Moves, StageConsumer, StageProducer};
-use crate::wire::{self, Header, KeyWriter, Kind};
+use crate::wire::{self, Header, Kind};
 use crate::{now_ms, Bundles, Plan, TopologyError};
 
 /// Columns the ingest appends to the event columns of every events message.
@@ -119,11 +119,16 @@ pub fn run(
         let decoded = decoder.decode(&raw).map_err(PipelineError::from)?;
         let bundle = bundles.current();
         if let Some(ingested) = pipeline.ingest(&raw, decoded, &mut out, now)? {
-            let events = with_ingest_columns(&schema, &raw, &ingested, bundle.version(), plan)?;
+            // Each event's key of every kind, written once: where it goes and which partials
+            // the scoring stage is to wait for.
+            let destinations = entity_destinations(plan, &ingested.timed.batch);
+            let events =
+                with_ingest_columns(&schema, &raw, &ingested, bundle.version(), &destinations)?;
             fan_out(
                 plan,
                 &internal,
                 &events,
+                &destinations,
                 &ingested,
                 producer_id,
                 id_column,
@@ -185,7 +190,7 @@ fn with_ingest_columns(
     raw: &RawBatch,
     ingested: &Ingested,
     version: u64,
-    plan: &Plan,
+    destinations: &[Vec<Option<i32>>],
 ) -> Result<RecordBatch, TopologyError> {
     let timed = &ingested.timed;
     let rows = timed.batch.num_rows();
@@ -196,16 +201,9 @@ fn with_ingest_columns(
         .collect::<Vec<_>>()
         .into();
     let mut kinds = vec![0u64; rows];
-    let mut key = Vec::new();
-    for (k, kind) in plan.kinds.iter().enumerate() {
-        let columns: Vec<ArrayRef> = kind
-            .columns
-            .iter()
-            .map(|&c| Arc::clone(timed.batch.column(c)))
-            .collect();
-        let keys = KeyWriter::new(&columns);
-        for (row, mask) in kinds.iter_mut().enumerate() {
-            if keys.write(row, &mut key) {
+    for (k, destinations) in destinations.iter().enumerate() {
+        for (mask, d) in kinds.iter_mut().zip(destinations) {
+            if d.is_some() {
                 *mask |= 1 << k;
             }
         }
@@ -237,12 +235,30 @@ fn with_ingest_columns(
     )?)
 }
 
-/// Sends `events` to every entity kind's repartition topic by key and to the gather topic by
-/// event id.
+/// Per entity kind of `plan`, each row's partition of that kind's repartition topic (`None`:
+/// the row has no key of that kind).
+fn entity_destinations(plan: &Plan, events: &RecordBatch) -> Vec<Vec<Option<i32>>> {
+    plan.kinds
+        .iter()
+        .map(|kind| {
+            let columns: Vec<ArrayRef> = kind
+                .columns
+                .iter()
+                .map(|&c| Arc::clone(events.column(c)))
+                .collect();
+            wire::partitions_by_key(&columns, events.num_rows(), plan.partitions)
+        })
+        .collect()
+}
+
+/// Sends `events` to every entity kind's repartition topic by key (`destinations`, from
+/// [`entity_destinations`]) and to the gather topic by event id.
+#[allow(clippy::too_many_arguments)]
 fn fan_out(
     plan: &Plan,
     producer: &StageProducer,
     events: &RecordBatch,
+    destinations: &[Vec<Option<i32>>],
     ingested: &Ingested,
     producer_id: u64,
     id_column: usize,
@@ -254,46 +270,21 @@ fn fan_out(
         watermark: ingested.watermark,
         entity: 0,
     };
-    let mut key = Vec::new();
-    let mut send = |topic: &str, destinations: &[Option<i32>], entity: u16| {
-        for (partition, rows) in wire::split_by_partition(destinations) {
-            let part = wire::take_rows(events, &rows)?;
-            wire::encode(buf, Header { entity, ..header }, &part).map_err(|e| {
-                TopologyError::Kafka {
-                    what: format!("encoding events for {topic}"),
-                    message: e.to_string(),
-                }
-            })?;
-            producer.send(topic, partition, None, buf)?;
-        }
-        Ok::<(), TopologyError>(())
-    };
-    for (k, kind) in plan.kinds.iter().enumerate() {
-        let columns: Vec<ArrayRef> = kind
-            .columns
-            .iter()
-            .map(|&c| Arc::clone(events.column(c)))
-            .collect();
-        let keys = KeyWriter::new(&columns);
-        let destinations: Vec<Option<i32>> = (0..events.num_rows())
-            .map(|row| {
-                keys.write(row, &mut key)
-                    .then(|| wire::partition_of(&key, plan.partitions))
-            })
-            .collect();
-        send(&kind.topic, &destinations, k as u16)?;
+    for (k, (kind, destinations)) in plan.kinds.iter().zip(destinations).enumerate() {
+        let header = Header {
+            entity: k as u16,
+            ..header
+        };
+        producer.send_rows(&kind.topic, events, destinations, header, buf)?;
     }
-    let id_column = Arc::clone(events.column(id_column));
-    let ids = KeyWriter::new(std::slice::from_ref(&id_column));
-    let destinations: Vec<Option<i32>> = (0..events.num_rows())
-        .map(|row| {
-            // An event without an id was dead-lettered by the decoder; all here have one.
-            Some(if ids.write(row, &mut key) {
-                wire::partition_of(&key, plan.partitions)
-            } else {
-                0
-            })
-        })
-        .collect();
-    send(&plan.gather, &destinations, 0)
+    // An event without an id was dead-lettered by the decoder; all here have one.
+    let by_id: Vec<Option<i32>> = wire::partitions_by_key(
+        std::slice::from_ref(events.column(id_column)),
+        events.num_rows(),
+        plan.partitions,
+    )
+    .into_iter()
+    .map(|p| Some(p.unwrap_or(0)))
+    .collect();
+    producer.send_rows(&plan.gather, events, &by_id, header, buf)
 }

@@ -409,6 +409,27 @@ impl StageProducer {
         }
     }
 
+    /// Sends the rows of `batch` to their `destinations` among `topic`'s partitions (rows
+    /// without one stay), one message per partition and at most [`crate::wire::MAX_ROWS`] rows.
+    pub fn send_rows(
+        &self,
+        topic: &str,
+        batch: &arrow::array::RecordBatch,
+        destinations: &[Option<i32>],
+        header: crate::wire::Header,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), TopologyError> {
+        for (partition, rows) in crate::wire::split_by_partition(destinations) {
+            let part = crate::wire::take_rows(batch, &rows)?;
+            crate::wire::encode(buf, header, &part).map_err(|e| TopologyError::Kafka {
+                what: format!("encoding a message for {topic}"),
+                message: e.to_string(),
+            })?;
+            self.send(topic, partition, None, buf)?;
+        }
+        Ok(())
+    }
+
     /// Waits until everything sent is delivered; while the cluster is away, until `stop`.
     pub fn flush(&self, stop: &AtomicBool) -> Result<(), TopologyError> {
         loop {

@@ -232,6 +232,19 @@ impl<'a> KeyWriter<'a> {
     }
 }
 
+/// The partition of every row's key over `columns` among `partitions` (`None`: the row has no
+/// key).
+pub fn partitions_by_key(columns: &[ArrayRef], rows: usize, partitions: i32) -> Vec<Option<i32>> {
+    let keys = KeyWriter::new(columns);
+    let mut key = Vec::new();
+    (0..rows)
+        .map(|row| {
+            keys.write(row, &mut key)
+                .then(|| partition_of(&key, partitions))
+        })
+        .collect()
+}
+
 /// Groups the rows of a batch by destination partition, keeping their order, and cuts every
 /// group into messages of at most [`MAX_ROWS`] rows: `(partition, row indexes)`.
 pub fn split_by_partition(destinations: &[Option<i32>]) -> Vec<(i32, Vec<u32>)> {
