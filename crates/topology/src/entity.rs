@@ -454,14 +454,7 @@ fn send_partials(
     kind: usize,
     buf: &mut Vec<u8>,
 ) -> Result<(), TopologyError> {
-    let by_id: Vec<Option<i32>> = wire::partitions_by_key(
-        std::slice::from_ref(partial.column(0)),
-        partial.num_rows(),
-        plan.partitions,
-    )
-    .into_iter()
-    .map(|p| Some(p.unwrap_or(0)))
-    .collect();
+    let by_id = wire::partitions_by_id(partial.column(0), partial.num_rows(), plan.partitions);
     let header = Header {
         kind: Kind::Partial,
         producer: 0,

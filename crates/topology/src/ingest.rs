@@ -277,14 +277,7 @@ fn fan_out(
         };
         producer.send_rows(&kind.topic, events, destinations, header, buf)?;
     }
-    // An event without an id was dead-lettered by the decoder; all here have one.
-    let by_id: Vec<Option<i32>> = wire::partitions_by_key(
-        std::slice::from_ref(events.column(id_column)),
-        events.num_rows(),
-        plan.partitions,
-    )
-    .into_iter()
-    .map(|p| Some(p.unwrap_or(0)))
-    .collect();
+    let by_id =
+        wire::partitions_by_id(events.column(id_column), events.num_rows(), plan.partitions);
     producer.send_rows(&plan.gather, events, &by_id, header, buf)
 }

@@ -245,6 +245,16 @@ pub fn partitions_by_key(columns: &[ArrayRef], rows: usize, partitions: i32) -> 
         .collect()
 }
 
+/// The gather topic's partition of every row, by its event id in `ids`. Every row goes
+/// somewhere: events without an id were dead-lettered before they got here, and a row without
+/// one goes to partition 0 rather than be lost.
+pub fn partitions_by_id(ids: &ArrayRef, rows: usize, partitions: i32) -> Vec<Option<i32>> {
+    partitions_by_key(std::slice::from_ref(ids), rows, partitions)
+        .into_iter()
+        .map(|p| Some(p.unwrap_or(0)))
+        .collect()
+}
+
 /// Groups the rows of a batch by destination partition, keeping their order, and cuts every
 /// group into messages of at most [`MAX_ROWS`] rows: `(partition, row indexes)`.
 pub fn split_by_partition(destinations: &[Option<i32>]) -> Vec<(i32, Vec<u32>)> {
