@@ -28,8 +28,9 @@
 //!
 //! `features_w2_breadth` measures breadth instead: 100K W2-like events (customer, device, IP
 //! and terminal drawn from W2-sized key spaces, a day of event time) from empty state through
-//! 10, 50 and 200 of W2's windowed features (`testdata/w2/w2.yaml`, taken evenly). Issue 20's
-//! target: the per-event cost at 200 features under 4× the cost at 10.
+//! 10, 50 and 200 of W2's windowed features (`testdata/w2/w2.yaml`, taken evenly), on one
+//! thread and on two. Issue 20's target: the per-event cost at 200 features under 4× the cost
+//! at 10.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -400,9 +401,9 @@ fn w2_breadth(c: &mut Criterion) {
     group.sampling_mode(SamplingMode::Flat);
     group.measurement_time(Duration::from_secs(10));
     group.throughput(Throughput::Elements(EVENTS));
-    for k in [10, 50, 200] {
+    for (k, threads) in [(10, 1), (50, 1), (200, 1), (10, 2), (50, 2), (200, 2)] {
         let (schema, bundle) = w2_bundle(k);
-        group.bench_function(format!("features_{k}"), |b| {
+        group.bench_function(format!("features_{k}_threads_{threads}"), |b| {
             b.iter_custom(|iters| {
                 (0..iters)
                     .map(|_| {
@@ -411,6 +412,7 @@ fn w2_breadth(c: &mut Criterion) {
                             StateStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}")),
                         );
                         let mut operator = FeatureOperator::open(store, 512 << 20)
+                            .and_then(|o| o.with_threads(threads))
                             .unwrap_or_else(|e| panic!("{e}"));
                         let mut rng = Rng::new(k as u64);
                         let mut took = Duration::ZERO;

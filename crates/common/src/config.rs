@@ -323,6 +323,16 @@ pub struct CheckpointConfig {
     pub tolerable_failures: u32,
 }
 
+impl PipelineConfig {
+    /// [`Self::feature_threads`], with 0 resolved to the cores this process may use.
+    pub fn feature_threads(&self) -> usize {
+        match self.feature_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
 impl Config {
     /// Where checkpoints go, if anywhere (see [`CheckpointConfig::url`]).
     pub fn checkpoint_url(&self) -> Option<String> {
@@ -407,6 +417,8 @@ pub struct PipelineConfig {
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
     pub topology: Topology,
+    /// Threads a batch's windowed features are computed on (0: one per core).
+    pub feature_threads: usize,
     /// Partitions of the partitioned topology's internal topics (fixed once created).
     pub partitions: i32,
 }

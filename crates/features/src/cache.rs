@@ -4,7 +4,8 @@
 //! took 70–150 ms to grow, all inside one batch, and every event queued behind it waited that
 //! long. 256 maps, a key's shard chosen by bits of its hash that neither the shard's bucket
 //! index nor its tag bytes use, each grow at their own moment by a 256th as much. A shard is
-//! also the unit in which a flush collects changed records between batches.
+//! also the unit in which a flush collects changed records between batches, and runs of shards
+//! ([`CachePart`]) are what the operator's threads change side by side.
 //!
 //! This module only holds records (and the [`prefetch`] hint with which the operator asks for
 //! the records of the events ahead); what to load, write or drop is the operator's.
@@ -46,28 +47,33 @@ impl<V> ShardedCache<V> {
         (hash >> SHARD_SHIFT) as usize % SHARDS
     }
 
-    /// The value under `key`, whose [`Self::hash`] is `hash`, or the one `make` makes
-    /// (inserted); whether it was inserted.
-    pub fn get_or_try_insert_hashed<E>(
-        &mut self,
-        hash: u64,
-        key: &[u8],
-        make: impl FnOnce() -> Result<V, E>,
-    ) -> Result<(&mut V, bool), E> {
-        let shard = Self::shard_of(hash);
-        let hasher = &self.hasher;
-        match self.shards[shard].entry(
-            hash,
-            |(k, _)| k.as_bytes() == key,
-            |(k, _)| hasher.hash_one(k.as_bytes()),
-        ) {
-            Entry::Occupied(entry) => Ok((&mut entry.into_mut().1, false)),
-            Entry::Vacant(entry) => {
-                let value = make()?;
-                let entry = entry.insert((StateKey::from(key), value));
-                Ok((&mut entry.into_mut().1, true))
-            }
-        }
+    /// Which of `parts` parts of [`Self::split_mut`] holds the key whose hash is `hash`.
+    pub fn part_of(hash: u64, parts: usize) -> usize {
+        Self::shard_of(hash) * parts.clamp(1, SHARDS) / SHARDS
+    }
+
+    /// The cache in `parts` parts of whole shards (at most [`SHARDS`]), each of which can be
+    /// changed on a thread of its own: part `p` holds the keys that [`Self::part_of`] puts
+    /// there.
+    pub fn split_mut(&mut self, parts: usize) -> Vec<CachePart<'_, V>> {
+        let parts = parts.clamp(1, SHARDS);
+        let mut rest = &mut self.shards[..];
+        let mut first = 0;
+        (0..parts)
+            .map(|p| {
+                // The first shard of part p + 1: the least `s` with `part_of(s) > p`.
+                let end = ((p + 1) * SHARDS).div_ceil(parts);
+                let (shards, tail) = std::mem::take(&mut rest).split_at_mut(end - first);
+                rest = tail;
+                let part = CachePart {
+                    hasher: &self.hasher,
+                    first,
+                    shards,
+                };
+                first = end;
+                part
+            })
+            .collect()
     }
 
     pub fn get(&self, key: &[u8]) -> Option<&V> {
@@ -146,6 +152,60 @@ impl<V> ShardedCache<V> {
             shard.retain(|(k, v)| keep(k, v));
             if shard.len() < shard.capacity() / 4 {
                 shard.shrink_to(shard.len() * 2, |(k, _)| hasher.hash_one(k.as_bytes()));
+            }
+        }
+    }
+}
+
+/// A run of whole shards of a [`ShardedCache`], borrowed from it to be changed apart from the
+/// others (see [`ShardedCache::split_mut`]).
+pub(crate) struct CachePart<'c, V> {
+    hasher: &'c DefaultHashBuilder,
+    /// The cache's index of `shards[0]`.
+    first: usize,
+    shards: &'c mut [HashTable<(StateKey, V)>],
+}
+
+impl<V> CachePart<'_, V> {
+    /// This part's table for `hash`, which must be one of its keys' (the caller routed it
+    /// here with [`ShardedCache::part_of`]).
+    fn table(&self, hash: u64) -> Option<&HashTable<(StateKey, V)>> {
+        let shard = ShardedCache::<V>::shard_of(hash).checked_sub(self.first)?;
+        self.shards.get(shard)
+    }
+
+    /// [`ShardedCache::get_hashed`], for the keys of this part.
+    pub fn get_hashed(&self, hash: u64, key: &[u8]) -> Option<&V> {
+        self.table(hash)?
+            .find(hash, |(k, _)| k.as_bytes() == key)
+            .map(|(_, v)| v)
+    }
+
+    /// The value under `key`, whose [`ShardedCache::hash`] is `hash`, or the one `make` makes
+    /// (inserted); whether it was inserted.
+    ///
+    /// # Panics
+    ///
+    /// If `hash` is not one of this part's (a caller's routing bug, not something input can
+    /// cause).
+    pub fn get_or_try_insert_hashed<E>(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        make: impl FnOnce() -> Result<V, E>,
+    ) -> Result<(&mut V, bool), E> {
+        let shard = ShardedCache::<V>::shard_of(hash) - self.first;
+        let hasher = self.hasher;
+        match self.shards[shard].entry(
+            hash,
+            |(k, _)| k.as_bytes() == key,
+            |(k, _)| hasher.hash_one(k.as_bytes()),
+        ) {
+            Entry::Occupied(entry) => Ok((&mut entry.into_mut().1, false)),
+            Entry::Vacant(entry) => {
+                let value = make()?;
+                let entry = entry.insert((StateKey::from(key), value));
+                Ok((&mut entry.into_mut().1, true))
             }
         }
     }
@@ -241,6 +301,16 @@ impl From<&[u8]> for StateKey {
 
 #[cfg(test)]
 mod tests {
+    /// Inserts `value` under `key` unless it is there; whether it was inserted.
+    fn insert<V>(cache: &mut super::ShardedCache<V>, key: &[u8], value: V) -> bool {
+        let hash = cache.hash(key);
+        let mut whole = cache.split_mut(1);
+        let (_, inserted) = whole[0]
+            .get_or_try_insert_hashed(hash, key, || Ok::<_, ()>(value))
+            .unwrap();
+        inserted
+    }
+
     #[test]
     fn allocations_count_by_size_class() {
         assert_eq!(super::allocated(0), 0);
@@ -263,11 +333,7 @@ mod tests {
         let mut cache = ShardedCache::<u64>::default();
         assert_eq!(cache.free_slot_bytes(), 0);
         for i in 0..10_000u64 {
-            let key = i.to_le_bytes();
-            let hash = cache.hash(&key);
-            cache
-                .get_or_try_insert_hashed(hash, &key, || Ok::<_, ()>(i))
-                .unwrap();
+            insert(&mut cache, &i.to_le_bytes(), i);
         }
         let full = cache.free_slot_bytes();
         assert!(full > 0);
@@ -288,20 +354,15 @@ mod tests {
         let mut cache = ShardedCache::<u32>::default();
         let keys: Vec<String> = (0..10_000).map(|i| format!("customer-{i}")).collect();
         for (i, k) in keys.iter().enumerate() {
-            let (_, inserted) = cache
-                .get_or_try_insert_hashed(cache.hash(k.as_bytes()), k.as_bytes(), || {
-                    Ok::<_, ()>(i as u32)
-                })
-                .unwrap();
-            assert!(inserted);
+            assert!(insert(&mut cache, k.as_bytes(), i as u32));
         }
         assert_eq!(cache.len(), keys.len());
         assert!(keys.iter().all(|k| cache.contains_key(k.as_bytes())));
         assert!(!cache.contains_key(b"customer-10000"));
-        let (found, inserted) = cache
-            .get_or_try_insert_hashed(cache.hash(b"customer-7"), b"customer-7", || {
-                Err::<u32, _>("not called")
-            })
+        let hash = cache.hash(b"customer-7");
+        let mut whole = cache.split_mut(1);
+        let (found, inserted) = whole[0]
+            .get_or_try_insert_hashed(hash, b"customer-7", || Err::<u32, _>("not called"))
             .unwrap();
         assert_eq!((*found, inserted), (7, false));
         // No shard is empty or holds more than twice its share.
@@ -319,5 +380,41 @@ mod tests {
             *v += 1;
         }
         assert!(cache.values().all(|v| v % 2 == 1));
+    }
+
+    #[test]
+    fn a_split_cache_finds_each_key_in_the_part_its_hash_names() {
+        let mut cache = ShardedCache::<u32>::default();
+        for i in 0..5_000u32 {
+            insert(&mut cache, &i.to_le_bytes(), i);
+        }
+        let hashes: Vec<u64> = (0..5_000u32)
+            .map(|i| cache.hash(&i.to_le_bytes()))
+            .collect();
+        for parts in [1, 2, 3, 7, 256, 300] {
+            let mut split = cache.split_mut(parts);
+            assert_eq!(split.len(), parts.min(SHARDS));
+            let mut per_part = vec![0; split.len()];
+            for (i, &hash) in hashes.iter().enumerate() {
+                let key = (i as u32).to_le_bytes();
+                let p = ShardedCache::<u32>::part_of(hash, parts);
+                per_part[p] += 1;
+                assert_eq!(split[p].get_hashed(hash, &key), Some(&(i as u32)));
+                // The other parts do not hold it.
+                for (q, other) in split.iter().enumerate().filter(|(q, _)| *q != p) {
+                    assert_eq!(other.get_hashed(hash, &key), None, "part {q} of {parts}");
+                }
+                let (found, inserted) = split[p]
+                    .get_or_try_insert_hashed(hash, &key, || Err::<u32, _>("not called"))
+                    .unwrap();
+                assert_eq!((*found, inserted), (i as u32, false));
+            }
+            // Each part holds about its share (shards of about 20 keys vary more).
+            if parts <= 7 {
+                for n in per_part {
+                    assert!(n > 5_000 / parts / 2, "{n} keys in a part of {parts}");
+                }
+            }
+        }
     }
 }

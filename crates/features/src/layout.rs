@@ -100,6 +100,9 @@ pub(crate) struct Reader {
     pub agg: Agg,
     /// A `count` without a field: counts events (the window holds no values).
     pub counts_events: bool,
+    /// Its place among its entity's readers, in the order of the entity's logs, their
+    /// windows and theirs (where the operator writes its values).
+    pub column: usize,
 }
 
 /// Aggregations answered by a window's summary.
@@ -135,6 +138,16 @@ impl<'a> Layout<'a> {
         }
         for log in layout.entities.iter_mut().flat_map(|e| e.logs.iter_mut()) {
             log.finish();
+        }
+        for entity in &mut layout.entities {
+            let readers = entity
+                .logs
+                .iter_mut()
+                .flat_map(|l| &mut l.windows)
+                .flat_map(|w| &mut w.readers);
+            for (column, reader) in readers.enumerate() {
+                reader.column = column;
+            }
         }
         layout
     }
@@ -207,6 +220,7 @@ impl<'a> Layout<'a> {
             feature: index,
             agg: spec.agg,
             counts_events: spec.agg == Agg::Count && spec.of.is_none(),
+            column: 0,
         };
         let window_ms = feature.window_ms();
         let shared = if summarized(spec.agg) {

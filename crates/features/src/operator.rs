@@ -10,24 +10,28 @@
 //! With a large state most of an event's cost is waiting on memory for its key's record, so the
 //! operator computes a batch's keys first and asks the CPU for the records of the events a few
 //! rows ahead while it computes the current ones.
+//!
+//! A batch is computed on several threads (`pipeline.feature_threads`): each takes, a part of
+//! the cache at a time, the rows whose keys live there, and writes their values into buffers of
+//! its own; the columns are gathered from them at the end. Keys are independent and each key's
+//! events are folded in arrival order, so the values are the same on any number of threads.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, AsArray, Float64Array, Float64Builder, Int64Builder, RecordBatch,
-};
-use arrow::buffer::BooleanBuffer;
+use arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array, RecordBatch};
+use arrow::buffer::{BooleanBuffer, Buffer, NullBuffer, ScalarBuffer};
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Float64Type, Int64Type};
 use arrow::error::ArrowError;
 use hashbrown::HashMap;
 use metrics::Counter;
-use riskstream_rules::{Agg, CompiledBundle};
+use rayon::prelude::*;
+use riskstream_rules::{Agg, CompiledBundle, CompiledWindowFeature};
 use riskstream_state::{AfterWrite, Cf, PendingWrite, StateBatch, StateError, StateStore};
 
-use crate::cache::{allocated, prefetch, ShardedCache, StateKey};
-use crate::layout::{fnv1a, Layout, Log, Reader, Window};
+use crate::cache::{allocated, prefetch, CachePart, ShardedCache, StateKey};
+use crate::layout::{fnv1a, Entity, Layout, Log, Reader, Window};
 use crate::log::EventLog;
 use crate::window::{Summary, NO_VALUE};
 
@@ -44,6 +48,8 @@ pub enum FeatureError {
         #[source]
         source: ArrowError,
     },
+    #[error("cannot start {threads} feature threads ({reason}); lower pipeline.feature_threads")]
+    Threads { threads: usize, reason: String },
     #[error("event times ({times}) do not match the batch ({rows} rows)")]
     TimesMismatch { times: usize, rows: usize },
 }
@@ -240,22 +246,34 @@ impl Cached {
 /// shards per batch, and a record that a batch is about to change before its shard's turn is
 /// collected first, as it was: copy on first write, one flush (an epoch) at a time.
 struct Collecting {
-    /// This flush's number; a record with `collected` below it has not been taken yet.
-    epoch: u64,
+    snapshots: Snapshots,
     /// Shards before this one have been swept.
     next_shard: usize,
-    /// In chunks of [`SNAPSHOT_CHUNK`]: one list of 200K snapshots grew by copying megabytes,
-    /// up to 20 ms inside one batch.
-    snapshots: Vec<Vec<(StateKey, Record)>>,
     meta: Vec<(Vec<u8>, Vec<u8>)>,
     /// Runs on the writer thread once the flush is applied (a checkpoint).
     after: Option<AfterWrite>,
 }
 
+/// The records one flush has taken so far (by the sweep, or by one worker of a batch).
+struct Snapshots {
+    /// The flush's number; a record with `collected` below it has not been taken yet.
+    epoch: u64,
+    /// In chunks of [`SNAPSHOT_CHUNK`]: one list of 200K snapshots grew by copying megabytes,
+    /// up to 20 ms inside one batch.
+    chunks: Vec<Vec<(StateKey, Record)>>,
+}
+
 /// Snapshots per chunk of a flush's list.
 const SNAPSHOT_CHUNK: usize = 4096;
 
-impl Collecting {
+impl Snapshots {
+    fn new(epoch: u64) -> Self {
+        Self {
+            epoch,
+            chunks: Vec::new(),
+        }
+    }
+
     /// Takes `cached`'s changes into this flush unless it already has them; call before
     /// changing a record while this flush is being collected. Whether it took a snapshot.
     fn take(&mut self, key: &[u8], cached: &mut Cached) -> bool {
@@ -267,12 +285,12 @@ impl Collecting {
             return false;
         }
         let snapshot = (StateKey::from(key), cached.record.clone());
-        match self.snapshots.last_mut() {
+        match self.chunks.last_mut() {
             Some(chunk) if chunk.len() < SNAPSHOT_CHUNK => chunk.push(snapshot),
             _ => {
                 let mut chunk = Vec::with_capacity(SNAPSHOT_CHUNK);
                 chunk.push(snapshot);
-                self.snapshots.push(chunk);
+                self.chunks.push(chunk);
             }
         }
         cached.dirty = false;
@@ -320,10 +338,18 @@ pub struct FeatureOperator {
     /// Records the cache wrote out and dropped to stay under its cap.
     cache_dropped: u64,
     batch_no: u64,
-    keys: BatchKeys,
+    /// Per entity of the last batch: its rows' keys.
+    keys: Vec<BatchKeys>,
+    /// The threads a batch's features are computed on, if more than the caller's
+    /// ([`Self::with_threads`]).
+    pool: Option<rayon::ThreadPool>,
+    /// Per thread, its share of the last batch.
+    shares: Vec<Share>,
+    /// Per entity of the last batch, per row: which share has it.
+    places: Vec<Vec<Place>>,
+    /// The value buffers of the last batch's feature columns, for the next batch's.
+    spare: Vec<Buffer>,
     scratch: Vec<u8>,
-    /// Reused by queries.
-    query: QueryScratch,
     /// Where the next eviction sweep of the store starts.
     sweep_cursor: Vec<u8>,
     /// The store may hold records the cache does not (left by an earlier run, or written out
@@ -393,52 +419,335 @@ struct QueryScratch {
     distinct_counts: Vec<u64>,
 }
 
-/// A feature's output column under construction.
-///
-/// Arrow builders: values and validity go straight into the buffers the batch ends up with
-/// (200 features × 4096 rows of `Option<f64>` first and a copy after churned 20 MB a batch).
-enum Column {
-    Ints(Int64Builder),
-    Floats(Float64Builder),
+/// Where a batch's windowed feature values go: each worker writes the values of its rows into
+/// buffers of its own, column by column, and each column is put together from them once the
+/// batch is computed. (Appending to 200 Arrow builders row by row was a sixth of the scorer's
+/// time on W2.)
+struct Outputs {
+    /// Per feature: its entity (`None`: no log reads it).
+    entity_of: Vec<Option<usize>>,
+    /// Per feature: its column among its entity's, and whether it holds integers.
+    slots: Vec<Slot>,
+    /// Per entity: its features, in the order of their columns.
+    features: Vec<Vec<usize>>,
 }
 
-impl Column {
-    fn new(agg: Agg, rows: usize) -> Self {
-        match agg {
-            Agg::Count | Agg::CountDistinct => Column::Ints(Int64Builder::with_capacity(rows)),
-            _ => Column::Floats(Float64Builder::with_capacity(rows)),
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    column: u32,
+    int: bool,
+}
+
+/// A value slot with no value (NULL): a NaN no computation makes (nor [`NO_VALUE`]), and
+/// as an integer far beyond any count.
+const NULL_BITS: u64 = 0x7ff8_6e75_6c6c_6e75;
+
+/// Batches smaller than this are computed on the calling thread alone (waking the pool's
+/// threads costs microseconds, a W2 event about ten).
+const PARALLEL_MIN_ROWS: usize = 64;
+
+/// Parts of the cache per thread: threads take parts as they finish their last, so that one
+/// the OS sets aside for the reader or the writer holds up the batch by one part at most.
+const PARTS_PER_THREAD: usize = 8;
+
+impl Outputs {
+    fn new(layout: &Layout, features: &[CompiledWindowFeature]) -> Self {
+        let mut out = Self {
+            entity_of: vec![None; features.len()],
+            slots: features
+                .iter()
+                .map(|f| Slot {
+                    column: 0,
+                    int: matches!(f.spec.agg, Agg::Count | Agg::CountDistinct),
+                })
+                .collect(),
+            features: Vec::with_capacity(layout.entities.len()),
+        };
+        for (e, entity) in layout.entities.iter().enumerate() {
+            let mut mine = Vec::new();
+            for reader in entity
+                .logs
+                .iter()
+                .flat_map(|l| &l.windows)
+                .flat_map(|w| &w.readers)
+            {
+                out.entity_of[reader.feature] = Some(e);
+                out.slots[reader.feature].column = reader.column as u32;
+                mine.push(reader.feature);
+            }
+            out.features.push(mine);
         }
+        out
     }
 
-    fn push_null(&mut self) {
-        match self {
-            Column::Ints(v) => v.append_null(),
-            Column::Floats(v) => v.append_null(),
+    /// Feature `feature`'s column, gathered from the workers' values into `spare` (a buffer
+    /// of an earlier batch's); `places` tells, per entity and row, which worker has the row.
+    fn column(
+        &self,
+        feature: usize,
+        shares: &[Share],
+        places: &[Vec<Place>],
+        rows: usize,
+        spare: Vec<u64>,
+    ) -> ArrayRef {
+        let Slot { column, int } = self.slots[feature];
+        let mut bits = spare;
+        bits.clear();
+        let Some(entity) = self.entity_of[feature] else {
+            // A feature no log reads (none today) is NULL throughout.
+            bits.resize(rows, NULL_BITS);
+            return finish_column(bits, rows, int);
+        };
+        // Each worker's values of this column, in its rows' order: read front to back.
+        let from: Vec<&[u64]> = shares
+            .iter()
+            .map(|share| {
+                let n = share.rows[entity].len();
+                let start = column as usize * n;
+                &share.values[entity][start..start + n]
+            })
+            .collect();
+        let mut nulls = 0;
+        bits.extend(places[entity].iter().map(|place| {
+            let value = match place.get() {
+                Some((share, index)) => from[share][index],
+                None => NULL_BITS,
+            };
+            nulls += usize::from(value == NULL_BITS);
+            value
+        }));
+        finish_column(bits, nulls, int)
+    }
+}
+
+/// A column of value slots, `nulls` of them [`NULL_BITS`], as an Arrow array, without a copy.
+fn finish_column(mut bits: Vec<u64>, nulls: usize, int: bool) -> ArrayRef {
+    let nulls = (nulls > 0).then(|| {
+        let valid = BooleanBuffer::collect_bool(bits.len(), |i| bits[i] != NULL_BITS);
+        // Under a NULL the value is zero, as Arrow's builders leave it.
+        for b in bits.iter_mut().filter(|b| **b == NULL_BITS) {
+            *b = 0;
         }
+        NullBuffer::new(valid)
+    });
+    let len = bits.len();
+    let values = Buffer::from_vec(bits);
+    if int {
+        Arc::new(Int64Array::new(ScalarBuffer::new(values, 0, len), nulls))
+    } else {
+        Arc::new(Float64Array::new(ScalarBuffer::new(values, 0, len), nulls))
+    }
+}
+
+/// The values buffer of a column [`finish_column`] made.
+fn values_buffer(column: &ArrayRef) -> Option<Buffer> {
+    match column.data_type() {
+        DataType::Int64 => Some(column.as_primitive::<Int64Type>().values().inner().clone()),
+        DataType::Float64 => Some(
+            column
+                .as_primitive::<Float64Type>()
+                .values()
+                .inner()
+                .clone(),
+        ),
+        _ => None,
+    }
+}
+
+/// Which worker computed a row of one entity and where among its rows; none when the row has
+/// no key for it.
+#[derive(Clone, Copy)]
+struct Place {
+    share: u32,
+    index: u32,
+}
+
+impl Place {
+    const NONE: Place = Place {
+        share: u32::MAX,
+        index: 0,
+    };
+
+    fn get(self) -> Option<(usize, usize)> {
+        (self.share != u32::MAX).then_some((self.share as usize, self.index as usize))
+    }
+}
+
+/// What every worker of a batch reads.
+struct BatchInput<'b> {
+    entities: &'b [Entity<'b>],
+    /// Per entity, per log.
+    inputs: &'b [Vec<LogInput<'b>>],
+    /// Per entity.
+    keys: &'b [BatchKeys],
+    outputs: &'b Outputs,
+    event_time: &'b [i64],
+    horizon: Option<i64>,
+    batch_no: u64,
+    /// Where a key the cache lacks is read from (`None`: the store holds nothing the cache
+    /// does not).
+    store: Option<&'b StateStore>,
+    misses: &'b Counter,
+}
+
+/// One worker's share of a batch: the rows whose keys are in its part of the cache, and what
+/// it computed for them. Kept from batch to batch for its buffers.
+#[derive(Default)]
+struct Share {
+    /// Per entity: this worker's rows, in arrival order.
+    rows: Vec<Vec<u32>>,
+    /// Per entity: its features' values ([`NULL_BITS`] for NULL) for those rows, a column
+    /// after another.
+    values: Vec<Vec<u64>>,
+    query: QueryScratch,
+    /// What the records it loaded and changed add to the cache's bytes.
+    bytes: isize,
+    evicted: u64,
+    /// What it took for the flush being collected, if one is.
+    snapshots: Option<Snapshots>,
+}
+
+impl Share {
+    fn begin(&mut self, entities: usize, collecting: Option<u64>) {
+        self.rows.resize_with(entities, Vec::new);
+        self.values.resize_with(entities, Vec::new);
+        self.rows.iter_mut().for_each(Vec::clear);
+        self.bytes = 0;
+        self.evicted = 0;
+        self.snapshots = collecting.map(Snapshots::new);
     }
 
-    /// Appends `reader`'s value from a summary: `events` in the window, `summary` of its
+    /// Folds this worker's rows into their records in `cache` and writes their values.
+    fn compute(
+        &mut self,
+        mut cache: CachePart<'_, Cached>,
+        b: &BatchInput<'_>,
+    ) -> Result<(), FeatureError> {
+        for (e, entity) in b.entities.iter().enumerate() {
+            let (rows, keys, inputs) = (&self.rows[e], &b.keys[e], &b.inputs[e]);
+            let width = b.outputs.features[e].len();
+            let values = &mut self.values[e];
+            values.clear();
+            values.resize(rows.len() * width, NULL_BITS);
+            let stride = rows.len();
+            for (i, &row) in rows.iter().enumerate() {
+                if i % PREFETCH_GROUP == 0 {
+                    // The records of the events ahead are fetched from memory while these
+                    // are computed: two groups ahead the records' logs, one group ahead
+                    // (the logs in cache by then) the events and views they point to.
+                    // A group's lookups run back to back, so that their misses overlap.
+                    let g = PREFETCH_GROUP;
+                    let (logs_from, events_from) = if i == 0 { (0, 0) } else { (i + 2 * g, i + g) };
+                    prefetch_records(&cache, keys, rows, logs_from..i + 3 * g, false);
+                    prefetch_records(&cache, keys, rows, events_from..i + 2 * g, true);
+                }
+                let row = row as usize;
+                let Some((hash, key)) = keys.hashed(row) else {
+                    continue;
+                };
+                let t = b.event_time[row];
+                let cached = load(
+                    &mut cache,
+                    b.store,
+                    (hash, key),
+                    b.batch_no,
+                    b.misses,
+                    &mut self.bytes,
+                    &mut self.snapshots,
+                )?;
+                let mut out = Out {
+                    values,
+                    stride,
+                    row: i,
+                };
+                let logs = cached.record.logs_mut(&entity.logs);
+                for (slot, input) in inputs.iter().enumerate() {
+                    let log = &mut logs[slot].1;
+                    if let Some(horizon) = b.horizon {
+                        let reach = horizon - input.log.reach_ms;
+                        if log.can_evict(reach) {
+                            let dropped =
+                                log.evict(reach, |at, id| input.view_horizon(horizon, at, id));
+                            if dropped > 0 {
+                                self.evicted += dropped as u64;
+                                cached.dirty = true;
+                            }
+                        }
+                    }
+                    // `seconds_since_last` looks at the events before this one; every other
+                    // aggregate includes it.
+                    if input.since_last {
+                        input.read_since_last(log, t, &mut out);
+                    }
+                    if input.fold(log, row, t, &mut self.query.values) {
+                        cached.dirty = true;
+                    }
+                    input.read(log, t, &mut self.query, &mut out);
+                }
+                let bytes = entry_bytes(key, &cached.record);
+                self.bytes += bytes as isize - cached.bytes as isize;
+                cached.bytes = bytes;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `work` on every task, on `pool`'s threads when there is one (the caller waits); the results
+/// in the tasks' order.
+fn run_all<T: Send, R: Send>(
+    pool: Option<&rayon::ThreadPool>,
+    tasks: Vec<T>,
+    work: impl Fn(T) -> R + Sync + Send,
+) -> Vec<R> {
+    match pool {
+        Some(pool) => pool.install(|| tasks.into_par_iter().map(work).collect()),
+        None => tasks.into_iter().map(work).collect(),
+    }
+}
+
+/// One row's values of one entity's features, as its windows' readers answer: into a worker's
+/// values of the entity, column `c` of row `row` at `c * stride + row`.
+struct Out<'o> {
+    values: &'o mut [u64],
+    stride: usize,
+    row: usize,
+}
+
+impl Out<'_> {
+    /// Sets `reader`'s value; one of the other type than its column's is NULL.
+    fn set(&mut self, reader: &Reader, int: bool, bits: Option<u64>) {
+        let column_int = matches!(reader.agg, Agg::Count | Agg::CountDistinct);
+        let bits = bits.filter(|_| column_int == int).unwrap_or(NULL_BITS);
+        self.values[reader.column * self.stride + self.row] = bits;
+    }
+
+    fn int(&mut self, reader: &Reader, value: Option<i64>) {
+        self.set(reader, true, value.map(|v| v as u64));
+    }
+
+    fn float(&mut self, reader: &Reader, value: Option<f64>) {
+        self.set(reader, false, value.map(f64::to_bits));
+    }
+
+    /// Sets `reader`'s value from a summary: `events` in the window, `summary` of its
     /// field's values (`None`: it aggregates no field).
-    fn push_summarized(&mut self, reader: &Reader, events: u64, summary: Option<&Summary>) {
-        match (reader.agg, self) {
-            (Agg::Count, Column::Ints(c)) => c.append_value(if reader.counts_events {
-                events as i64
-            } else {
-                summary.map_or(0, |s| s.count as i64)
-            }),
-            (Agg::Sum, Column::Floats(c)) => c.append_option(summary.and_then(Summary::sum)),
-            (Agg::Avg, Column::Floats(c)) => c.append_option(summary.and_then(Summary::avg)),
-            (Agg::Min, Column::Floats(c)) => c.append_option(summary.and_then(Summary::min)),
-            (Agg::Max, Column::Floats(c)) => c.append_option(summary.and_then(Summary::max)),
-            (Agg::Stddev, Column::Floats(c)) => c.append_option(summary.and_then(Summary::stddev)),
-            (_, column) => column.push_null(),
-        }
-    }
-
-    fn finish(self) -> ArrayRef {
-        match self {
-            Column::Ints(mut v) => Arc::new(v.finish()),
-            Column::Floats(mut v) => Arc::new(v.finish()),
+    fn summarized(&mut self, reader: &Reader, events: u64, summary: Option<&Summary>) {
+        match reader.agg {
+            Agg::Count => self.int(
+                reader,
+                Some(if reader.counts_events {
+                    events as i64
+                } else {
+                    summary.map_or(0, |s| s.count as i64)
+                }),
+            ),
+            Agg::Sum => self.float(reader, summary.and_then(Summary::sum)),
+            Agg::Avg => self.float(reader, summary.and_then(Summary::avg)),
+            Agg::Min => self.float(reader, summary.and_then(Summary::min)),
+            Agg::Max => self.float(reader, summary.and_then(Summary::max)),
+            Agg::Stddev => self.float(reader, summary.and_then(Summary::stddev)),
+            _ => self.set(reader, false, None),
         }
     }
 }
@@ -494,9 +803,12 @@ impl FeatureOperator {
             cache_dropped: 0,
             cache_max_bytes,
             batch_no: 0,
-            keys: BatchKeys::default(),
+            keys: Vec::new(),
+            pool: None,
+            shares: Vec::new(),
+            places: Vec::new(),
+            spare: Vec::new(),
             scratch: Vec::new(),
-            query: QueryScratch::default(),
             sweep_cursor: Vec::new(),
             cache_cursor: 0,
             cache_misses: metrics::counter!("riskstream_state_cache_misses_total"),
@@ -509,6 +821,26 @@ impl FeatureOperator {
             started,
             started_for: 0,
         })
+    }
+
+    /// Computes each batch's features on `threads` threads of the operator's own (one: on the
+    /// caller's), each taking the keys of a part of the cache at a time; the values are the
+    /// same for any number.
+    pub fn with_threads(mut self, threads: usize) -> Result<Self, FeatureError> {
+        self.pool = match threads {
+            0 | 1 => None,
+            n => Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("features-{i}"))
+                    .build()
+                    .map_err(|e| FeatureError::Threads {
+                        threads: n,
+                        reason: e.to_string(),
+                    })?,
+            ),
+        };
+        Ok(self)
     }
 
     /// Which of `bundle`'s windowed features are still warming at `watermark`: a window that
@@ -584,90 +916,105 @@ impl FeatureOperator {
         for window in layout.windows() {
             self.started.entry(window.id).or_insert(earliest);
         }
-        let mut columns: Vec<Column> = features
+        let outputs = Outputs::new(&layout, features);
+        let inputs = layout
+            .entities
             .iter()
-            .map(|f| Column::new(f.spec.agg, rows))
-            .collect();
-        let mut evicted = 0;
-        for entity in &layout.entities {
-            let inputs = entity
-                .logs
-                .iter()
-                .map(|l| LogInput::new(l, events))
-                .collect::<Result<Vec<_>, _>>()?;
+            .map(|entity| {
+                entity
+                    .logs
+                    .iter()
+                    .map(|l| LogInput::new(l, events))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let entities = layout.entities.len();
+        self.keys.resize_with(entities, BatchKeys::default);
+        for (keys, entity) in self.keys.iter_mut().zip(&layout.entities) {
             let key_columns: Vec<&ArrayRef> =
                 entity.columns.iter().map(|&i| events.column(i)).collect();
-            self.keys.fill(&entity.id, &key_columns, rows, &self.cache);
-            for (row, &t) in event_time.iter().enumerate() {
-                if row % PREFETCH_GROUP == 0 {
-                    // The records of the events ahead are fetched from memory while these
-                    // are computed: two groups ahead the records' logs, one group ahead
-                    // (the logs in cache by then) the events and views they point to.
-                    // A group's lookups run back to back, so that their misses overlap.
-                    let g = PREFETCH_GROUP;
-                    let (logs_from, events_from) = if row == 0 {
-                        (0, 0)
-                    } else {
-                        (row + 2 * g, row + g)
-                    };
-                    prefetch_records(&self.cache, &self.keys, logs_from..row + 3 * g, false);
-                    prefetch_records(&self.cache, &self.keys, events_from..row + 2 * g, true);
-                }
-                let Some((hash, key)) = self.keys.hashed(row) else {
-                    // No key, no entity: the features are NULL and nothing is folded.
-                    for reader in entity
-                        .logs
-                        .iter()
-                        .flat_map(|l| &l.windows)
-                        .flat_map(|w| &w.readers)
-                    {
-                        columns[reader.feature].push_null();
-                    }
-                    continue;
-                };
-                let cached = load(
-                    &mut self.cache,
-                    self.store_only.then_some(&*self.store),
-                    (hash, key),
-                    self.batch_no,
-                    &self.cache_misses,
-                    &mut self.cache_bytes,
-                    &mut self.collecting,
-                )?;
-                let logs = cached.record.logs_mut(&entity.logs);
-                for (slot, input) in inputs.iter().enumerate() {
-                    let log = &mut logs[slot].1;
-                    if let Some(horizon) = horizon {
-                        let reach = horizon - input.log.reach_ms;
-                        if log.can_evict(reach) {
-                            let dropped =
-                                log.evict(reach, |at, id| input.view_horizon(horizon, at, id));
-                            if dropped > 0 {
-                                evicted += dropped as u64;
-                                cached.dirty = true;
-                            }
+            keys.fill(&entity.id, &key_columns, rows, &self.cache);
+        }
+
+        // Each worker takes the keys of its part of the cache. Keys are independent of each
+        // other and each key's events stay in arrival order, so the values do not depend on
+        // how many workers share a batch.
+        let (pool, workers) = match &self.pool {
+            Some(pool) if rows >= PARALLEL_MIN_ROWS => {
+                (Some(pool), pool.current_num_threads() * PARTS_PER_THREAD)
+            }
+            _ => (None, 1),
+        };
+        if self.shares.len() < workers {
+            self.shares.resize_with(workers, Share::default);
+        }
+        let epoch = self.collecting.as_ref().map(|c| c.snapshots.epoch);
+        let shares = &mut self.shares[..workers];
+        for share in shares.iter_mut() {
+            share.begin(entities, epoch);
+        }
+        self.places.resize_with(entities, Vec::new);
+        for (e, (keys, places)) in self.keys.iter().zip(&mut self.places).enumerate() {
+            places.clear();
+            for row in 0..rows {
+                places.push(match keys.hashed(row) {
+                    Some((hash, _)) => {
+                        let share = ShardedCache::<Cached>::part_of(hash, workers);
+                        let mine = &mut shares[share].rows[e];
+                        mine.push(row as u32);
+                        Place {
+                            share: share as u32,
+                            index: mine.len() as u32 - 1,
                         }
                     }
-                    // `seconds_since_last` looks at the events before this one; every other
-                    // aggregate includes it.
-                    if input.since_last {
-                        input.read_since_last(log, t, &mut columns);
-                    }
-                    if input.fold(log, row, t, &mut self.query.values) {
-                        cached.dirty = true;
-                    }
-                    input.read(log, t, &mut self.query, &mut columns);
-                }
-                let bytes = entry_bytes(key, &cached.record);
-                self.cache_bytes = self.cache_bytes + bytes - cached.bytes;
-                cached.bytes = bytes;
+                    None => Place::NONE,
+                });
             }
         }
 
+        let batch = BatchInput {
+            entities: &layout.entities,
+            inputs: &inputs,
+            keys: &self.keys,
+            outputs: &outputs,
+            event_time,
+            horizon,
+            batch_no: self.batch_no,
+            store: self.store_only.then_some(&*self.store),
+            misses: &self.cache_misses,
+        };
+        let parts = self.cache.split_mut(workers);
+        let tasks = parts.into_iter().zip(shares.iter_mut()).collect();
+        for result in run_all(pool, tasks, |(cache, share)| share.compute(cache, &batch)) {
+            result?;
+        }
+        let mut evicted = 0;
+        for share in shares.iter_mut() {
+            self.cache_bytes = self.cache_bytes.saturating_add_signed(share.bytes);
+            evicted += share.evicted;
+            if let (Some(collecting), Some(taken)) = (&mut self.collecting, share.snapshots.take())
+            {
+                collecting.snapshots.chunks.extend(taken.chunks);
+            }
+        }
         self.evicted.increment(evicted);
 
+        // The values, computed row by row, become columns, in the last batch's buffers where
+        // the batch is gone: 200 fresh buffers a batch were a seventh of the features' time
+        // (the allocator gave their pages back to the OS and took them back zeroed).
+        let mut spare: Vec<Vec<u64>> = std::mem::take(&mut self.spare)
+            .into_iter()
+            .filter_map(|buffer| buffer.into_vec().ok())
+            .collect();
+        spare.resize_with(features.len(), || Vec::with_capacity(rows));
+        let (shares, places) = (&*shares, &self.places);
+        let tasks = spare.into_iter().enumerate().collect();
+        let columns = run_all(pool, tasks, |(feature, spare)| {
+            outputs.column(feature, shares, places, rows, spare)
+        });
+        self.spare = columns.iter().filter_map(values_buffer).collect();
         let mut all = events.columns().to_vec();
-        all.extend(columns.into_iter().map(Column::finish));
+        all.extend(columns);
         RecordBatch::try_new(Arc::clone(bundle.input_schema()), all).map_err(|source| {
             FeatureError::Arrow {
                 feature: "*".into(),
@@ -763,9 +1110,8 @@ impl FeatureOperator {
         self.wait()?;
         self.epoch += 1;
         self.collecting = Some(Collecting {
-            epoch: self.epoch,
+            snapshots: Snapshots::new(self.epoch),
             next_shard: 0,
-            snapshots: Vec::new(),
             meta: meta
                 .iter()
                 .map(|(k, v)| (k.to_vec(), v.to_vec()))
@@ -797,7 +1143,7 @@ impl FeatureOperator {
         let mut taken = 0;
         while collecting.next_shard < self.cache.shards() && taken < budget {
             for (key, cached) in self.cache.shard_iter_mut(collecting.next_shard) {
-                taken += usize::from(collecting.take(key.as_bytes(), cached));
+                taken += usize::from(collecting.snapshots.take(key.as_bytes(), cached));
             }
             collecting.next_shard += 1;
         }
@@ -805,7 +1151,9 @@ impl FeatureOperator {
             return Ok(());
         }
         let Some(Collecting {
-            snapshots,
+            snapshots: Snapshots {
+                chunks: snapshots, ..
+            },
             meta,
             after,
             ..
@@ -983,7 +1331,7 @@ impl FeatureOperator {
         self.cache_cursor += store_keys;
         for (key, cached) in self.cache.iter_mut_from(from).take(store_keys) {
             if let Some(collecting) = &mut self.collecting {
-                collecting.take(key.as_bytes(), cached);
+                collecting.snapshots.take(key.as_bytes(), cached);
             }
             let (n, changed) = evict_record(&mut cached.record);
             dropped += n;
@@ -1110,13 +1458,13 @@ pub fn state_report(
 /// The cached record for `key`, loaded from `store` on a miss; without a store (it holds no
 /// record the cache does not), a miss is a new key.
 fn load<'c>(
-    cache: &'c mut ShardedCache<Cached>,
+    cache: &'c mut CachePart<'_, Cached>,
     store: Option<&StateStore>,
     (hash, key): (u64, &[u8]),
     batch_no: u64,
     misses: &Counter,
-    cache_bytes: &mut usize,
-    collecting: &mut Option<Collecting>,
+    cache_bytes: &mut isize,
+    snapshots: &mut Option<Snapshots>,
 ) -> Result<&'c mut Cached, FeatureError> {
     let (cached, inserted) = cache.get_or_try_insert_hashed(hash, key, || {
         misses.increment(1);
@@ -1135,11 +1483,11 @@ fn load<'c>(
         Ok(Cached::new(key, record, batch_no))
     })?;
     if inserted {
-        *cache_bytes += cached.bytes;
+        *cache_bytes += cached.bytes as isize;
     }
     cached.last_used = batch_no;
-    if let Some(collecting) = collecting {
-        collecting.take(key, cached);
+    if let Some(snapshots) = snapshots {
+        snapshots.take(key, cached);
     }
     Ok(cached)
 }
@@ -1267,7 +1615,7 @@ impl<'a> LogInput<'a> {
 
     /// Appends the values of the `seconds_since_last` readers at time `t` (before the event is
     /// added).
-    fn read_since_last(&self, log: &mut EventLog, t: i64, columns: &mut [Column]) {
+    fn read_since_last(&self, log: &mut EventLog, t: i64, out: &mut Out) {
         let since = |last: Option<i64>| last.map(|ts| (t - ts) as f64 / 1000.0);
         let readers = |w: &'a Window| w.readers.iter().filter(|r| r.agg == Agg::SecondsSinceLast);
         match log.views(&self.log.views) {
@@ -1275,7 +1623,7 @@ impl<'a> LogInput<'a> {
                 for (window, view) in self.log.windows.iter().zip(views) {
                     for reader in readers(window) {
                         let last = view.last(window.shape.window_ms, t).map(|e| e.ts);
-                        push_float(&mut columns[reader.feature], since(last));
+                        out.float(reader, since(last));
                     }
                 }
             }
@@ -1283,7 +1631,7 @@ impl<'a> LogInput<'a> {
                 for window in &self.log.windows {
                     for reader in readers(window) {
                         let last = log.last(window.field, window.shape.window_ms, t);
-                        push_float(&mut columns[reader.feature], since(last.map(|(ts, _)| ts)));
+                        out.float(reader, since(last.map(|(ts, _)| ts)));
                     }
                 }
             }
@@ -1291,7 +1639,7 @@ impl<'a> LogInput<'a> {
     }
 
     /// Appends the values at time `t` of every reader of the log but `seconds_since_last`.
-    fn read(&self, log: &mut EventLog, t: i64, q: &mut QueryScratch, columns: &mut [Column]) {
+    fn read(&self, log: &mut EventLog, t: i64, q: &mut QueryScratch, out: &mut Out) {
         let l = self.log;
         match log.views(&l.views) {
             Some(views) => {
@@ -1309,7 +1657,7 @@ impl<'a> LogInput<'a> {
                             Answer::Summary(s.events, Some(s))
                         }
                     };
-                    answer.push(window, columns);
+                    answer.push(window, out);
                 }
             }
             None => {
@@ -1348,7 +1696,7 @@ impl<'a> LogInput<'a> {
                                 .map(|_| q.sums[window.length * l.summed.len() + window.slot]),
                         ),
                     };
-                    answer.push(window, columns);
+                    answer.push(window, out);
                 }
             }
         }
@@ -1364,32 +1712,17 @@ enum Answer {
 }
 
 impl Answer {
-    /// Appends the value of every reader of `window`.
-    fn push(&self, window: &Window, columns: &mut [Column]) {
+    /// Sets the value of every reader of `window`.
+    fn push(&self, window: &Window, out: &mut Out) {
         for reader in &window.readers {
-            let column = &mut columns[reader.feature];
             match self {
                 Answer::Summary(events, summary) => {
-                    column.push_summarized(reader, *events, summary.as_ref())
+                    out.summarized(reader, *events, summary.as_ref())
                 }
-                Answer::Int(v) => push_int(column, *v),
-                Answer::Float(v) => push_float(column, *v),
+                Answer::Int(v) => out.int(reader, *v),
+                Answer::Float(v) => out.float(reader, *v),
             }
         }
-    }
-}
-
-fn push_int(column: &mut Column, value: Option<i64>) {
-    match column {
-        Column::Ints(c) => c.append_option(value),
-        Column::Floats(c) => c.append_null(),
-    }
-}
-
-fn push_float(column: &mut Column, value: Option<f64>) {
-    match column {
-        Column::Floats(c) => c.append_option(value),
-        Column::Ints(c) => c.append_null(),
     }
 }
 
@@ -1420,18 +1753,20 @@ fn values_of(column: &ArrayRef, agg: Agg) -> Result<Float64Array, ArrowError> {
 /// Rows whose records are prefetched together (see [`prefetch_records`]).
 const PREFETCH_GROUP: usize = 8;
 
-/// Starts loading into the CPU's caches the records of `rows` that the cache holds: their
-/// windows, or with `events_too` what the windows point to (the windows should be in cache by
-/// then).
+/// Starts loading into the CPU's caches the records that `cache` holds of `rows[ahead]` (rows
+/// past the end are skipped): their windows, or with `events_too` what the windows point to
+/// (the windows should be in cache by then).
 fn prefetch_records(
-    cache: &ShardedCache<Cached>,
+    cache: &CachePart<'_, Cached>,
     keys: &BatchKeys,
-    rows: std::ops::Range<usize>,
+    rows: &[u32],
+    ahead: std::ops::Range<usize>,
     events_too: bool,
 ) {
-    for row in rows {
+    let ahead = ahead.start.min(rows.len())..ahead.end.min(rows.len());
+    for &row in &rows[ahead] {
         if let Some(cached) = keys
-            .hashed(row)
+            .hashed(row as usize)
             .and_then(|(hash, key)| cache.get_hashed(hash, key))
         {
             if events_too {

@@ -37,7 +37,11 @@ fn events(
 fn every_row_reads_its_own_keys_events_and_null_keys_read_null() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(StateStore::open(dir.path()).unwrap());
-    let mut operator = FeatureOperator::open(store, 64 << 20).unwrap();
+    // Two threads: the second batch is large enough to be shared between them.
+    let mut operator = FeatureOperator::open(store, 64 << 20)
+        .unwrap()
+        .with_threads(2)
+        .unwrap();
     let bundle = RuleCompiler::new(&common::schema())
         .compile_text(
             "features:\n  - {name: n, entity: bill_lat, agg: count, window: 1d}\nrules:\n  - {id: r, when: \"amount < 0\", score: 1}\ndecision: {review_at: 1, block_at: 2}\n",

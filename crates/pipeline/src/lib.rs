@@ -404,7 +404,8 @@ impl Pipeline {
                 time.restore_partition(partition, max, now);
             }
         }
-        let features = FeatureOperator::open(store, config.state.cache_max_bytes)?;
+        let features = FeatureOperator::open(store, config.state.cache_max_bytes)?
+            .with_threads(config.pipeline.feature_threads())?;
         Ok(Self {
             schema,
             decoder,
