@@ -5,7 +5,8 @@
 # build for comparison.
 #
 # Usage: scripts/bench-w2.sh [EVENTS] (default 1000000). Inputs are generated once and cached in
-# $CARGO_TARGET_DIR/w2/. VERDICT_FEATURES=all|fired|none (default: the configured "fired").
+# $CARGO_TARGET_DIR/w2/. VERDICT_FEATURES=all|fired|none (default: the configured "fired");
+# KEEP_STATE=1 to score into a state directory that is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -36,12 +37,17 @@ bin="$CARGO_TARGET_DIR/release/riskstream"
 echo "==> riskstream validate (W2 bundle)"
 "$bin" --config "$w2/w2.toml" validate --bundle "$w2/w2.yaml" | tail -n 3
 
+# As issue 20 ran it: a temporary state directory, removed at exit (nothing written out at the
+# end). KEEP_STATE=1 scores into a state directory of its own, written out at the end as a
+# later `score --state` would continue from it.
 state="$work/state-$n"
 rm -rf "$state"
-echo "==> riskstream score (W2, $n events)"
+state_args=()
+[ -z "${KEEP_STATE:-}" ] || state_args=(--state "$state")
+echo "==> riskstream score (W2, $n events${KEEP_STATE:+, state kept})"
 start=$(date +%s.%N)
 /usr/bin/time -v "$bin" --config "$w2/w2.toml" score --bundle "$w2/w2.yaml" --input "$input" \
-  --output "$work/verdicts-$n.jsonl" --state "$state" 2> "$work/time-$n.txt" \
+  --output "$work/verdicts-$n.jsonl" "${state_args[@]}" 2> "$work/time-$n.txt" \
   || { cat "$work/time-$n.txt" >&2; exit 1; }
 end=$(date +%s.%N)
 grep -E "^(events|dead|too late|rules|state cache|elapsed)" "$work/time-$n.txt"

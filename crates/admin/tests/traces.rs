@@ -59,7 +59,10 @@ fn batch_spans_are_exported_over_otlp_http() -> TestResult {
         })
         .collect();
     std::fs::write(&input, events)?;
-    let config = Config::defaults()?;
+    let mut config = Config::defaults()?;
+    // A state directory that outlives the run: its state is written out at the end (a
+    // `state_flush` span); a temporary one is not written to.
+    config.state.dir = Some(dir.path().join("state"));
     let bundle = "rules:\n  - {id: big, when: \"amount > 40\", score: 60}\ndecision: {review_at: 40, block_at: 80}\n";
     let compiled = RuleCompiler::new(&config.event_schema()?).compile_text(bundle, 1)?;
     let mut pipeline = Pipeline::new(&config, Arc::new(RuleTable::new(compiled)), "file")?;

@@ -122,7 +122,7 @@ pub struct Pipeline {
     marker: Option<Marker>,
     /// Keeps a temporary state directory alive (declared after `features`, which holds the
     /// store, so the database closes before the directory is removed).
-    _temp_state: Option<tempfile::TempDir>,
+    temp_state: Option<tempfile::TempDir>,
 }
 
 /// Records examined per eviction sweep, in the cache and in the store, and the processing time
@@ -423,7 +423,7 @@ impl Pipeline {
             offsets: BTreeMap::new(),
             checkpoints: None,
             marker: None,
-            _temp_state: temp,
+            temp_state: temp,
         })
     }
 
@@ -473,7 +473,12 @@ impl Pipeline {
     /// Writes out every change to the state store and makes it durable (RocksDB's memtables
     /// to files), so that a later run over the same state directory continues from here.
     /// A write error (a full disk) is returned, naming the directory.
+    ///
+    /// Nothing is written to a temporary state directory ([`Self::keeps_state`]).
     pub fn close(mut self) -> Result<(), PipelineError> {
+        if !self.keeps_state() {
+            return Ok(());
+        }
         self.flush_state()?;
         self.features.store().flush().map_err(FeatureError::from)?;
         Ok(())
@@ -825,6 +830,13 @@ impl Pipeline {
         Ok(self.features.wait()?)
     }
 
+    /// Whether the state directory outlives the pipeline: a temporary one is removed as the
+    /// pipeline is dropped, so the state is not written out to it at the end (for a million
+    /// W2 records that took a second and a half after the last verdict).
+    pub fn keeps_state(&self) -> bool {
+        self.temp_state.is_none()
+    }
+
     /// Starts writing the changed feature state and the partitions' progress (one write batch,
     /// applied in the background).
     fn write_state(&mut self) -> Result<(), PipelineError> {
@@ -1066,7 +1078,7 @@ impl std::fmt::Display for Summary {
 }
 
 /// Runs `pipeline` over `source` into `sink` until the source is exhausted, then writes the
-/// feature state out ([`Pipeline::flush_state`]).
+/// feature state out ([`Pipeline::flush_state`]) unless its directory is temporary.
 ///
 /// Three threads, each owning one end: a reader fills and decodes raw batches, the calling
 /// thread runs time, features and rules, a writer hands the results to the sink. Bounded
@@ -1272,7 +1284,11 @@ pub fn run(
                 }
             }
             drop(to_write);
-            pipeline.flush_state()?;
+            if pipeline.keeps_state() {
+                pipeline.flush_state()?;
+            } else {
+                pipeline.features.wait()?;
+            }
             summary.state_cache = pipeline.features.cache_stats();
             Ok(last)
         })();

@@ -1,5 +1,5 @@
 //! Feature state through the whole pipeline: eviction keeps state bounded on an endless stream
-//! with a bounded key space.
+//! with a bounded key space; the end of a run writes the state out where it is kept.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -191,4 +191,48 @@ fn seconds_since_last_count_distinct_and_composite_keys() {
         .map(|x| !x["fired"].as_array().unwrap().is_empty())
         .collect();
     assert_eq!(quick, [false, true, false, false, false]);
+}
+
+/// `run` over 200 events of 100 keys with state in `state_dir` (`None`: a temporary one); the
+/// state afterwards.
+fn run_file(state_dir: Option<std::path::PathBuf>) -> riskstream_features::StateStats {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::defaults().unwrap();
+    config.state.dir = state_dir;
+    let bundle = "features:\n  - {name: c10, entity: customer_id, agg: count, window: 10m}\nrules:\n  - {id: busy, when: \"c10 > 100\", score: 1}\ndecision: {review_at: 1, block_at: 2}\n";
+    let compiled = RuleCompiler::new(&config.event_schema().unwrap())
+        .compile_text(bundle, 1)
+        .unwrap();
+    let input = dir.path().join("in.jsonl");
+    let start = 1_735_689_600_000i64;
+    let lines: Vec<String> = (0..2 * KEYS)
+        .map(|id| event(id, id % KEYS, start + id as i64 * 1000))
+        .collect();
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let mut pipeline = Pipeline::new(&config, Arc::new(RuleTable::new(compiled)), "file").unwrap();
+    let mut source = riskstream_pipeline::JsonLinesSource::open(&input).unwrap();
+    let mut sink = riskstream_pipeline::JsonLinesSink::create(
+        &dir.path().join("v.jsonl"),
+        &dir.path().join("dlq.jsonl"),
+        &dir.path().join("late.jsonl"),
+    )
+    .unwrap();
+    let summary = riskstream_pipeline::run(&mut source, &mut pipeline, &mut sink).unwrap();
+    assert_eq!(summary.verdicts, 2 * KEYS as u64);
+    pipeline.feature_state().unwrap()
+}
+
+#[test]
+fn state_is_written_out_at_the_end_only_into_a_directory_that_is_kept() {
+    // A kept directory holds every record when the run ends: a later run continues from it.
+    let kept = tempfile::tempdir().unwrap();
+    let state = run_file(Some(kept.path().join("state")));
+    assert_eq!((state.keys, state.events, state.dirty), (KEYS, 2 * KEYS, 0));
+    // A temporary one is removed with the pipeline: the records stay changed in the cache only.
+    let state = run_file(None);
+    assert_eq!((state.keys, state.events), (KEYS, 2 * KEYS));
+    assert_eq!(
+        state.dirty, KEYS,
+        "nothing is written to a temporary directory at the end"
+    );
 }
