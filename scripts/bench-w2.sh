@@ -33,6 +33,10 @@ echo "==> cargo build --release"
 cargo build --release --locked -p riskstream
 bin="$CARGO_TARGET_DIR/release/riskstream"
 [ -z "${VERDICT_FEATURES:-}" ] || export RISKSTREAM__VERDICT__FEATURES="$VERDICT_FEATURES"
+# The state cache sized to W2's state (2.4 GB at 10M events; the default 512 MB cap holds 1M):
+# past its cap every batch writes records out and reads them back. CACHE_BYTES overrides it.
+export RISKSTREAM__STATE__CACHE_MAX_BYTES="${CACHE_BYTES:-4294967296}"
+echo "==> state.cache_max_bytes = $RISKSTREAM__STATE__CACHE_MAX_BYTES"
 
 echo "==> riskstream validate (W2 bundle)"
 "$bin" --config "$w2/w2.toml" validate --bundle "$w2/w2.yaml" | tail -n 3

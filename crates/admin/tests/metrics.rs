@@ -43,9 +43,14 @@ fn metrics_list_every_series_and_count_what_happened() -> TestResult {
     // Before anything registers a metric.
     riskstream_admin::telemetry::prometheus()?;
     let broker = broker()?;
+    // A state directory that is kept: periodic flushes go only there.
+    let state = tempfile::tempdir()?;
     let config = config(
         &broker,
-        "[time]\nidle_timeout = \"100ms\"\n[state]\nflush_interval = \"100ms\"\n",
+        &format!(
+            "[time]\nidle_timeout = \"100ms\"\n[state]\ndir = {:?}\nflush_interval = \"100ms\"\n",
+            state.path().join("state")
+        ),
     )?;
     let instance = Instance::start(&config, &bundle(101), true)?;
     let client = http()?;
