@@ -324,11 +324,19 @@ pub struct CheckpointConfig {
 }
 
 impl PipelineConfig {
-    /// [`Self::feature_threads`], with 0 resolved to the cores this process may use.
-    pub fn feature_threads(&self) -> usize {
+    /// With `feature_threads = 0`, the windowed features a bundle needs for its batches to be
+    /// computed on more than one thread.
+    pub const AUTO_PARALLEL_FEATURES: usize = 16;
+
+    /// [`Self::feature_threads`], with 0 resolved to the cores this process may use, and the
+    /// windowed features a bundle needs for them to be used.
+    pub fn feature_threads(&self) -> (usize, usize) {
         match self.feature_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
+            0 => (
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+                Self::AUTO_PARALLEL_FEATURES,
+            ),
+            n => (n, 1),
         }
     }
 }
@@ -417,7 +425,8 @@ pub struct PipelineConfig {
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
     pub topology: Topology,
-    /// Threads a batch's windowed features are computed on (0: one per core).
+    /// Threads a batch's windowed features are computed on (0: one per core for bundles of
+    /// at least [`PipelineConfig::AUTO_PARALLEL_FEATURES`] windowed features, else one).
     pub feature_threads: usize,
     /// Partitions of the partitioned topology's internal topics (fixed once created).
     pub partitions: i32,
@@ -605,6 +614,14 @@ mod tests {
         assert_eq!(schema.event_time_name(), "ts");
         assert_eq!(schema.arrow().fields().len(), 12);
         assert_eq!(config.pipeline.batch_max_events, 4096);
+        // Feature threads: one per core for broad bundles only, unless set.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(
+            config.pipeline.feature_threads(),
+            (cores, PipelineConfig::AUTO_PARALLEL_FEATURES)
+        );
+        let three = Config::from_toml_over_defaults("[pipeline]\nfeature_threads = 3\n").unwrap();
+        assert_eq!(three.pipeline.feature_threads(), (3, 1));
         Ok(())
     }
 

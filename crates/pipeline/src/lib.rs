@@ -404,8 +404,10 @@ impl Pipeline {
                 time.restore_partition(partition, max, now);
             }
         }
+        let (threads, min_features) = config.pipeline.feature_threads();
         let features = FeatureOperator::open(store, config.state.cache_max_bytes)?
-            .with_threads(config.pipeline.feature_threads())?;
+            .with_threads(threads)?
+            .with_min_parallel_features(min_features);
         Ok(Self {
             schema,
             decoder,
