@@ -427,18 +427,18 @@ struct QueryScratch {
 /// batch is computed. (Appending to 200 Arrow builders row by row was a sixth of the scorer's
 /// time on W2.)
 struct Outputs {
-    /// Per feature: its entity (`None`: no log reads it).
-    entity_of: Vec<Option<usize>>,
-    /// Per feature: its column among its entity's, and whether it holds integers.
-    slots: Vec<Slot>,
-    /// Per entity: its features, in the order of their columns.
-    features: Vec<Vec<usize>>,
+    /// Per feature: its entity and its column among the entity's ([`Reader::column`]);
+    /// `None`: no log reads it.
+    place_of: Vec<Option<(usize, usize)>>,
+    /// Per feature: whether its column holds integers.
+    ints: Vec<bool>,
+    /// Per entity: how many columns its features have.
+    widths: Vec<usize>,
 }
 
-#[derive(Clone, Copy, Default)]
-struct Slot {
-    column: u32,
-    int: bool,
+/// Whether a feature aggregated by `agg` has an integer column (else floats).
+fn int_column(agg: Agg) -> bool {
+    matches!(agg, Agg::Count | Agg::CountDistinct)
 }
 
 /// A value slot with no value (NULL): a NaN no computation makes (nor [`NO_VALUE`]), and
@@ -455,32 +455,26 @@ const PARTS_PER_THREAD: usize = 8;
 
 impl Outputs {
     fn new(layout: &Layout, features: &[CompiledWindowFeature]) -> Self {
-        let mut out = Self {
-            entity_of: vec![None; features.len()],
-            slots: features
-                .iter()
-                .map(|f| Slot {
-                    column: 0,
-                    int: matches!(f.spec.agg, Agg::Count | Agg::CountDistinct),
-                })
-                .collect(),
-            features: Vec::with_capacity(layout.entities.len()),
-        };
+        let mut place_of = vec![None; features.len()];
+        let mut widths = Vec::with_capacity(layout.entities.len());
         for (e, entity) in layout.entities.iter().enumerate() {
-            let mut mine = Vec::new();
-            for reader in entity
+            let readers = entity
                 .logs
                 .iter()
                 .flat_map(|l| &l.windows)
-                .flat_map(|w| &w.readers)
-            {
-                out.entity_of[reader.feature] = Some(e);
-                out.slots[reader.feature].column = reader.column as u32;
-                mine.push(reader.feature);
+                .flat_map(|w| &w.readers);
+            let mut width = 0;
+            for reader in readers {
+                place_of[reader.feature] = Some((e, reader.column));
+                width += 1;
             }
-            out.features.push(mine);
+            widths.push(width);
         }
-        out
+        Self {
+            place_of,
+            ints: features.iter().map(|f| int_column(f.spec.agg)).collect(),
+            widths,
+        }
     }
 
     /// Feature `feature`'s column, gathered from the workers' values into `spare` (a buffer
@@ -493,10 +487,10 @@ impl Outputs {
         rows: usize,
         spare: Vec<u64>,
     ) -> ArrayRef {
-        let Slot { column, int } = self.slots[feature];
+        let int = self.ints[feature];
         let mut bits = spare;
         bits.clear();
-        let Some(entity) = self.entity_of[feature] else {
+        let Some((entity, column)) = self.place_of[feature] else {
             // A feature no log reads (none today) is NULL throughout.
             bits.resize(rows, NULL_BITS);
             return finish_column(bits, rows, int);
@@ -506,7 +500,7 @@ impl Outputs {
             .iter()
             .map(|share| {
                 let n = share.rows[entity].len();
-                let start = column as usize * n;
+                let start = column * n;
                 &share.values[entity][start..start + n]
             })
             .collect();
@@ -628,7 +622,7 @@ impl Share {
     ) -> Result<(), FeatureError> {
         for (e, entity) in b.entities.iter().enumerate() {
             let (rows, keys, inputs) = (&self.rows[e], &b.keys[e], &b.inputs[e]);
-            let width = b.outputs.features[e].len();
+            let width = b.outputs.widths[e];
             let values = &mut self.values[e];
             values.clear();
             values.resize(rows.len() * width, NULL_BITS);
@@ -720,8 +714,9 @@ struct Out<'o> {
 impl Out<'_> {
     /// Sets `reader`'s value; one of the other type than its column's is NULL.
     fn set(&mut self, reader: &Reader, int: bool, bits: Option<u64>) {
-        let column_int = matches!(reader.agg, Agg::Count | Agg::CountDistinct);
-        let bits = bits.filter(|_| column_int == int).unwrap_or(NULL_BITS);
+        let bits = bits
+            .filter(|_| int_column(reader.agg) == int)
+            .unwrap_or(NULL_BITS);
         self.values[reader.column * self.stride + self.row] = bits;
     }
 
